@@ -1,0 +1,3 @@
+from amigafuse.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Pure Amiga conventions shared by every layer: DosTypes, dates, geometry, checksums."""
