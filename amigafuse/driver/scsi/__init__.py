@@ -1,0 +1,1 @@
+"""SCSI on top of a ScsiTransport: CDBs and sense (pure), disks (BlockDevices)."""
