@@ -62,7 +62,9 @@ def engines() -> list[Engine]:
         if importlib.util.find_spec(name) is None:
             continue
         module = importlib.import_module(name)
-        found.append(module.ENGINE)
+        engine = getattr(module, "ENGINE", None)
+        if isinstance(engine, Engine):  # a package still being written exports none yet
+            found.append(engine)
     return found
 
 
