@@ -1,0 +1,36 @@
+"""SmartFilesystem (SFS\\0 and SFS\\2) engine.  See docs/sfs.md."""
+
+from __future__ import annotations
+
+from amigafuse.amiga.dostype import SFS0, SFS2
+from amigafuse.amiga.geometry import VolumeGeometry
+from amigafuse.blockdev.base import BlockDevice
+from amigafuse.errors import NotSupported
+from amigafuse.fs import CheckReport, Engine
+from amigafuse.fs.api import Volume
+from amigafuse.fs.sfs.volume import SfsVolume
+
+
+async def open_volume(
+    device: BlockDevice, geometry: VolumeGeometry, read_only: bool, *, show_recycled: bool = False
+) -> Volume:
+    """Open an SFS volume on the partition ``device``.  ``show_recycled`` lists the
+    hidden ``.recycled`` directory in the root (it is always reachable by name)."""
+    return await SfsVolume.open(device, geometry, read_only, show_recycled=show_recycled)
+
+
+async def format_volume(device: BlockDevice, geometry: VolumeGeometry, label: str) -> None:
+    raise NotSupported("formatting SFS volumes is not implemented yet")
+
+
+async def check_volume(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
+    raise NotSupported("checking SFS volumes is not implemented yet")
+
+
+ENGINE = Engine(
+    name="sfs",
+    dostypes=frozenset({SFS0, SFS2}),
+    open_volume=open_volume,
+    format_volume=format_volume,
+    check_volume=check_volume,
+)
