@@ -68,7 +68,8 @@ def to_unsigned(value: int) -> int:
 
 def block_sum(data: bytes | bytearray | memoryview, summed_longs: int) -> int:
     """Sum (mod 2**32) of the first ``summed_longs`` big-endian longs of ``data``."""
-    return sum(struct.unpack_from(f">{summed_longs}I", data)) & 0xFFFFFFFF
+    longs: tuple[int, ...] = struct.unpack_from(f">{summed_longs}I", data)
+    return sum(longs) & 0xFFFFFFFF
 
 
 def summed_longs_valid(data: bytes | bytearray | memoryview, summed_longs: int, minimum: int) -> bool:
