@@ -1,0 +1,662 @@
+"""The pyfuse3 Operations adapter: translation between FUSE requests and ``fs.api.Volume``.
+
+Translation only: no filesystem logic lives here.  One adapter serves either one volume
+at the mount point itself (``-o partition=NAME``), or a whole disk: a read-only top
+directory with one subdirectory per mounted partition, named by its DOS device name.
+
+Invariants:
+* Every engine error (``AmigaFuseError``) leaves as ``FUSEError(errno)``; anything else
+  is logged with its traceback and leaves as EIO.  Nothing else escapes a handler.
+* The kernel's lookup counts are mirrored in :class:`~amigafuse.fuse.inodes.InodeTable`:
+  every reply that creates a kernel reference (lookup, create, mkdir, symlink, link,
+  mknod, readdirplus entries) goes through ``InodeTable.ref``.
+* The kernel caches entries and attributes for ``ENTRY_TIMEOUT``/``ATTR_TIMEOUT``.  Only
+  this process changes the volume (a lock per image and partition keeps others out), so
+  the caches are invalidated here when a change is one the kernel cannot see: a
+  protection change through the xattr (mode), and names the kernel learnt in another
+  case (case-insensitive lookups) when the object is removed or renamed.
+* Concurrency: handlers run as concurrent trio tasks.  Table updates happen between
+  awaits (no await inside a read-modify-write of the table), so they need no lock; the
+  engine serialises its own work (fs.api contract).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as _stat
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from amigafuse.amiga.dates import DateStamp
+from amigafuse.amiga.dostype import dostype_to_str
+from amigafuse.errors import AmigaFuseError
+from amigafuse.fs.api import Kind, SetAttrs, Stat, Volume
+from amigafuse.fuse import mapping
+from amigafuse.fuse.inodes import ROOT_INODE, TOP_SLOT, InodeTable
+from amigafuse.fuse.options import MountOptions
+
+log = logging.getLogger("amigafuse.fuse")
+
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+BLKSIZE = 1 << 20  # st_blksize: asks cp & co. for big requests
+
+XATTR_COMMENT = b"user.amiga.comment"
+XATTR_PROTECTION = b"user.amiga.protection"
+XATTR_VOLUME = b"user.amiga.volume"
+XATTR_DOSTYPE = b"user.amiga.dostype"
+
+assert pyfuse3.ROOT_INODE == ROOT_INODE
+
+
+@dataclass
+class MountedVolume:
+    """One volume this mount serves.  ``name`` is the DOS device name (``DH0``)."""
+
+    name: str
+    volume: Volume
+    read_only: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _DirHandle:
+    inode: int
+    entries: list[tuple[bytes, Stat]] | None = None
+
+
+@contextmanager
+def _translate(op: str, *args: object) -> Iterator[None]:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s%r", op, args)
+    try:
+        yield
+    except FUSEError as exc:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r -> %s", op, args, errno.errorcode.get(exc.errno, exc.errno))
+        raise
+    except AmigaFuseError as exc:
+        if exc.errno in (errno.EIO,):
+            log.error("%s%r: %s", op, args, exc.message)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r -> %s: %s", op, args, errno.errorcode.get(exc.errno, exc.errno), exc.message)
+        raise FUSEError(exc.errno) from None
+    except Exception:
+        log.exception("%s%r failed unexpectedly", op, args)
+        raise FUSEError(errno.EIO) from None
+
+
+class AmigaOperations(pyfuse3.Operations):
+    """pyfuse3 operations over one or more :class:`MountedVolume`."""
+
+    supports_dot_lookup = True
+    enable_acl = False
+
+    def __init__(
+        self,
+        volumes: Sequence[MountedVolume],
+        options: MountOptions,
+        *,
+        single: bool,
+        mountpoint: str = "",
+    ) -> None:
+        super().__init__()
+        if single and len(volumes) != 1:
+            raise ValueError("a single-partition mount serves exactly one volume")
+        self.volumes = list(volumes)
+        self.options = options
+        self.single = single
+        self.mountpoint = os.path.abspath(mountpoint) if mountpoint else ""
+        self.enable_writeback_cache = not all(v.read_only for v in self.volumes)
+        self.table = InodeTable()
+        self._mount_time_ns = time.time_ns()
+        self._dir_handles: dict[int, _DirHandle] = {}
+        self._next_dir_handle = 1
+        # object -> names the kernel learnt for it in another case: (parent inode, name)
+        self._aliases: dict[int, set[tuple[int, bytes]]] = {}
+        self.volume_roots: dict[int, int] = {}  # inode -> slot
+        if single:
+            self.table.pin_root(0, self.volumes[0].volume.root_id)
+            self.volume_roots[ROOT_INODE] = 0
+        else:
+            self.table.pin_root(TOP_SLOT, 0)
+            for slot, mv in enumerate(self.volumes):
+                ino = self.table.pin(slot, mv.volume.root_id, parent=ROOT_INODE)
+                self.volume_roots[ino] = slot
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve(self, inode: int) -> tuple[int, int]:
+        entry = self.table.resolve(inode)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        return entry.slot, entry.object_id
+
+    def _volume(self, slot: int) -> MountedVolume:
+        return self.volumes[slot]
+
+    def _writable(self, slot: int) -> Volume:
+        if slot == TOP_SLOT:
+            raise FUSEError(errno.EPERM)
+        mv = self.volumes[slot]
+        if mv.read_only:
+            raise FUSEError(errno.EROFS)
+        return mv.volume
+
+    def _name(self, slot: int, raw: bytes) -> str:
+        return mapping.name_from_fuse(raw, self.volumes[slot].volume.info.max_name_length)
+
+    def _attrs(self, slot: int, st: Stat, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = mapping.protection_to_mode(st.protection, st.kind, self.options.umask)
+        a.st_nlink = max(1, st.nlink) + (1 if st.kind is Kind.DIR else 0)
+        a.st_uid = self.options.uid
+        a.st_gid = self.options.gid
+        a.st_rdev = 0
+        if st.kind is Kind.SOFTLINK:
+            entry = self.table.resolve(inode)
+            parent = entry.parent if entry is not None else None
+            a.st_size = len(self._link_text(slot, st.link_target or "", parent))
+        else:
+            a.st_size = st.size
+        a.st_blksize = BLKSIZE
+        block_size = self.volumes[slot].volume.info.block_size
+        a.st_blocks = (st.disk_blocks * block_size + 511) // 512
+        ns = st.date.to_unix_ns()
+        a.st_atime_ns = ns
+        a.st_mtime_ns = ns
+        a.st_ctime_ns = ns
+        return a
+
+    def _top_attrs(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ROOT_INODE
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = _stat.S_IFDIR | (0o555 & ~self.options.umask)
+        a.st_nlink = 2 + len(self.volumes)
+        a.st_uid = self.options.uid
+        a.st_gid = self.options.gid
+        a.st_size = 0
+        a.st_blksize = BLKSIZE
+        a.st_blocks = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mount_time_ns
+        return a
+
+    def _entry(self, slot: int, st: Stat, parent: int) -> pyfuse3.EntryAttributes:
+        """Reply for a request that gives the kernel a new reference to ``st``."""
+        inode = self.table.ref(slot, st.object_id, parent=parent)
+        return self._attrs(slot, st, inode)
+
+    def _find_volume_by_name(self, raw: bytes) -> int | None:
+        try:
+            name = raw.decode("utf-8").upper()
+        except UnicodeDecodeError:
+            return None
+        for slot, mv in enumerate(self.volumes):
+            if mv.name.upper() == name:
+                return slot
+        return None
+
+    def _note_alias(self, parent: int, raw: bytes, st: Stat, inode: int) -> None:
+        canonical = mapping.name_to_fuse(st.name)
+        if canonical is not None and canonical != raw:
+            self._aliases.setdefault(inode, set()).add((parent, raw))
+
+    def _drop_aliases(self, inode: int | None) -> None:
+        if inode is None:
+            return
+        for parent, raw in self._aliases.pop(inode, set()):
+            try:
+                pyfuse3.invalidate_entry_async(
+                    parent, raw, ignore_enoent=True
+                )
+            except Exception:  # the notification is an optimisation; never fail the request
+                log.debug("invalidate_entry_async failed", exc_info=True)
+
+    async def _invalidate_attrs(self, inode: int) -> None:
+        def run() -> None:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError:
+                log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
+
+        await trio.to_thread.run_sync(run)
+
+    # ------------------------------------------------------------------ queries
+    async def lookup(self, parent_inode: Any, name: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("lookup", parent_inode, name):
+            slot, object_id = self._resolve(parent_inode)
+            if name == b".":
+                return await self.getattr(parent_inode, ctx)
+            if name == b"..":
+                entry = self.table.resolve(parent_inode)
+                up = entry.parent if entry is not None and entry.parent is not None else ROOT_INODE
+                return await self.getattr(up, ctx)
+            if slot == TOP_SLOT:
+                found = self._find_volume_by_name(name)
+                if found is None:
+                    raise FUSEError(errno.ENOENT)
+                mv = self.volumes[found]
+                st = await mv.volume.getattr(mv.volume.root_id)
+                return self._entry(found, st, ROOT_INODE)
+            volume = self.volumes[slot].volume
+            st = await volume.lookup(object_id, self._name(slot, name))
+            attrs = self._entry(slot, st, parent_inode)
+            self._note_alias(parent_inode, name, st, int(attrs.st_ino))
+            return attrs
+
+    async def forget(self, inode_list: Any) -> None:
+        for inode, count in inode_list:
+            self.table.forget(inode, count)
+            if self.table.resolve(inode) is None:
+                self._aliases.pop(inode, None)
+
+    async def getattr(self, inode: Any, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        with _translate("getattr", inode):
+            slot, object_id = self._resolve(inode)
+            if slot == TOP_SLOT:
+                return self._top_attrs()
+            st = await self.volumes[slot].volume.getattr(object_id)
+            return self._attrs(slot, st, inode)
+
+    async def setattr(self, inode: Any, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("setattr", inode):
+            slot, object_id = self._resolve(inode)
+            if fields.update_uid and attr.st_uid != self.options.uid:
+                raise FUSEError(errno.EPERM)
+            if fields.update_gid and attr.st_gid != self.options.gid:
+                raise FUSEError(errno.EPERM)
+            if slot == TOP_SLOT:
+                if fields.update_size or fields.update_mode or fields.update_mtime:
+                    raise FUSEError(errno.EPERM)
+                return self._top_attrs()
+            changes = fields.update_size or fields.update_mode or fields.update_mtime
+            if not changes:
+                return await self.getattr(inode, ctx)
+            volume = self._writable(slot)
+            if fields.update_size:
+                await volume.truncate(object_id, attr.st_size)
+            protection = None
+            if fields.update_mode:
+                old = await volume.getattr(object_id)
+                protection = mapping.mode_to_protection(attr.st_mode, old.protection)
+            date = DateStamp.from_unix_ns(attr.st_mtime_ns) if fields.update_mtime else None
+            if protection is not None or date is not None:
+                st = await volume.setattr(object_id, SetAttrs(protection=protection, date=date))
+            else:
+                st = await volume.getattr(object_id)
+            return self._attrs(slot, st, inode)
+
+    async def readlink(self, inode: Any, ctx: Any) -> Any:
+        with _translate("readlink", inode):
+            slot, object_id = self._resolve(inode)
+            if slot == TOP_SLOT:
+                raise FUSEError(errno.EINVAL)
+            target = await self.volumes[slot].volume.readlink(object_id)
+            entry = self.table.resolve(inode)
+            return self._link_text(slot, target, entry.parent if entry is not None else None)
+
+    def _link_text(self, slot: int, target: str, parent: int | None) -> bytes:
+        """A soft link's Amiga target as the Unix path shown by readlink."""
+        mv = self.volumes[slot]
+        depth = self.table.depth(parent, set(self.volume_roots)) if parent is not None else 0
+        names = [mv.name, mv.volume.info.label]
+        others: dict[str, str] = {}
+        if not self.single:
+            for other in self.volumes:
+                if other is not mv:
+                    others[other.name.upper()] = "../" + other.name
+                    others.setdefault(other.volume.info.label.upper(), "../" + other.name)
+        unix = mapping.amiga_link_to_unix(target, depth=depth or 0, volume_names=names, other_volumes=others)
+        return unix.encode("utf-8", "surrogateescape")
+
+    async def opendir(self, inode: Any, ctx: Any) -> Any:
+        with _translate("opendir", inode):
+            slot, object_id = self._resolve(inode)
+            if slot != TOP_SLOT:
+                st = await self.volumes[slot].volume.getattr(object_id)
+                if st.kind is not Kind.DIR:
+                    raise FUSEError(errno.ENOTDIR)
+            fh = self._next_dir_handle
+            self._next_dir_handle += 1
+            self._dir_handles[fh] = _DirHandle(inode)
+            return fh
+
+    async def readdir(self, fh: Any, start_id: int, token: Any) -> None:
+        with _translate("readdir", fh, start_id):
+            handle = self._dir_handles.get(fh)
+            if handle is None:
+                raise FUSEError(errno.EBADF)
+            slot, object_id = self._resolve(handle.inode)
+            if handle.entries is None or start_id == 0:
+                handle.entries = await self._list(slot, object_id)
+            for index in range(start_id, len(handle.entries)):
+                raw, st = handle.entries[index]
+                st_slot = slot if slot != TOP_SLOT else self._slot_of_root(st)
+                inode = self.table.peek(st_slot, st.object_id)
+                attrs = self._attrs(st_slot, st, inode)
+                if not pyfuse3.readdir_reply(token, raw, attrs, index + 1):
+                    return
+                self.table.ref(st_slot, st.object_id, parent=handle.inode)
+
+    def _slot_of_root(self, st: Stat) -> int:
+        for slot, mv in enumerate(self.volumes):
+            if st.object_id == mv.volume.root_id and st.name == mv.name:
+                return slot
+        raise FUSEError(errno.EIO)
+
+    async def _list(self, slot: int, object_id: int) -> list[tuple[bytes, Stat]]:
+        if slot == TOP_SLOT:
+            out = []
+            for mv in self.volumes:
+                st = await mv.volume.getattr(mv.volume.root_id)
+                # The directory is named by the device, not the volume label.
+                out.append((mv.name.encode("utf-8"), _renamed(st, mv.name)))
+            return out
+        entries = []
+        for st in await self.volumes[slot].volume.readdir(object_id):
+            raw = mapping.name_to_fuse(st.name)
+            if raw is None:
+                log.warning("skipping a directory entry Linux cannot show: %r", st.name)
+                continue
+            entries.append((raw, st))
+        return entries
+
+    async def releasedir(self, fh: Any) -> None:
+        self._dir_handles.pop(fh, None)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        with _translate("statfs"):
+            s = pyfuse3.StatvfsData()
+            stats = [(mv, await mv.volume.statfs()) for mv in self.volumes]
+            # One volume: its own numbers.  A whole disk: the sum, in the smallest block size.
+            bsize = min(st.block_size for _, st in stats)
+            s.f_bsize = s.f_frsize = bsize
+            s.f_blocks = sum(st.total_blocks * st.block_size // bsize for _, st in stats)
+            s.f_bfree = sum(
+                (0 if mv.read_only else st.free_blocks) * st.block_size // bsize for mv, st in stats
+            )
+            s.f_bavail = s.f_bfree
+            s.f_files = sum(st.files for _, st in stats)
+            s.f_ffree = sum(st.free_files for _, st in stats)
+            s.f_favail = s.f_ffree
+            s.f_namemax = min(st.max_name_length for _, st in stats)
+            return s
+
+    # ------------------------------------------------------------------ files
+    async def open(self, inode: Any, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        with _translate("open", inode, flags):
+            slot, object_id = self._resolve(inode)
+            if slot == TOP_SLOT:
+                raise FUSEError(errno.EISDIR)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                self._writable(slot)
+            if flags & os.O_TRUNC:
+                await self._writable(slot).truncate(object_id, 0)
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: Any, off: int, size: int) -> bytes:
+        with _translate("read", fh, off, size):
+            slot, object_id = self._resolve(fh)
+            return await self.volumes[slot].volume.read(object_id, off, size)
+
+    async def write(self, fh: Any, off: int, buf: bytes) -> int:
+        with _translate("write", fh, off, len(buf)):
+            slot, object_id = self._resolve(fh)
+            return await self._writable(slot).write(object_id, off, buf)
+
+    async def flush(self, fh: Any) -> None:
+        return None
+
+    async def release(self, fh: Any) -> None:
+        return None
+
+    async def fsync(self, fh: Any, datasync: bool) -> None:
+        with _translate("fsync", fh):
+            slot, _ = self._resolve(fh)
+            if not self.volumes[slot].read_only:
+                await self.volumes[slot].volume.sync()
+
+    async def fsyncdir(self, fh: Any, datasync: bool) -> None:
+        with _translate("fsyncdir", fh):
+            handle = self._dir_handles.get(fh)
+            if handle is None:
+                return
+            slot, _ = self._resolve(handle.inode)
+            if slot != TOP_SLOT and not self.volumes[slot].read_only:
+                await self.volumes[slot].volume.sync()
+
+    # ------------------------------------------------------------------ changes
+    async def create(self, parent_inode: Any, name: Any, mode: int, flags: int, ctx: Any) -> Any:
+        with _translate("create", parent_inode, name, oct(mode)):
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            protection = mapping.mode_to_protection(mode & ~ctx.umask, 0)
+            st = await volume.create(dir_id, self._name(slot, name), protection=protection)
+            attrs = self._entry(slot, st, parent_inode)
+            return pyfuse3.FileInfo(fh=attrs.st_ino, keep_cache=True), attrs
+
+    async def mknod(self, parent_inode: Any, name: Any, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("mknod", parent_inode, name, oct(mode)):
+            if not _stat.S_ISREG(mode):
+                raise FUSEError(errno.EPERM)  # no devices, FIFOs or sockets on Amiga volumes
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            protection = mapping.mode_to_protection(mode & ~ctx.umask, 0)
+            st = await volume.create(dir_id, self._name(slot, name), protection=protection)
+            return self._entry(slot, st, parent_inode)
+
+    async def mkdir(self, parent_inode: Any, name: Any, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("mkdir", parent_inode, name):
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            st = await volume.mkdir(dir_id, self._name(slot, name))
+            return self._entry(slot, st, parent_inode)
+
+    async def symlink(self, parent_inode: Any, name: Any, target: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("symlink", parent_inode, name, target):
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            try:
+                text = bytes(target).decode("utf-8")
+            except UnicodeDecodeError:
+                raise FUSEError(errno.EINVAL) from None
+            if any(ord(c) > 0xFF for c in text):
+                raise FUSEError(errno.EINVAL)
+            mv = self.volumes[slot]
+            prefixes = []
+            if self.mountpoint:
+                prefixes.append(self.mountpoint if self.single else os.path.join(self.mountpoint, mv.name))
+            amiga = None
+            if not self.single:
+                depth = self.table.depth(int(parent_inode), set(self.volume_roots))
+                amiga = mapping.cross_volume_link(
+                    text, depth=depth or 0, volume_dirs=[v.name for v in self.volumes if v is not mv]
+                )
+            if amiga is None:
+                amiga = mapping.unix_link_to_amiga(
+                    text, volume_label=mv.volume.info.label, mount_prefixes=prefixes
+                )
+            st = await volume.symlink(dir_id, self._name(slot, name), amiga)
+            return self._entry(slot, st, parent_inode)
+
+    async def link(self, inode: Any, new_parent_inode: Any, new_name: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        with _translate("link", inode, new_parent_inode, new_name):
+            slot, object_id = self._resolve(inode)
+            dslot, dir_id = self._resolve(new_parent_inode)
+            if slot != dslot:
+                raise FUSEError(errno.EXDEV)
+            volume = self._writable(slot)
+            st = await volume.link(object_id, dir_id, self._name(slot, new_name))
+            return self._entry(slot, st, new_parent_inode)
+
+    async def _lookup_inode(self, slot: int, dir_id: int, name: str) -> int | None:
+        try:
+            st = await self.volumes[slot].volume.lookup(dir_id, name)
+        except AmigaFuseError:
+            return None
+        return self.table.find(slot, st.object_id)
+
+    async def unlink(self, parent_inode: Any, name: Any, ctx: Any) -> None:
+        with _translate("unlink", parent_inode, name):
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            amiga_name = self._name(slot, name)
+            victim = await self._lookup_inode(slot, dir_id, amiga_name)
+            await volume.unlink(dir_id, amiga_name)
+            self._drop_aliases(victim)
+
+    async def rmdir(self, parent_inode: Any, name: Any, ctx: Any) -> None:
+        with _translate("rmdir", parent_inode, name):
+            slot, dir_id = self._resolve(parent_inode)
+            volume = self._writable(slot)
+            amiga_name = self._name(slot, name)
+            victim = await self._lookup_inode(slot, dir_id, amiga_name)
+            await volume.rmdir(dir_id, amiga_name)
+            self._drop_aliases(victim)
+
+    async def rename(
+        self, parent_inode_old: Any, name_old: Any, parent_inode_new: Any, name_new: Any, flags: int, ctx: Any
+    ) -> None:
+        with _translate("rename", parent_inode_old, name_old, parent_inode_new, name_new, flags):
+            slot, src_dir = self._resolve(parent_inode_old)
+            dslot, dst_dir = self._resolve(parent_inode_new)
+            if slot != dslot:
+                raise FUSEError(errno.EXDEV)
+            volume = self._writable(slot)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                raise FUSEError(errno.EINVAL)
+            src = self._name(slot, name_old)
+            dst = self._name(slot, name_new)
+            moved = await self._lookup_inode(slot, src_dir, src)
+            replaced = None
+            try:
+                st_dst = await volume.lookup(dst_dir, dst)
+            except AmigaFuseError:
+                st_dst = None
+            if st_dst is not None:
+                st_src = await volume.lookup(src_dir, src)
+                same = st_src.object_id == st_dst.object_id
+                if flags & pyfuse3.RENAME_NOREPLACE and not (same and src_dir == dst_dir):
+                    raise FUSEError(errno.EEXIST)
+                if not same:
+                    replaced = self.table.find(slot, st_dst.object_id)
+            await volume.rename(src_dir, src, dst_dir, dst)
+            self._drop_aliases(moved)
+            self._drop_aliases(replaced)
+            if moved is not None:
+                entry = self.table.resolve(moved)
+                if entry is not None:
+                    entry.parent = int(parent_inode_new)
+
+    # ------------------------------------------------------------------ xattrs
+    async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:
+        with _translate("getxattr", inode, name):
+            slot, object_id = self._resolve(inode)
+            if slot == TOP_SLOT:
+                raise FUSEError(pyfuse3.ENOATTR)
+            mv = self.volumes[slot]
+            st = await mv.volume.getattr(object_id)
+            if name == XATTR_COMMENT:
+                if not st.comment:
+                    raise FUSEError(pyfuse3.ENOATTR)
+                return st.comment.encode("utf-8")
+            if name == XATTR_PROTECTION:
+                return mapping.protection_to_string(st.protection).encode()
+            if object_id == mv.volume.root_id and name == XATTR_VOLUME:
+                return mv.volume.info.label.encode("utf-8")
+            if object_id == mv.volume.root_id and name == XATTR_DOSTYPE:
+                return dostype_to_str(mv.volume.info.dostype).encode()
+            raise FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: Any, ctx: Any) -> Any:
+        with _translate("listxattr", inode):
+            slot, object_id = self._resolve(inode)
+            if slot == TOP_SLOT:
+                return []
+            mv = self.volumes[slot]
+            st = await mv.volume.getattr(object_id)
+            names = [XATTR_PROTECTION]
+            if st.comment:
+                names.append(XATTR_COMMENT)
+            if object_id == mv.volume.root_id:
+                names += [XATTR_VOLUME, XATTR_DOSTYPE]
+            return names
+
+    async def setxattr(self, inode: Any, name: Any, value: Any, ctx: Any) -> None:
+        with _translate("setxattr", inode, name, value):
+            slot, object_id = self._resolve(inode)
+            volume = self._writable(slot)
+            mv = self.volumes[slot]
+            try:
+                text = bytes(value).decode("utf-8").rstrip("\0")
+            except UnicodeDecodeError:
+                raise FUSEError(errno.EINVAL) from None
+            if name == XATTR_COMMENT:
+                _latin1(text)
+                if len(text) > mv.volume.info.max_comment_length:
+                    raise FUSEError(errno.E2BIG)
+                await volume.setattr(object_id, SetAttrs(comment=text))
+            elif name == XATTR_PROTECTION:
+                old = await volume.getattr(object_id)
+                protection = mapping.string_to_protection(text, old.protection)
+                await volume.setattr(object_id, SetAttrs(protection=protection))
+                await self._invalidate_attrs(int(inode))
+            elif name == XATTR_VOLUME and object_id == mv.volume.root_id:
+                _latin1(text)
+                if not text or ":" in text or "/" in text:
+                    raise FUSEError(errno.EINVAL)
+                await volume.set_label(text)
+            elif name == XATTR_DOSTYPE and object_id == mv.volume.root_id:
+                raise FUSEError(errno.EPERM)
+            else:
+                raise FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: Any, name: Any, ctx: Any) -> None:
+        with _translate("removexattr", inode, name):
+            slot, object_id = self._resolve(inode)
+            volume = self._writable(slot)
+            if name == XATTR_COMMENT:
+                await volume.setattr(object_id, SetAttrs(comment=""))
+            elif name in (XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE):
+                raise FUSEError(errno.EPERM)
+            else:
+                raise FUSEError(pyfuse3.ENOATTR)
+
+    # ------------------------------------------------------------------ shutdown
+    async def close_volumes(self) -> list[str]:
+        """Close every volume (flush, mark clean).  Returns error messages (empty when fine)."""
+        problems = []
+        for mv in self.volumes:
+            try:
+                await mv.volume.close()
+            except AmigaFuseError as exc:
+                problems.append(f"{mv.name}: {exc.message}")
+            except Exception as exc:
+                log.exception("closing %s failed", mv.name)
+                problems.append(f"{mv.name}: {exc!r}")
+        return problems
+
+
+def _latin1(text: str) -> None:
+    if any(ord(c) > 0xFF for c in text):
+        raise FUSEError(errno.EINVAL)
+
+
+def _renamed(st: Stat, name: str) -> Stat:
+    from dataclasses import replace
+
+    return replace(st, name=name)

@@ -1,0 +1,136 @@
+"""The FUSE adapter on a real mount, over the in-memory test Volume (served by a subprocess).
+
+This checks the translation layer alone; the same operations on real FFS/SFS volumes are
+in test_mount_ffs.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.conftest import is_mounted
+
+pytestmark = pytest.mark.fuse
+
+
+def _xattr(path: Path, name: str) -> str:
+    return os.getxattr(path, name).decode()
+
+
+def test_files_dirs_and_case_insensitive_lookup(memory_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = memory_mount()
+    m = s.mountpoint
+    (m / "Dir").mkdir()
+    (m / "Dir" / "Hello.txt").write_bytes(b"hello world\n")
+    assert (m / "dir" / "HELLO.TXT").read_bytes() == b"hello world\n"
+    assert sorted(os.listdir(m / "DIR")) == ["Hello.txt"]
+    with open(m / "Dir" / "Hello.txt", "ab") as f:
+        f.write(b"more")
+    assert (m / "Dir" / "Hello.txt").stat().st_size == 16
+    os.truncate(m / "Dir" / "Hello.txt", 5)
+    assert (m / "Dir" / "Hello.txt").read_bytes() == b"hello"
+    os.rename(m / "Dir" / "Hello.txt", m / "Dir" / "Moved")
+    assert not (m / "Dir" / "hello.txt").exists()
+    with pytest.raises(OSError) as exc:
+        os.rmdir(m / "Dir")
+    assert exc.value.errno == errno.ENOTEMPTY
+    os.unlink(m / "Dir" / "Moved")
+    os.rmdir(m / "Dir")
+    assert os.listdir(m) == []
+
+
+def test_names_outside_latin1_are_refused(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount().mountpoint
+    (m / "Grüße").write_bytes(b"x")
+    assert os.listdir(m) == ["Grüße"]
+    with pytest.raises(OSError) as exc:
+        (m / "€").write_bytes(b"x")
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as exc:
+        (m / ("x" * 31)).write_bytes(b"x")
+    assert exc.value.errno == errno.ENAMETOOLONG
+
+
+def test_chmod_xattrs_links_and_times(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount().mountpoint
+    f = m / "file"
+    f.write_bytes(b"data")
+    os.chmod(f, 0o640)
+    assert f.stat().st_mode & 0o777 == 0o640
+    assert _xattr(f, "user.amiga.protection") == "----rw-d"
+    os.setxattr(f, "user.amiga.protection", b"----r---")
+    assert f.stat().st_mode & 0o777 == 0o440  # the kernel's cached mode was invalidated
+    os.setxattr(f, "user.amiga.comment", "Kommentar ä".encode())
+    assert _xattr(f, "user.amiga.comment") == "Kommentar ä"
+    assert set(os.listxattr(f)) == {"user.amiga.protection", "user.amiga.comment"}
+    os.removexattr(f, "user.amiga.comment")
+    assert "user.amiga.comment" not in os.listxattr(f)
+    assert _xattr(m, "user.amiga.volume") == "Vol0"
+    os.setxattr(m, "user.amiga.volume", b"Renamed")
+    assert _xattr(m, "user.amiga.volume") == "Renamed"
+    os.utime(f, ns=(0, 1_600_000_000_000_000_000))
+    assert f.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    os.link(f, m / "hard")
+    assert f.stat().st_nlink == 2 and (m / "hard").stat().st_ino == f.stat().st_ino
+    (m / "d").mkdir()
+    os.symlink("../file", m / "d" / "soft")
+    assert os.readlink(m / "d" / "soft") == "../file"
+    assert (m / "d" / "soft").read_bytes() == b"data"
+    assert os.lstat(m / "d" / "soft").st_size == len("../file")
+    with pytest.raises(OSError) as exc:
+        os.symlink("/etc/passwd", m / "abs")
+    assert exc.value.errno == errno.EINVAL
+    os.symlink(str(m / "file"), m / "d" / "abs")  # inside the mount: becomes "Renamed:file"
+    assert os.readlink(m / "d" / "abs") == "../file"
+    out = subprocess.run(["getfattr", "-d", str(f)], capture_output=True, text=True, check=True).stdout
+    assert 'user.amiga.protection="----r---"' in out
+
+
+def test_statfs_and_sigterm_closes_volumes(memory_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = memory_mount()
+    st = os.statvfs(s.mountpoint)
+    assert st.f_bsize == 512 and st.f_blocks == 4096 and st.f_namemax == 30
+    (s.mountpoint / "x").write_bytes(b"1" * 100_000)
+    assert s.stop() == 0
+    assert not is_mounted(s.mountpoint)
+    report = json.loads((tmp_path / "report0.json").read_text())
+    assert report == {"closed": [1], "problems": []}
+
+
+def test_external_umount_ends_the_server(memory_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = memory_mount()
+    subprocess.run(["fusermount3", "-u", str(s.mountpoint)], check=True)
+    assert s.proc.wait(timeout=30) == 0
+    assert json.loads((tmp_path / "report0.json").read_text())["closed"] == [1]
+
+
+def test_read_only_mount(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount("--ro", "-o", "ro").mountpoint
+    with pytest.raises(OSError) as exc:
+        (m / "x").write_bytes(b"1")
+    assert exc.value.errno == errno.EROFS
+
+
+def test_whole_disk_mount_shows_partitions(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount("--volumes", "2", "-o", "uid=1234,gid=567,umask=077").mountpoint
+    assert sorted(os.listdir(m)) == ["DH0", "DH1"]
+    assert _xattr(m / "DH1", "user.amiga.volume") == "Vol1"
+    (m / "DH0" / "a").write_bytes(b"zero")
+    (m / "dh1" / "a").write_bytes(b"one")
+    assert (m / "DH0" / "a").read_bytes() == b"zero" and (m / "DH1" / "a").read_bytes() == b"one"
+    st = (m / "DH0" / "a").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o077) == (1234, 567, 0)
+    with pytest.raises(OSError) as exc:
+        os.rename(m / "DH0" / "a", m / "DH1" / "b")
+    assert exc.value.errno == errno.EXDEV
+    with pytest.raises(OSError):
+        (m / "new").mkdir()
+    os.symlink("../DH1/a", m / "DH0" / "other")  # relative, crossing partitions: "DH1:a"
+    assert (m / "DH0" / "other").read_bytes() == b"one"
+    assert os.readlink(m / "DH0" / "other") == "../DH1/a"
