@@ -104,3 +104,41 @@ def memory_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     finally:
         for s in served:
             s.close()
+
+
+def amigafuse(*args: str, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the amigafuse CLI (this checkout) in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "amigafuse", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=timeout, check=check, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.fixture
+def cli_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """``cli_mount(*sources, options="backend=file")`` -> mount point (a daemonized
+    ``amigafuse mount``); always unmounted afterwards."""
+    reason = fuse_usable()
+    if reason:
+        pytest.fail(f"FUSE is not usable here: {reason}")
+    mounted: list[Path] = []
+
+    def mount(*sources: Path, options: str = "backend=file", expect_ok: bool = True,
+              mountpoint: Path | None = None) -> Path:
+        mnt = mountpoint or tmp_path / f"mnt{len(mounted)}"
+        mnt.mkdir(exist_ok=True)
+        mounted.append(mnt)
+        proc = amigafuse("mount", "-o", options, *map(str, sources), str(mnt))
+        if expect_ok:
+            assert proc.returncode == 0, proc.stderr
+            assert is_mounted(mnt), proc.stderr
+        mount.last = proc  # type: ignore[attr-defined]
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in mounted:
+            if is_mounted(mnt):
+                amigafuse("umount", str(mnt), timeout=120)
+            force_unmount(mnt)

@@ -1,0 +1,129 @@
+"""``amigafuse mount`` of real handler-written images: what Linux sees through the mount
+matches the handler's manifest exactly (sizes, contents, protection, dates, comments,
+links); read-only, locking and unmounting behaviour."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from amigafuse.amiga.dates import DateStamp
+from amigafuse.fuse import mapping
+from tests.conftest import HANDLER, shared_image
+from tests.fuse.conftest import amigafuse, is_mounted
+
+pytestmark = pytest.mark.fuse
+
+READ_ONLY_ENGINE_IMAGES = ["sfs0_v1277", "sfs2_v1277"]
+
+
+def _manifest(name: str) -> list[list[str]]:
+    rows = []
+    for line in (HANDLER / f"{name}.manifest.tsv").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        rows.append(line.split("\t"))
+    return rows
+
+
+def check_against_manifest(root: Path, name: str) -> int:
+    """Compare every object of the manifest with the mount; returns how many were checked."""
+    checked = 0
+    for row in _manifest(name):
+        path, kind, size, md5, _prot_hex, prot, date, _date_utc, comment, target = row[:10]
+        p = root / path.lstrip("/")
+        st = os.lstat(p)
+        days, minutes, ticks = (int(x) for x in date.split(","))
+        assert st.st_mtime_ns == DateStamp(days, minutes, ticks).to_unix_ns(), path
+        if kind in ("file", "hardlink-file"):
+            assert stat.S_ISREG(st.st_mode) and st.st_size == int(size), path
+            assert hashlib.md5(p.read_bytes()).hexdigest() == md5, path
+        elif kind in ("dir", "hardlink-dir"):
+            assert stat.S_ISDIR(st.st_mode), path
+        elif kind == "softlink":
+            assert stat.S_ISLNK(st.st_mode), path
+            depth = path.strip("/").count("/")
+            want = mapping.amiga_link_to_unix(target, depth=depth, volume_names=[])
+            assert os.readlink(p) == want, path
+        if kind != "softlink":
+            assert os.getxattr(p, "user.amiga.protection").decode() == prot, path
+            if comment:
+                assert os.getxattr(p, "user.amiga.comment").decode() == comment, path
+            else:
+                assert "user.amiga.comment" not in os.listxattr(p), path
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("name", READ_ONLY_ENGINE_IMAGES)
+def test_image_through_mount_matches_manifest(cli_mount, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / f"{name}.hdf"
+    image.write_bytes(shared_image(f"handler/{name}.hdf.gz").read_bytes())
+    mnt = cli_mount(image)
+    partition = "SDH0" if name.startswith("sfs") else "DH0"
+    assert os.listdir(mnt) == [partition]
+    root = mnt / partition
+    assert check_against_manifest(root, name) >= 390
+    # case-insensitive lookup, as on AmigaOS
+    assert (root / "README.TXT").read_bytes() == (root / "README.txt").read_bytes()
+    sv = os.statvfs(root)
+    assert sv.f_bsize == 512 and sv.f_blocks > 100_000
+    volume = os.getxattr(root, "user.amiga.volume").decode()
+    assert volume == name.upper()
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    assert not is_mounted(mnt)
+
+
+def test_partition_option_mounts_at_the_mount_point(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = shared_image("handler/sfs0_v1277.hdf.gz")
+    mnt = cli_mount(image, options="backend=file,ro,partition=sdh0")
+    assert "README.txt" in os.listdir(mnt)
+    with pytest.raises(OSError) as exc:
+        (mnt / "new").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+
+
+def test_unknown_partition_is_a_clear_error(cli_mount) -> None:  # type: ignore[no-untyped-def]
+    image = shared_image("handler/sfs0_v1277.hdf.gz")
+    mnt = cli_mount(image, options="backend=file,ro,partition=DH7", expect_ok=False)
+    proc = cli_mount.last
+    assert proc.returncode == 2
+    assert "no mountable partition 'DH7'" in proc.stderr and "SDH0" in proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_second_read_write_mount_of_a_partition_is_refused(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "disk.hdf"
+    image.write_bytes(shared_image("handler/sfs0_v1277.hdf.gz").read_bytes())
+    first = cli_mount(image)
+    second = cli_mount(image, expect_ok=False)
+    proc = cli_mount.last
+    assert proc.returncode == 1, proc.stderr
+    assert "already mounted" in proc.stderr and str(first) in proc.stderr
+    assert not is_mounted(second)
+    assert amigafuse("umount", str(first)).returncode == 0
+    third = cli_mount(image)  # the lock went with the first mount
+    assert os.listdir(third) == ["SDH0"]
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    proc = amigafuse("mount", str(tmp_path / "missing.hdf"), str(tmp_path))
+    assert proc.returncode == 2 and "no such image file" in proc.stderr
+    proc = amigafuse("mount", "-o", "bogus", str(tmp_path), str(tmp_path))
+    assert proc.returncode == 2
+    proc = amigafuse("umount", str(tmp_path))
+    assert proc.returncode == 2 and "not a mount point" in proc.stderr
+
+
+def test_garbage_image_is_refused(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "junk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    mnt = cli_mount(image, expect_ok=False)
+    assert cli_mount.last.returncode != 0
+    assert "nothing to mount" in cli_mount.last.stderr
+    assert not is_mounted(mnt)
