@@ -159,17 +159,22 @@ async def open_units(sources: list[str], options: MountOptions) -> AsyncIterator
                             await result
         return
     try:
-        from amigafuse.driver import open_qemu  # type: ignore[attr-defined]
+        from amigafuse.driver.controller import DiskImage, open_qemu
     except ImportError:
         raise NotAvailable(
             "the QEMU driver backend is not available in this build; "
             "mount with -o backend=file to read the image file directly"
         ) from None
-    kwargs: dict[str, Any] = {}
-    if options.transport:
-        kwargs["transport"] = options.transport
-    async with open_qemu(sources, **kwargs) as controller:
-        yield list(controller.disks)
+    images = [DiskImage(path=src, read_only=options.read_only) for src in sources]
+    transport: Any = options.transport or "auto"  # validated by parse_options
+    async with open_qemu(images, transport=transport) as controller:
+        disks: list[BlockDevice] = list(controller.disks)
+        if len(disks) != len(sources):
+            raise NotAvailable(
+                f"the controller shows {len(disks)} disks for {len(sources)} images; "
+                "try -o backend=file"
+            )
+        yield disks
 
 
 # --------------------------------------------------------------------------- mounting
