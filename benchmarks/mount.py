@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Speed of the whole stack through a FUSE mount, with baselines measured in the same run.
+
+    .venv/bin/python benchmarks/mount.py --json [--big-mib 256] [--small-files 5000]
+                                         [--backends file,qemu] [--runs 3]
+
+Workloads (each timed ``--runs`` times, the median reported):
+
+* ``cat_big``: read a BIG file (cat > /dev/null) from a fresh mount;
+* ``cp_big_in``: copy a BIG file into the mounted partition (then sync);
+* ``cp_small_in``: ``cp -a`` of a tree of SMALL files into it (then sync);
+* ``ls_lR``: ``ls -lR`` of those small files on a fresh mount;
+
+done through ``amigafuse mount`` for each backend (``file``: the image file; ``qemu``:
+the VirtIO SCSI driver), and the same work on a plain directory; plus the raw image read
+(``cat image``, from the page cache: the physical limit) and amitools' xdftool extracting
+and inserting the same files.  The test disk is made by amitools (rdbtool + xdftool:
+RDB, one DOS\\3 partition), independent of amigafuse's own writers.
+
+Ratios printed: ``cat_big`` through the stack / raw image read (target >= 0.25) and
+amigafuse / amitools for each workload.  A workload that fails (say the engine mounts
+read-only) is reported with its error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+AMITOOLS_BIN = Path(PY).parent
+
+
+def sh(cmd: list[str], *, timeout: float = 1800, **kw: Any) -> subprocess.CompletedProcess[str]:
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(cmd, text=True, timeout=timeout, check=False, **kw)
+
+
+def must(cmd: list[str], **kw: Any) -> None:
+    proc = sh(cmd, **kw)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+
+
+def timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_payload(work: Path, big_mib: int, small_files: int) -> tuple[Path, Path]:
+    big = work / "big.bin"
+    with open(big, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(big_mib):
+            f.write(block[i % 7 :] + block[: i % 7])
+    tree = work / "small"
+    per_dir = 500
+    for i in range(small_files):
+        d = tree / f"d{i // per_dir:02d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:05d}.txt").write_bytes(os.urandom(64 + (i * 37) % 4000))
+    return big, tree
+
+
+def make_disk(path: Path, size_mib: int, with_files: tuple[Path, Path] | None) -> None:
+    """An RDB disk with one DOS\\3 partition DH0, made by amitools only."""
+    if path.exists():
+        path.unlink()
+    must([str(AMITOOLS_BIN / "rdbtool"), str(path), "create", f"size={size_mib}M", "+", "init",
+          "+", "add", "size=100%", "name=DH0", "dostype=ffs+intl"])
+    xdf = [str(AMITOOLS_BIN / "xdftool"), str(path), "open", "part=DH0", "+"]
+    must([*xdf, "format", "Bench", "ffs+intl"])
+    if with_files:
+        big, tree = with_files
+        must([*xdf, "write", str(big)])
+        must([*xdf, "write", str(tree)])
+
+
+class Mount:
+    def __init__(self, image: Path, mnt: Path, backend: str, ro: bool = False) -> None:
+        self.mnt = mnt
+        opts = f"backend={backend}" + (",ro" if ro else "")
+        proc = sh([PY, "-m", "amigafuse", "mount", "-o", opts, str(image), str(mnt)], cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mount failed: {proc.stderr.strip()}")
+        self.root = mnt / "DH0"
+
+    def close(self) -> None:
+        proc = sh([PY, "-m", "amigafuse", "umount", str(self.mnt)], cwd=REPO)
+        if proc.returncode != 0:
+            sh(["fusermount3", "-u", "-z", str(self.mnt)])
+            raise RuntimeError(f"umount failed: {proc.stderr.strip()}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_mount(backend: str, full_image: Path, empty_image: Path, big: Path, tree: Path,
+                work: Path, runs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    mnt = work / f"mnt_{backend}"
+    mnt.mkdir(exist_ok=True)
+    size = big.stat().st_size
+
+    def record(name: str, fn: Any, nbytes: int | None = None) -> None:
+        times: list[float] = []
+        try:
+            for _ in range(runs):
+                times.append(fn())
+            entry: dict[str, Any] = {"seconds": round(median(times), 4),
+                                     "runs": [round(t, 4) for t in times]}
+            if nbytes:
+                entry["MB_per_s"] = round(nbytes / median(times) / 1e6, 1)
+            out[name] = entry
+        except Exception as exc:  # a failed workload is reported, not dropped
+            out[name] = {"error": str(exc)[:400]}
+
+    def cat_big() -> float:
+        drop_caches()
+        m = Mount(full_image, mnt, backend, ro=True)
+        try:
+            return timed(lambda: must(["cat", str(m.root / big.name)], stdout=subprocess.DEVNULL))
+        finally:
+            m.close()
+
+    def ls_lr() -> float:
+        m = Mount(full_image, mnt, backend, ro=True)
+        try:
+            return timed(lambda: must(["ls", "-lR", str(m.root / tree.name)], stdout=subprocess.DEVNULL))
+        finally:
+            m.close()
+
+    def cp_in(src: Path, args: list[str]) -> float:
+        shutil.copyfile(empty_image, work / "scratch.hdf")
+        m = Mount(work / "scratch.hdf", mnt, backend)
+        try:
+            def run() -> None:
+                must(["cp", *args, str(src), str(m.root / src.name)])
+                must(["sync", "-f", str(m.root)])
+
+            return timed(run)
+        finally:
+            m.close()
+
+    record("cat_big", cat_big, size)
+    record("ls_lR", ls_lr)
+    record("cp_big_in", lambda: cp_in(big, []), size)
+    record("cp_small_in", lambda: cp_in(tree, ["-a"]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print only the JSON result")
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--small-files", type=int, default=5000)
+    ap.add_argument("--backends", default="file,qemu")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", help="keep work files here (default: a temporary directory)")
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory(prefix="amigafuse-bench-") if not args.workdir else None
+    work = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"big_mib": args.big_mib, "small_files": args.small_files,
+                              "runs": args.runs, "drop_caches": drop_caches()}
+    try:
+        big, tree = make_payload(work, args.big_mib, args.small_files)
+        disk_mib = args.big_mib * 2 + 64 + args.small_files * 3 // 1024 * 2
+        full, empty = work / "full.hdf", work / "empty.hdf"
+        t_make = timed(lambda: make_disk(full, disk_mib, (big, tree)))
+        make_disk(empty, disk_mib, None)
+        result["disk_mib"] = disk_mib
+
+        # baselines: raw image read, plain directory
+        sh(["cat", str(full)], stdout=subprocess.DEVNULL)  # into the page cache
+        raw = [timed(lambda: must(["cat", str(full)], stdout=subprocess.DEVNULL)) for _ in range(args.runs)]
+        result["raw_image_read"] = {"seconds": round(median(raw), 4),
+                                    "MB_per_s": round(full.stat().st_size / median(raw) / 1e6, 1)}
+        plain = work / "plain"
+        plain.mkdir()
+        pl: dict[str, Any] = {}
+        pl["cat_big"] = median([timed(lambda: must(["cat", str(big)], stdout=subprocess.DEVNULL)) for _ in range(args.runs)])
+        pl["ls_lR"] = median([timed(lambda: must(["ls", "-lR", str(tree)], stdout=subprocess.DEVNULL)) for _ in range(args.runs)])
+
+        def plain_cp(src: Path, extra: list[str]) -> float:
+            dst = plain / src.name
+            shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(missing_ok=True)
+            return timed(lambda: (must(["cp", *extra, str(src), str(dst)]), must(["sync", "-f", str(plain)])))
+
+        pl["cp_big_in"] = median([plain_cp(big, []) for _ in range(args.runs)])
+        pl["cp_small_in"] = median([plain_cp(tree, ["-a"]) for _ in range(args.runs)])
+        result["plain_directory"] = {k: round(v, 4) for k, v in pl.items()}
+
+        # amitools (whole files in RAM; the peer users have today)
+        xdf = [str(AMITOOLS_BIN / "xdftool"), str(full), "open", "part=DH0", "+"]
+        out_dir = work / "amitools_out"
+        am: dict[str, Any] = {"insert_all_seconds": round(t_make, 4)}
+
+        def ami_read_big() -> float:
+            (out_dir / big.name).unlink(missing_ok=True)
+            out_dir.mkdir(exist_ok=True)
+            return timed(lambda: must([*xdf, "read", big.name, str(out_dir / big.name)]))
+
+        am["cat_big"] = median([ami_read_big() for _ in range(args.runs)])
+        am["ls_lR"] = median([timed(lambda: must([*xdf, "list", tree.name])) for _ in range(args.runs)])
+
+        def ami_insert(src: Path) -> float:
+            shutil.copyfile(empty, work / "ami.hdf")
+            cmd = [str(AMITOOLS_BIN / "xdftool"), str(work / "ami.hdf"), "open", "part=DH0", "+", "write", str(src)]
+            return timed(lambda: must(cmd))
+
+        am["cp_big_in"] = median([ami_insert(big) for _ in range(args.runs)])
+        am["cp_small_in"] = median([ami_insert(tree) for _ in range(args.runs)])
+        result["amitools"] = {k: round(v, 4) for k, v in am.items()}
+
+        for backend in args.backends.split(","):
+            res = bench_mount(backend, full, empty, big, tree, work, args.runs)
+            result[f"amigafuse_{backend}"] = res
+            ratios: dict[str, Any] = {}
+            cat = res.get("cat_big", {}).get("seconds")
+            if cat:
+                ratios["cat_big_vs_raw_image_read"] = round(
+                    (big.stat().st_size / cat) / (full.stat().st_size / median(raw)), 3)
+            for k in ("cat_big", "ls_lR", "cp_big_in", "cp_small_in"):
+                s = res.get(k, {}).get("seconds")
+                if s:
+                    ratios[f"{k}_speedup_vs_amitools"] = round(am[k] / s, 2)
+                    ratios[f"{k}_vs_plain_directory"] = round(pl[k] / s, 3)
+            result[f"ratios_{backend}"] = ratios
+    finally:
+        for m in work.glob("mnt_*"):
+            sh(["fusermount3", "-u", "-z", str(m)])
+        if tmp is not None:
+            tmp.cleanup()
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(json.dumps(result, indent=1))
+        print("target: cat_big_vs_raw_image_read >= 0.25; speedups vs amitools > 1", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
