@@ -194,7 +194,7 @@ async def serve(
 ) -> list[str]:
     """Mount ``ops`` at ``mountpoint`` and serve until unmounted or signalled.
 
-    Calls ``on_ready`` once the mount is live.  Returns problems met while closing the
+    Calls ``on_ready`` once the mount is live (the kernel has had its FUSE_INIT answer).  Returns problems met while closing the
     volumes (empty when they were all closed cleanly).  Raises NotAvailable if the mount
     itself fails.  Cancellation: stops serving, still closes the volumes (shielded) and
     unmounts.
@@ -215,14 +215,21 @@ async def serve(
     problems: list[str] = []
     pid_path = pid_file(mountpoint)
     try:
-        set_read_ahead(mountpoint, read_ahead_kb)
         with contextlib.suppress(OSError):
             RUN_DIR.mkdir(parents=True, exist_ok=True)
             pid_path.write_text(f"{os.getpid()}\n")
-        if on_ready is not None:
-            on_ready()
-        task_status.started()
         async with trio.open_nursery() as nursery:
+
+            async def when_live() -> None:
+                # The kernel sends requests only after FUSE_INIT is answered, and it caps
+                # the readahead at that moment: a stat that returns proves both happened.
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(os.stat, mountpoint)
+                await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+                if on_ready is not None:
+                    on_ready()
+                task_status.started()
+
             stop = trio.Event()
 
             async def watch_signals() -> None:
@@ -257,6 +264,7 @@ async def serve(
 
             nursery.start_soon(watch_signals)
             nursery.start_soon(run_main)
+            nursery.start_soon(when_live)
     finally:
         with trio.CancelScope(shield=True):
             problems = await ops.close_volumes()
