@@ -5,9 +5,10 @@ from __future__ import annotations
 from amigafuse.amiga.dostype import SFS0, SFS2
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
-from amigafuse.errors import NotSupported
 from amigafuse.fs import CheckReport, Engine
 from amigafuse.fs.api import Volume
+from amigafuse.fs.sfs.check import check
+from amigafuse.fs.sfs.format import format_volume
 from amigafuse.fs.sfs.volume import SfsVolume
 
 
@@ -19,13 +20,13 @@ async def open_volume(
     return await SfsVolume.open(device, geometry, read_only, show_recycled=show_recycled)
 
 
-async def format_volume(device: BlockDevice, geometry: VolumeGeometry, label: str) -> None:
-    raise NotSupported("formatting SFS volumes is not implemented yet")
-
-
 async def check_volume(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
-    raise NotSupported("checking SFS volumes is not implemented yet")
+    """Verify every structure and the bitmap; ``repair`` rebuilds the bitmap and the
+    free count when only they are wrong.  See ``check.py``."""
+    return await check(device, geometry, repair)
 
+
+__all__ = ["ENGINE", "check_volume", "format_volume", "open_volume"]
 
 ENGINE = Engine(
     name="sfs",

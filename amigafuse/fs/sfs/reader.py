@@ -76,7 +76,7 @@ class SfsReader:
 
     async def block(self, block: int, expect_id: int) -> bytes:
         data = await self.raw(block)
-        codec.check_block(data, block, expect_id, self.sfs2)
+        codec.check_block(data, block, expect_id, self.sfs2, checksum=block not in self.pending)
         return data
 
     # ------------------------------------------------------------------ root info

@@ -10,6 +10,11 @@ Reads of file data that was located under the lock may finish outside it.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TypeVar
+
 import trio
 
 from amigafuse.amiga.dates import DateStamp
@@ -18,18 +23,29 @@ from amigafuse.blockdev.base import BlockDevice
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
     CorruptError,
+    DirectoryNotEmpty,
+    Exists,
+    FileTooLarge,
     InvalidArgument,
     InvalidName,
     IsADirectory,
     NameTooLong,
     NotADirectory,
     NotFound,
+    NotSupported,
+    PermissionDenied,
     ReadOnlyFilesystem,
 )
-from amigafuse.fs.api import Kind, SetAttrs, Stat, StatFs, Volume, VolumeInfo
+from amigafuse.fs.api import FIBF_ARCHIVE, Kind, SetAttrs, Stat, StatFs, Volume, VolumeInfo
 from amigafuse.fs.sfs import codec
+from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import SfsObject
 from amigafuse.fs.sfs.reader import Located, SfsReader, read_root
+from amigafuse.fs.sfs.writer import PENDING_LIMIT, SfsWriter, now_seconds, replay_journal
+
+T = TypeVar("T")
+MAX_LABEL_LENGTH = 30
+ZERO_CHUNK = 1 << 20
 
 MAX_NAME_LENGTH = 107  # SFS 1.277; 1.8x accepted 100
 MAX_COMMENT_LENGTH = 79
@@ -49,6 +65,32 @@ def encode_name(name: str) -> bytes:
     if len(raw) > MAX_NAME_LENGTH:
         raise NameTooLong(f"{name!r} is longer than SFS's {MAX_NAME_LENGTH} characters")
     return raw
+
+
+async def load_freemap(reader: SfsReader, notes: list[str]) -> FreeMap | None:
+    """The whole bitmap in memory, or None (with a note) when a bitmap block is bad."""
+    root = reader.root
+    per = codec.blocks_per_bitmap(reader.block_size)
+    count = (root.totalblocks + per - 1) // per
+    reader.check_pointer(root.bitmapbase, 0, "bitmapbase")
+    if root.bitmapbase + count > root.totalblocks:
+        raise CorruptError("the bitmap runs past the volume end", block=0, field="bitmapbase")
+    raw = await reader.io.read(root.bitmapbase, count)
+    bs = reader.block_size
+    parts = []
+    for i in range(count):
+        blk = raw[i * bs : (i + 1) * bs]
+        try:
+            codec.check_block(blk, root.bitmapbase + i, codec.BITMAP_ID, root.sfs2)
+        except CorruptError as exc:
+            notes.append(f"bitmap damaged ({exc}): mounted read-only; run check --repair")
+            return None
+        parts.append(blk[codec.BLOCKHEADER_SIZE :])
+    freemap = FreeMap(root.totalblocks, per, b"".join(parts))
+    ri = await reader.root_info()
+    if ri.freeblocks != freemap.free_count:
+        notes.append(f"root info said {ri.freeblocks} free blocks, the bitmap {freemap.free_count}: corrected")
+    return freemap
 
 
 class SfsVolume(Volume):
@@ -94,17 +136,45 @@ class SfsVolume(Volume):
                 block=0,
                 field="totalblocks",
             )
-        reader = SfsReader(io, root)
+        reader: SfsReader = SfsReader(io, root)
         if device.read_only:
             read_only = True
-        notes.append("SFS writing is not supported yet: mounted read-only")
-        read_only = True
+        tr = root.rootobjectcontainer + 2
+        tr_data = await reader.raw(tr)
+        tr_id = struct.unpack_from(">I", tr_data, 0)[0]
+        if tr_id == codec.TRANSACTIONFAILURE_ID:
+            notes.append(
+                "the volume has an unfinished SmartFilesystem transaction (TRFA): mounted read-only; "
+                "mount it once on AmigaOS so the handler replays it"
+            )
+            read_only = True
+        elif tr_id == codec.JOURNAL_HEADER_ID:
+            try:
+                note = await replay_journal(io, reader, apply=not read_only)
+                if note:
+                    notes.append(note)
+            except CorruptError as exc:
+                notes.append(f"the amigafuse journal is damaged ({exc}): mounted read-only")
+                read_only = True
+        elif tr_id != codec.TRANSACTIONOK_ID or not codec.checksum_ok(tr_data, root.sfs2):
+            notes.append(f"the transaction block {tr} is not a valid TROK block: mounted read-only")
+            read_only = True
+        if not read_only:
+            freemap = await load_freemap(reader, notes)
+            if freemap is None:
+                read_only = True
+            else:
+                reader = SfsWriter(io, root, freemap)
         vol = cls(io, reader, read_only=read_only, show_recycled=show_recycled, notes=notes)
         root_obj = (await reader.locate(codec.ROOTNODE)).obj
         if not root_obj.is_dir:
             raise CorruptError("the root object is not a directory", block=root.rootobjectcontainer, field="bits")
         vol._label = root_obj.name.decode("latin-1")
         return vol
+
+    @property
+    def _max_file_size(self) -> int:
+        return (1 << 48) - 1 if self.r.sfs2 else 0x7FFFFFFF
 
     # ------------------------------------------------------------------ properties
     @property
@@ -215,47 +285,325 @@ class SfsVolume(Volume):
         )
 
     # ------------------------------------------------------------------ mutations
+    async def _mutate(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one mutation atomically (rolled back on any exception or cancellation)."""
+        async with self._lock:
+            self._check_writable()
+            w = self.w
+            assert w is not None
+            w.begin()
+            try:
+                result = await fn()
+            except BaseException:
+                w.rollback()
+                raise
+            w.end()
+            if len(w.pending) > PENDING_LIMIT:
+                with trio.CancelScope(shield=True):
+                    await w.commit()
+            return result
+
+    @property
+    def w(self) -> SfsWriter | None:
+        return self.r if isinstance(self.r, SfsWriter) else None
+
+    def _writer(self) -> SfsWriter:
+        w = self.w
+        if w is None:
+            raise ReadOnlyFilesystem("the SFS volume is mounted read-only")
+        return w
+
+    async def _touch(self, node: int) -> None:
+        w = self._writer()
+        obj = (await w.locate(node)).obj
+        await w.update_object(node, replace(obj, datemodified=now_seconds(), protection=obj.protection & ~FIBF_ARCHIVE))
+
+    async def _new_entry(self, dir_id: int, name: str, bits: int, protection: int) -> tuple[int, SfsObject]:
+        w = self._writer()
+        raw = encode_name(name)
+        d = await self._dir(dir_id)
+        if await w.find_in_dir(d.obj, raw) is not None:
+            raise Exists(f"{name!r} already exists")
+        obj = SfsObject(0, 0, 0, protection ^ PROTECTION_INVERT, 0, 0, now_seconds(), bits, raw, b"", w.sfs2)
+        node = await w.add_object(dir_id, obj)
+        await self._touch(dir_id)
+        return node, replace(obj, objectnode=node)
+
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
-        self._check_writable()
-        raise AssertionError("unreachable")
+        async def op() -> Stat:
+            node, _ = await self._new_entry(dir_id, name, 0, protection)
+            return await self._stat_of((await self.r.locate(node)).obj)
+
+        return await self._mutate(op)
 
     async def mkdir(self, dir_id: int, name: str) -> Stat:
-        self._check_writable()
-        raise AssertionError("unreachable")
+        async def op() -> Stat:
+            w = self._writer()
+            node, obj = await self._new_entry(dir_id, name, codec.OTYPE_DIR, 0)
+            ht = await w.alloc_admin()
+            buf = bytearray(w.block_size)
+            struct.pack_into(">I", buf, 12, node)
+            w.put(ht, w.finish(buf, codec.HASHTABLE_ID, ht))
+            await w.update_object(node, replace(obj, data=ht))
+            return await self._stat_of((await w.locate(node)).obj)
+
+        return await self._mutate(op)
 
     async def symlink(self, dir_id: int, name: str, target: str) -> Stat:
-        self._check_writable()
-        raise AssertionError("unreachable")
+        try:
+            raw_target = target.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidName(f"link target {target!r} has characters outside Latin-1") from None
+        if not raw_target or 0 in raw_target or len(raw_target) > self.r.block_size - codec.SOFTLINK_HEADER - 1:
+            raise InvalidArgument(f"link target {target!r} is empty or too long for one SFS block")
+
+        async def op() -> Stat:
+            w = self._writer()
+            node, obj = await self._new_entry(dir_id, name, codec.OTYPE_LINK, 0)
+            blk = await w.alloc_admin()
+            buf = bytearray(w.block_size)
+            struct.pack_into(">III", buf, 12, node, 0, 0)
+            buf[codec.SOFTLINK_HEADER : codec.SOFTLINK_HEADER + len(raw_target)] = raw_target
+            w.put(blk, w.finish(buf, codec.SOFTLINK_ID, blk))
+            await w.update_object(node, replace(obj, data=blk))
+            return await self._stat_of((await w.locate(node)).obj)
+
+        return await self._mutate(op)
 
     async def link(self, object_id: int, dir_id: int, name: str) -> Stat:
         self._check_writable()
-        raise AssertionError("unreachable")
+        raise NotSupported("SmartFilesystem has no hard links; use a soft link")
+
+    async def _file(self, object_id: int) -> Located:
+        loc = await self.r.locate(object_id)
+        if loc.obj.is_dir:
+            raise IsADirectory(f"object {object_id} is a directory")
+        if loc.obj.is_softlink:
+            raise InvalidArgument(f"object {object_id} is a soft link")
+        return loc
+
+    async def _write(self, object_id: int, offset: int, data: bytes) -> None:
+        w = self._writer()
+        obj = (await self._file(object_id)).obj
+        bs = w.block_size
+        size = obj.size
+        end = offset + len(data)
+        if end > self._max_file_size:
+            raise FileTooLarge(f"SFS files end at {self._max_file_size} bytes")
+        start = min(offset, size)
+        if offset > size:
+            data = bytes(offset - size) + data
+        old = await w.file_extents(obj)
+        extents = old
+        have = sum(n for _, n in old)
+        need = (end + bs - 1) // bs
+        if need > have:
+            extents, _ = w.grow_extents(object_id, old, need - have)
+        first, last = start // bs, (end - 1) // bs
+        buf = bytearray((last - first + 1) * bs)
+        if start % bs:
+            head = w.map_runs(extents, first, 1)[0][0]
+            buf[:bs] = await w.io.read(head, 1)
+        if end % bs and end < size and (last != first or not start % bs):
+            tail = w.map_runs(extents, last, 1)[0][0]
+            buf[-bs:] = await w.io.read(tail, 1)
+        buf[start - first * bs : end - first * bs] = data
+        pos = 0
+        for disk, count in w.map_runs(extents, first, last - first + 1):
+            await w.io.write(disk, buf[pos : pos + count * bs])
+            pos += count * bs
+        if extents != old:
+            await w.sync_extents(object_id, old, extents)
+        new_first = extents[0][0] if extents else 0
+        await w.update_object(
+            object_id,
+            replace(obj, size=max(size, end), data=new_first, datemodified=now_seconds(),
+                    protection=obj.protection & ~FIBF_ARCHIVE),
+        )  # fmt: skip
 
     async def write(self, object_id: int, offset: int, data: bytes) -> int:
-        self._check_writable()
-        raise AssertionError("unreachable")
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if not data:
+            return 0
+        data = bytes(data)
+
+        async def op() -> int:
+            await self._write(object_id, offset, data)
+            return len(data)
+
+        return await self._mutate(op)
 
     async def truncate(self, object_id: int, size: int) -> None:
-        self._check_writable()
+        if size < 0:
+            raise InvalidArgument("negative size")
+
+        async def op() -> None:
+            w = self._writer()
+            obj = (await self._file(object_id)).obj
+            if size > obj.size:
+                pos = obj.size
+                while pos < size:
+                    n = min(ZERO_CHUNK, size - pos)
+                    await self._write(object_id, pos, bytes(n))
+                    pos += n
+                return
+            old = await w.file_extents(obj)
+            keep = (size + w.block_size - 1) // w.block_size
+            extents = w.shrink_extents(old, keep)
+            if extents != old:
+                await w.sync_extents(object_id, old, extents)
+            await w.update_object(
+                object_id,
+                replace(obj, size=size, data=extents[0][0] if extents else 0, datemodified=now_seconds(),
+                        protection=obj.protection & ~FIBF_ARCHIVE),
+            )  # fmt: skip
+
+        await self._mutate(op)
+
+    async def _delete(self, loc: Located) -> None:
+        """Remove an object and free what it owns (directories must be empty)."""
+        w = self._writer()
+        obj = loc.obj
+        if obj.bits & codec.OTYPE_UNDELETABLE:
+            raise PermissionDenied(f"{obj.name.decode('latin-1')!r} is protected from deletion by the filesystem")
+        if obj.is_dir:
+            if obj.firstdirblock and await w.dir_entries(obj):
+                raise DirectoryNotEmpty(f"directory {obj.name.decode('latin-1')!r} is not empty")
+            if obj.hashtable:
+                await w.free_admin(w.check_pointer(obj.hashtable, obj.objectnode, "hashtable"))
+        elif obj.is_softlink:
+            if obj.data:
+                await w.free_admin(w.check_pointer(obj.data, obj.objectnode, "softlink data"))
+        else:
+            old = await w.file_extents(obj)
+            w.shrink_extents(old, 0)
+            await w.sync_extents(obj.objectnode, old, [])
+            w.extent_cache.pop(obj.objectnode, None)
+        await w.remove_object(loc)
+
+    async def _entry(self, dir_id: int, name: str) -> Located:
+        raw = encode_name(name)
+        d = await self._dir(dir_id)
+        loc = await self.r.find_in_dir(d.obj, raw)
+        if loc is None:
+            raise NotFound(f"{name!r} not found")
+        return loc
 
     async def unlink(self, dir_id: int, name: str) -> None:
-        self._check_writable()
+        async def op() -> None:
+            loc = await self._entry(dir_id, name)
+            if loc.obj.is_dir:
+                raise IsADirectory(f"{name!r} is a directory")
+            await self._delete(loc)
+            await self._touch(dir_id)
+
+        await self._mutate(op)
 
     async def rmdir(self, dir_id: int, name: str) -> None:
-        self._check_writable()
+        async def op() -> None:
+            loc = await self._entry(dir_id, name)
+            if not loc.obj.is_dir:
+                raise NotADirectory(f"{name!r} is not a directory")
+            await self._delete(loc)
+            await self._touch(dir_id)
+
+        await self._mutate(op)
 
     async def rename(self, src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> None:
-        self._check_writable()
+        async def op() -> None:
+            w = self._writer()
+            src = await self._entry(src_dir, src_name)
+            raw = encode_name(dst_name)
+            dd = await self._dir(dst_dir)
+            dst = await w.find_in_dir(dd.obj, raw)
+            node = src.obj.objectnode
+            if dst is not None and dst.obj.objectnode != node:
+                if dst.obj.is_dir and not src.obj.is_dir:
+                    raise IsADirectory(f"{dst_name!r} is a directory")
+                if src.obj.is_dir and not dst.obj.is_dir:
+                    raise NotADirectory(f"{dst_name!r} is not a directory")
+            if src.obj.is_dir:
+                cur = dst_dir
+                for _ in range(w.total_blocks):
+                    if cur == node:
+                        raise InvalidArgument("cannot move a directory into itself")
+                    if cur == codec.ROOTNODE:
+                        break
+                    cur = await w.parent_of(cur)
+            if dst is not None and dst.obj.objectnode != node:
+                await self._delete(dst)
+            parent = await w.parent_of(node)
+            pobj = (await w.locate(parent)).obj
+            await w.hash_remove(pobj, node, src.obj.name)
+            moved = replace((await w.locate(node)).obj, name=raw)
+            await w._remove_from_container(await w.locate(node))
+            block = await w._place(dst_dir, moved)
+            await w.set_node(node, data=block)
+            await w.hash_add((await w.locate(dst_dir)).obj, node, raw)
+            await self._touch(parent)
+            if dst_dir != parent:
+                await self._touch(dst_dir)
+
+        await self._mutate(op)
 
     async def setattr(self, object_id: int, attrs: SetAttrs) -> Stat:
-        self._check_writable()
-        raise AssertionError("unreachable")
+        comment = None
+        if attrs.comment is not None:
+            try:
+                comment = attrs.comment.encode("latin-1")
+            except UnicodeEncodeError:
+                raise InvalidArgument("comments must be Latin-1") from None
+            if len(comment) > MAX_COMMENT_LENGTH or 0 in comment:
+                raise InvalidArgument(f"comments hold at most {MAX_COMMENT_LENGTH} characters")
+        for value in (attrs.uid, attrs.gid):
+            if value is not None and not 0 <= value <= 0xFFFF:
+                raise InvalidArgument("SFS owner ids are 0..65535")
+
+        async def op() -> Stat:
+            w = self._writer()
+            obj = (await w.locate(object_id)).obj
+            new = obj
+            if attrs.protection is not None:
+                new = replace(new, protection=(attrs.protection ^ PROTECTION_INVERT) & 0xFFFFFFFF)
+            if attrs.date is not None:
+                new = replace(new, datemodified=min(0xFFFFFFFF, attrs.date.to_seconds_since_1978()))
+            if comment is not None:
+                new = replace(new, comment=comment)
+            if attrs.uid is not None:
+                new = replace(new, owneruid=attrs.uid)
+            if attrs.gid is not None:
+                new = replace(new, ownergid=attrs.gid)
+            if new != obj:
+                await w.update_object(object_id, new)
+            return await self._stat_of((await w.locate(object_id)).obj)
+
+        return await self._mutate(op)
 
     async def set_label(self, label: str) -> None:
-        self._check_writable()
+        raw = encode_name(label)
+        if len(raw) > MAX_LABEL_LENGTH:
+            raise NameTooLong(f"volume names hold at most {MAX_LABEL_LENGTH} characters")
+
+        async def op() -> None:
+            w = self._writer()
+            obj = (await w.locate(codec.ROOTNODE)).obj
+            await w.update_object(codec.ROOTNODE, replace(obj, name=raw))
+            self._label = label
+
+        await self._mutate(op)
 
     async def sync(self) -> None:
-        return None
+        async with self._lock:
+            w = self.w
+            if w is None or self._read_only:
+                return
+            with trio.CancelScope(shield=True):
+                await w.commit()
+                await self.io.flush()
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        await self.sync()
         self._closed = True

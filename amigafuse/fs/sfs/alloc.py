@@ -1,0 +1,173 @@
+"""The in-memory free-space bitmap of an SFS volume (pure: no I/O).
+
+Encoding as on disk: one bit per block, most significant bit first, a set bit means
+*free*.  Bitmap block ``i`` covers blocks ``i * per_block ..``; ``encode_block(i)``
+returns the bytes after its 12-byte header.
+
+Invariants: ``free_count`` equals the number of set bits below ``total``; bits at and
+above ``total`` (padding of the last bitmap block) are 0.  Blocks freed by the
+transaction being built are kept in ``held`` and are not handed out again until the
+transaction commits (the committed metadata may still reference them).
+"""
+
+from __future__ import annotations
+
+import re
+
+from amigafuse.errors import NoSpace
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+class FreeMap:
+    def __init__(self, total: int, per_block: int, raw: bytes) -> None:
+        self.total = total
+        self.per_block = per_block
+        nbytes = (total + 7) // 8
+        bits = bytearray(raw[:nbytes].ljust(nbytes, b"\0"))
+        if total % 8:
+            bits[-1] &= (0xFF << (8 - total % 8)) & 0xFF
+        self.bits = bits
+        self.free_count = sum(bin(b).count("1") for b in bits)
+        self.dirty_blocks: set[int] = set()
+        self.held: set[int] = set()
+        self.changes: list[tuple[int, int, bool]] | None = None  # undo log: (start, count, was_free)
+
+    # ------------------------------------------------------------------ queries
+    def is_free(self, block: int) -> bool:
+        return bool(self.bits[block >> 3] & (0x80 >> (block & 7)))
+
+    def usable(self, block: int) -> bool:
+        return self.is_free(block) and block not in self.held
+
+    def run_length(self, start: int, limit: int) -> int:
+        """Usable blocks from ``start`` on, at most ``limit``."""
+        n = 0
+        while n < limit and start + n < self.total and self.usable(start + n):
+            n += 1
+        return n
+
+    def next_free(self, start: int) -> int:
+        """First usable block at or after ``start`` (wrapping once), or -1."""
+        for lo, hi in ((start, self.total), (0, start)):
+            pos = lo
+            while pos < hi:
+                m = _NONZERO.search(self.bits, pos >> 3)
+                if m is None:
+                    break
+                byte = m.start()
+                base = byte << 3
+                value = self.bits[byte]
+                found = -1
+                for bit in range(8):
+                    b = base + bit
+                    if b >= pos and value & (0x80 >> bit) and b < hi and b not in self.held:
+                        found = b
+                        break
+                if found >= 0:
+                    return found
+                pos = max(pos, base + 8)
+        return -1
+
+    # ------------------------------------------------------------------ changes
+    def _set(self, start: int, count: int, free: bool) -> None:
+        for b in range(start, start + count):
+            if not 0 <= b < self.total:
+                raise ValueError(f"block {b} outside the bitmap")
+            mask = 0x80 >> (b & 7)
+            was = bool(self.bits[b >> 3] & mask)
+            if was == free:
+                raise AssertionError(f"block {b} is already {'free' if free else 'used'}")
+            if free:
+                self.bits[b >> 3] |= mask
+            else:
+                self.bits[b >> 3] &= ~mask & 0xFF
+            self.dirty_blocks.add(b // self.per_block)
+        self.free_count += count if free else -count
+        if self.changes is not None:
+            self.changes.append((start, count, not free))
+
+    def mark_used(self, start: int, count: int = 1) -> None:
+        self._set(start, count, False)
+
+    def mark_free(self, start: int, count: int = 1) -> None:
+        """Free blocks; they stay held (unallocatable) until the transaction commits."""
+        self._set(start, count, True)
+        self.held.update(range(start, start + count))
+
+    def usable_count(self) -> int:
+        return self.free_count - len(self.held)  # held blocks are always free ones
+
+    def allocate(self, count: int, hint: int) -> list[tuple[int, int]]:
+        """``count`` blocks as (start, length) runs, marked used: one run at ``hint`` if
+        possible, else the first run after it (then from 0) that holds them all, else
+        free pieces in disk order from ``hint``.  NoSpace when they are not there."""
+        if count > self.usable_count():
+            raise NoSpace(f"the SFS volume is full ({self.usable_count()} blocks free, {count} needed)")
+        runs: list[tuple[int, int]] = []
+        need = count
+        hint = hint if 0 <= hint < self.total else 0
+        n = self.run_length(hint, need)
+        if n:
+            runs.append((hint, n))
+            self.mark_used(hint, n)
+            need -= n
+        if need:
+            b = self.find_run(need, hint)
+            if b < 0:
+                b = self.find_run(need, 0)
+            if b >= 0:
+                runs.append((b, need))
+                self.mark_used(b, need)
+                need = 0
+        pos = hint
+        while need:
+            b = self.next_free(pos)
+            if b < 0:
+                raise AssertionError("free count and bitmap disagree")
+            length = self.run_length(b, need)
+            runs.append((b, length))
+            self.mark_used(b, length)
+            need -= length
+            pos = b + length if b + length < self.total else 0
+        return runs
+
+    def find_run(self, count: int, start: int = 0) -> int:
+        """First block of ``count`` usable blocks in a row (no marking), or -1."""
+        pos = start
+        while pos < self.total:
+            b = self.next_free(pos)
+            if b < 0 or b < pos:
+                return -1
+            length = self.run_length(b, count)
+            if length >= count:
+                return b
+            pos = b + length
+        return -1
+
+    # ------------------------------------------------------------------ transactions
+    def begin(self) -> None:
+        self.changes = []
+
+    def rollback(self) -> None:
+        changes, self.changes = self.changes or [], None
+        for start, count, was_free in reversed(changes):
+            for b in range(start, start + count):
+                mask = 0x80 >> (b & 7)
+                if was_free:
+                    self.bits[b >> 3] |= mask
+                else:
+                    self.bits[b >> 3] &= ~mask & 0xFF
+                    self.held.discard(b)
+            self.free_count += count if was_free else -count
+
+    def end(self) -> None:
+        self.changes = None
+
+    def committed(self) -> None:
+        self.held.clear()
+
+    def encode_block(self, index: int, nbytes: int) -> bytes:
+        """The bitmap bytes (after the header) of bitmap block ``index``."""
+        first = index * self.per_block // 8
+        return bytes(self.bits[first : first + nbytes]).ljust(nbytes, b"\0")

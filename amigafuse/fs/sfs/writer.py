@@ -1,0 +1,732 @@
+"""Write side of the SFS engine: admin space, the object-node tree, object
+containers, hash chains, the extent B+-tree, file block allocation, and the journal.
+
+Model
+    Metadata changes go into ``pending`` (block -> new contents); data blocks are
+    written to the device directly, but only ever into blocks that are free in the
+    committed state (blocks freed by the open transaction are *held* until it
+    commits).  Each Volume operation runs between ``begin()`` and ``end()``; on any
+    exception ``rollback()`` restores ``pending``, the bitmap and the caches, so an
+    operation happens entirely or not at all.
+
+Commit (``commit()``), crash-safe at every step:
+    1. bitmap blocks and the root info are brought up to date in ``pending``; every
+       pending block gets its checksum;
+    2. a copy of every pending block is written to blocks that are free in both the
+       committed and the new state; flush;
+    3. the journal record (AFJH, at root OC + 2 where the handler keeps TROK/TRFA,
+       more records chained from it) listing (target, copy) pairs is written; flush;
+    4. the pending blocks are written in place; flush;
+    5. TROK is written back at root OC + 2; flush.
+    A crash before 3 leaves the old state; after 3 ``replay()`` at the next open
+    finishes the job.  The real handler ignores AFJH (it only replays its own TRFA), so
+    a crash between 3 and 5 followed by mounting on AmigaOS *without* amigafuse first
+    shows a partly applied transaction: see docs/sfs.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import replace
+
+from amigafuse.amiga.dates import AMIGA_EPOCH_UNIX
+from amigafuse.errors import ChainLoopError, CorruptError, NoSpace
+from amigafuse.fs.sfs import codec
+from amigafuse.fs.sfs.alloc import FreeMap
+from amigafuse.fs.sfs.codec import (
+    AdminSpaceContainer,
+    BNode,
+    ExtentBNode,
+    NodeContainer,
+    ObjectContainer,
+    SfsObject,
+)
+from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, SfsReader
+
+ADMIN_SPACE_BLOCKS = 32
+PENDING_LIMIT = 256  # commit when a transaction grows past this many blocks
+
+
+def now_seconds() -> int:
+    return max(0, int(time.time()) - AMIGA_EPOCH_UNIX)
+
+
+def runs_of(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted blocks grouped into (start, count) runs."""
+    out: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+class SfsWriter(SfsReader):
+    """Mutations of one SFS volume (see module docstring)."""
+
+    def __init__(self, io: object, root: codec.RootBlock, freemap: FreeMap) -> None:
+        super().__init__(io, root)  # type: ignore[arg-type]
+        self.freemap = freemap
+        self.undo: dict[int, bytes | None] | None = None
+        self.max_extent = 0xFFFF
+        self.tr_block = root.rootobjectcontainer + 2
+        self.sequence = 1
+        self.data_hint = root.bitmapbase + (root.totalblocks + codec.blocks_per_bitmap(self.block_size) - 1) // codec.blocks_per_bitmap(self.block_size)
+
+    # ------------------------------------------------------------------ operations
+    def begin(self) -> None:
+        self.undo = {}
+        self.freemap.begin()
+
+    def rollback(self) -> None:
+        undo, self.undo = self.undo or {}, None
+        for block, old in undo.items():
+            if old is None:
+                self.pending.pop(block, None)
+            else:
+                self.pending[block] = bytearray(old)
+        self.freemap.rollback()
+        self.extent_cache.clear()
+
+    def end(self) -> None:
+        self.undo = None
+        self.freemap.end()
+
+    def _record(self, block: int) -> None:
+        if self.undo is not None and block not in self.undo:
+            old = self.pending.get(block)
+            self.undo[block] = bytes(old) if old is not None else None
+
+    async def modify(self, block: int, expect_id: int) -> bytearray:
+        """The pending (writable) copy of an existing block, checked first."""
+        data = await self.block(block, expect_id)
+        self._record(block)
+        buf = self.pending.get(block)
+        if buf is None:
+            buf = bytearray(data)
+            self.pending[block] = buf
+        return buf
+
+    def put(self, block: int, data: bytearray) -> None:
+        """Replace a block's contents in the transaction (header already filled in)."""
+        if len(data) != self.block_size:
+            raise AssertionError("block of the wrong size")
+        self._record(block)
+        self.pending[block] = data
+
+    def finish(self, data: bytearray, block_id: int, block: int) -> bytearray:
+        return codec.finish_block(data, block_id, block, self.sfs2)
+
+    # ------------------------------------------------------------------ admin space
+    async def _admin_containers(self) -> list[tuple[int, AdminSpaceContainer]]:
+        out = []
+        block = self.root.adminspacecontainer
+        seen: set[int] = set()
+        while block:
+            if block in seen or len(seen) > self.total_blocks:
+                raise ChainLoopError("admin space container chain loops", block=block, field="next")
+            seen.add(block)
+            self.check_pointer(block, self.root.adminspacecontainer, "adminspacecontainer.next")
+            asc = AdminSpaceContainer.unpack(await self.block(block, codec.ADMINSPACECONTAINER_ID))
+            out.append((block, asc))
+            block = asc.next
+        return out
+
+    async def _set_admin_entry(self, block: int, index: int, space: int, bits: int) -> None:
+        buf = await self.modify(block, codec.ADMINSPACECONTAINER_ID)
+        struct.pack_into(">II", buf, codec.ADMINSPACECONTAINER_HEADER + 8 * index, space, bits)
+
+    async def alloc_admin(self) -> int:
+        """One metadata block from the admin spaces (a new space of 32 blocks when all
+        are full).  The block's pending contents are zeroed.  NoSpace."""
+        containers = await self._admin_containers()
+        for block, asc in containers:
+            for i, a in enumerate(asc.adminspace):
+                if a.space and a.bits != 0xFFFFFFFF:
+                    bit = next(k for k in range(32) if not a.bits & (0x80000000 >> k))
+                    new = a.space + bit
+                    self.check_pointer(new, block, f"adminspace[{i}]")
+                    await self._set_admin_entry(block, i, a.space, a.bits | (0x80000000 >> bit))
+                    self.put(new, bytearray(self.block_size))
+                    return new
+        start = self.freemap.find_run(ADMIN_SPACE_BLOCKS, 0)
+        if start < 0:
+            raise NoSpace("the SFS volume has no room for more metadata (admin space)")
+        self.freemap.mark_used(start, ADMIN_SPACE_BLOCKS)
+        for block, asc in containers:
+            for i, a in enumerate(asc.adminspace):
+                if a.space == 0:
+                    await self._set_admin_entry(block, i, start, 0x80000000)
+                    self.put(start, bytearray(self.block_size))
+                    return start
+        # Every container is full: the new space's first block becomes a new container.
+        last_block, last = containers[-1]
+        buf = bytearray(self.block_size)
+        struct.pack_into(">IIBBH", buf, 12, 0, last_block, last.bits, 0, 0)
+        struct.pack_into(">II", buf, codec.ADMINSPACECONTAINER_HEADER, start, 0xC0000000)
+        self.put(start, self.finish(buf, codec.ADMINSPACECONTAINER_ID, start))
+        lbuf = await self.modify(last_block, codec.ADMINSPACECONTAINER_ID)
+        struct.pack_into(">I", lbuf, 12, start)
+        self.put(start + 1, bytearray(self.block_size))
+        return start + 1
+
+    async def free_admin(self, block: int) -> None:
+        """Return a metadata block to its admin space."""
+        for cblock, asc in await self._admin_containers():
+            for i, a in enumerate(asc.adminspace):
+                if a.space and a.space <= block < a.space + ADMIN_SPACE_BLOCKS:
+                    mask = 0x80000000 >> (block - a.space)
+                    if not a.bits & mask:
+                        raise CorruptError(f"admin block {block} is already free", block=cblock, field="bits")
+                    await self._set_admin_entry(cblock, i, a.space, a.bits & ~mask)
+                    self._record(block)
+                    self.pending.pop(block, None)
+                    self.cache.pop(block, None)
+                    return
+        raise CorruptError(f"block {block} is not in any admin space", block=block, field="adminspace")
+
+    # ------------------------------------------------------------------ object nodes
+    def _leaf_count(self) -> int:
+        return codec.leaf_node_count(self.block_size)
+
+    def _index_count(self) -> int:
+        return codec.index_node_count(self.block_size)
+
+    async def set_node(self, node: int, *, data: int | None = None, next: int | None = None,
+                       hash16: int | None = None) -> None:  # fmt: skip
+        block, nc = (await self.node_path(node))[-1]
+        buf = await self.modify(block, codec.NODECONTAINER_ID)
+        off = codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE
+        old = struct.unpack_from(">IIH", buf, off)
+        struct.pack_into(
+            ">IIH", buf, off,
+            old[0] if data is None else data,
+            old[1] if next is None else next,
+            old[2] if hash16 is None else hash16,
+        )  # fmt: skip
+
+    @staticmethod
+    def _index_full(nc: NodeContainer) -> bool:
+        return all(e != 0 and e & 1 for e in nc.node)
+
+    async def _mark_parent(self, path: list[tuple[int, NodeContainer]], level: int, full: bool) -> None:
+        """Set (full) or clear the full bit of path[level]'s entry in its parent."""
+        if level == 0:
+            return
+        pblock, _ = path[level - 1]
+        child = path[level][1]
+        buf = await self.modify(pblock, codec.NODECONTAINER_ID)
+        pnc = NodeContainer.unpack(bytes(buf))
+        was_full = self._index_full(pnc)
+        idx = (child.nodenumber - pnc.nodenumber) // pnc.nodes
+        off = codec.NODECONTAINER_HEADER + 4 * idx
+        entry = struct.unpack_from(">I", buf, off)[0]
+        struct.pack_into(">I", buf, off, entry | 1 if full else entry & ~1)
+        pnc = NodeContainer.unpack(bytes(buf))
+        if full and self._index_full(pnc):
+            await self._mark_parent(path, level - 1, True)
+        elif not full and was_full:
+            await self._mark_parent(path, level - 1, False)
+
+    async def _add_node_level(self) -> None:
+        rootb = self.root.objectnoderoot
+        data = bytearray(await self.block(rootb, codec.NODECONTAINER_ID))
+        nc = NodeContainer.unpack(bytes(data))
+        new = await self.alloc_admin()
+        copy = bytearray(data)
+        self.put(new, self.finish(copy, codec.NODECONTAINER_ID, new))
+        buf = bytearray(self.block_size)
+        nodes = self._leaf_count() if nc.nodes == 1 else nc.nodes * self._index_count()
+        struct.pack_into(">III", buf, codec.NODECONTAINER_HEADER - 8, nc.nodenumber, nodes, (new << self.shift) | 1)
+        self.put(rootb, self.finish(buf, codec.NODECONTAINER_ID, rootb))
+
+    async def create_node(self, data: int) -> int:
+        """A new object node pointing at container ``data``; its number."""
+        for _ in range(MAX_TREE_DEPTH * 4):
+            block = self.root.objectnoderoot
+            path: list[tuple[int, NodeContainer]] = []
+            restart = False
+            for _depth in range(MAX_TREE_DEPTH):
+                nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
+                path.append((block, nc))
+                if nc.nodes == 1:
+                    empty = [i for i, on in enumerate(nc.objectnodes) if on.data == 0]
+                    if not empty:
+                        if block != self.root.objectnoderoot:
+                            raise CorruptError("node container marked not full has no free node", block=block, field="node")
+                        await self._add_node_level()
+                        restart = True
+                        break
+                    i = empty[0]
+                    buf = await self.modify(block, codec.NODECONTAINER_ID)
+                    struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + i * codec.OBJECTNODE_SIZE, data, 0, 0)
+                    if len(empty) == 1:
+                        await self._mark_parent(path, len(path) - 1, True)
+                    return nc.nodenumber + i
+                pick = next((i for i, e in enumerate(nc.node) if e != 0 and not e & 1), -1)
+                if pick >= 0:
+                    block = self.check_pointer(nc.node[pick] >> self.shift, block, f"node[{pick}]")
+                    continue
+                hole = next((i for i, e in enumerate(nc.node) if e == 0), -1)
+                if hole < 0:
+                    if block != self.root.objectnoderoot:
+                        raise CorruptError("node index marked not full is full", block=block, field="node")
+                    await self._add_node_level()
+                    restart = True
+                    break
+                nodes = 1 if nc.nodes == self._leaf_count() else nc.nodes // self._index_count()
+                new = await self.alloc_admin()
+                nbuf = bytearray(self.block_size)
+                struct.pack_into(">II", nbuf, 12, nc.nodenumber + hole * nc.nodes, nodes)
+                self.put(new, self.finish(nbuf, codec.NODECONTAINER_ID, new))
+                pbuf = await self.modify(block, codec.NODECONTAINER_ID)
+                struct.pack_into(">I", pbuf, codec.NODECONTAINER_HEADER + 4 * hole, new << self.shift)
+                block = new
+            if not restart:
+                raise ChainLoopError("object node tree too deep", block=block, field="nodes")
+        raise NoSpace("no free object node could be created")
+
+    async def delete_node(self, node: int) -> None:
+        path = await self.node_path(node)
+        block, nc = path[-1]
+        was_full = all(on.data != 0 for on in nc.objectnodes)
+        buf = await self.modify(block, codec.NODECONTAINER_ID)
+        struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE, 0, 0, 0)
+        if was_full:
+            await self._mark_parent(path, len(path) - 1, False)
+
+    # ------------------------------------------------------------------ containers
+    def _capacity(self, block: int) -> int:
+        if block == self.root.rootobjectcontainer:
+            return self.block_size - codec.ROOTINFO_SIZE
+        return self.block_size
+
+    async def _write_container(self, block: int, oc: ObjectContainer, objects: list[SfsObject]) -> None:
+        trailer = b""
+        if block == self.root.rootobjectcontainer:
+            cur = await self.raw(block)
+            trailer = cur[self.block_size - codec.ROOTINFO_SIZE :]
+        buf = codec.build_object_container(
+            self.block_size, block, oc.parent, oc.next, oc.previous, objects, trailer, self.sfs2
+        )
+        self.put(block, buf)
+
+    async def _set_container_link(self, block: int, *, next: int | None = None, previous: int | None = None) -> None:
+        buf = await self.modify(block, codec.OBJECTCONTAINER_ID)
+        if next is not None:
+            struct.pack_into(">I", buf, 16, next)
+        if previous is not None:
+            struct.pack_into(">I", buf, 20, previous)
+
+    async def update_object(self, node: int, new: SfsObject) -> None:
+        """Replace object ``node`` (same node number), moving it to another container
+        of its directory when it no longer fits."""
+        loc = await self.locate(node)
+        oc = await self.container(loc.container)
+        objects = [new if o.objectnode == node else o for o in oc.objects]
+        if codec.objects_used_bytes(objects) <= self._capacity(loc.container):
+            await self._write_container(loc.container, oc, objects)
+            return
+        await self._remove_from_container(loc)
+        parent = oc.parent
+        block = await self._place(parent, new)
+        await self.set_node(node, data=block)
+
+    async def _place(self, dir_node: int, obj: SfsObject) -> int:
+        """Put ``obj`` into a container of directory ``dir_node``; the container block."""
+        dloc = await self.locate(dir_node)
+        d = dloc.obj
+        block = d.firstdirblock
+        seen: set[int] = set()
+        while block:
+            if block in seen:
+                raise ChainLoopError("directory container chain loops", block=block, field="next")
+            seen.add(block)
+            oc = await self.container(block)
+            if codec.objects_used_bytes(oc.objects) + obj.packed_size <= self._capacity(block):
+                await self._write_container(block, oc, [*oc.objects, obj])
+                return block
+            block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
+        new = await self.alloc_admin()
+        first = d.firstdirblock
+        self.put(
+            new, codec.build_object_container(self.block_size, new, dir_node, first, 0, [obj], b"", self.sfs2)
+        )
+        if first:
+            await self._set_container_link(first, previous=new)
+        d = (await self.locate(dir_node)).obj
+        await self.update_object(dir_node, replace(d, size=SfsObject.dir_size_field(new, self.sfs2)))
+        return new
+
+    async def _remove_from_container(self, loc: Located) -> None:
+        oc = await self.container(loc.container)
+        objects = [o for o in oc.objects if o.objectnode != loc.obj.objectnode]
+        if objects or loc.container == self.root.rootobjectcontainer:
+            await self._write_container(loc.container, oc, objects)
+            return
+        # The container is empty: unlink it from the directory's chain and free it.
+        if oc.previous:
+            await self._set_container_link(oc.previous, next=oc.next)
+        else:
+            d = (await self.locate(oc.parent)).obj
+            if d.firstdirblock != loc.container:
+                raise CorruptError("first container of a directory has a previous", block=loc.container, field="previous")
+            await self.update_object(oc.parent, replace(d, size=SfsObject.dir_size_field(oc.next, self.sfs2)))
+        if oc.next:
+            await self._set_container_link(oc.next, previous=oc.previous)
+        await self.free_admin(loc.container)
+
+    # ------------------------------------------------------------------ hashing
+    async def hash_add(self, dir_obj: SfsObject, node: int, name: bytes) -> None:
+        if dir_obj.hashtable == 0:
+            return
+        hblock = self.check_pointer(dir_obj.hashtable, dir_obj.objectnode, "hashtable")
+        buf = await self.modify(hblock, codec.HASHTABLE_ID)
+        h16 = codec.name_hash(name, self.case_sensitive)
+        off = codec.HASHTABLE_HEADER + 4 * (h16 % codec.hash_chains(self.block_size))
+        head = struct.unpack_from(">I", buf, off)[0]
+        struct.pack_into(">I", buf, off, node)
+        await self.set_node(node, next=head, hash16=h16)
+
+    async def hash_remove(self, dir_obj: SfsObject, node: int, name: bytes) -> None:
+        if dir_obj.hashtable == 0:
+            return
+        hblock = self.check_pointer(dir_obj.hashtable, dir_obj.objectnode, "hashtable")
+        ht = codec.HashTable.unpack(await self.block(hblock, codec.HASHTABLE_ID))
+        h16 = codec.name_hash(name, self.case_sensitive)
+        chain = h16 % len(ht.hashentry)
+        prev = 0
+        cur = ht.hashentry[chain]
+        steps = 0
+        while cur:
+            steps += 1
+            if steps > self.total_blocks * 64:
+                raise ChainLoopError("hash chain loops", block=hblock, field="hashentry")
+            on = await self.object_node(cur)
+            if cur == node:
+                if prev:
+                    await self.set_node(prev, next=on.next)
+                else:
+                    buf = await self.modify(hblock, codec.HASHTABLE_ID)
+                    struct.pack_into(">I", buf, codec.HASHTABLE_HEADER + 4 * chain, on.next)
+                await self.set_node(node, next=0)
+                return
+            prev, cur = cur, on.next
+        raise CorruptError(f"object node {node} is missing from its hash chain", block=hblock, field="hashentry")
+
+    # ------------------------------------------------------------------ objects
+    async def add_object(self, dir_node: int, obj: SfsObject) -> int:
+        """Create the node for ``obj`` (its objectnode field is filled in), place and
+        hash it.  Returns the node number."""
+        node = await self.create_node(0xFFFFFFFF)  # placeholder until placed
+        obj = replace(obj, objectnode=node)
+        block = await self._place(dir_node, obj)
+        await self.set_node(node, data=block)
+        d = (await self.locate(dir_node)).obj
+        await self.hash_add(d, node, obj.name)
+        return node
+
+    async def remove_object(self, loc: Located) -> None:
+        oc = await self.container(loc.container)
+        d = (await self.locate(oc.parent)).obj
+        await self.hash_remove(d, loc.obj.objectnode, loc.obj.name)
+        await self._remove_from_container(await self.locate(loc.obj.objectnode))
+        await self.delete_node(loc.obj.objectnode)
+
+    async def parent_of(self, node: int) -> int:
+        loc = await self.locate(node)
+        return (await self.container(loc.container)).parent
+
+    # ------------------------------------------------------------------ extent B-tree
+    async def _bpath(self, key: int) -> list[list[object]]:
+        return [[b, list(bc.extents if bc.isleaf else bc.index), i, bool(bc.isleaf)] for b, bc, i in await self.extent_path(key)]
+
+    def _write_bnode(self, block: int, isleaf: bool, entries: list[object]) -> None:
+        if isleaf:
+            buf = codec.build_bnode_container(self.block_size, block, True, self.sfs2, [], entries)  # type: ignore[arg-type]
+        else:
+            buf = codec.build_bnode_container(self.block_size, block, False, self.sfs2, entries, [])  # type: ignore[arg-type]
+        self.put(block, buf)
+
+    async def _put_bnode(self, path: list[list[object]], level: int, entries: list[object]) -> None:
+        block = int(path[level][0])  # type: ignore[call-overload]
+        isleaf = bool(path[level][3])
+        nodesize = codec.extent_node_size(self.sfs2) if isleaf else 8
+        cap = codec.bnode_capacity(self.block_size, nodesize)
+        if len(entries) <= cap:
+            self._write_bnode(block, isleaf, entries)
+            return
+        half = len(entries) // 2
+        left, right = entries[:half], entries[half:]
+        if level == 0:
+            a = await self.alloc_admin()
+            b = await self.alloc_admin()
+            self._write_bnode(a, isleaf, left)
+            self._write_bnode(b, isleaf, right)
+            self._write_bnode(
+                block, False, [BNode(left[0].key, a), BNode(right[0].key, b)]  # type: ignore[attr-defined]
+            )
+            return
+        nb = await self.alloc_admin()
+        self._write_bnode(block, isleaf, left)
+        self._write_bnode(nb, isleaf, right)
+        parent = path[level - 1]
+        pentries = list(parent[1])  # type: ignore[call-overload]
+        pentries.insert(int(parent[2]) + 1, BNode(right[0].key, nb))  # type: ignore[call-overload, attr-defined]
+        await self._put_bnode(path, level - 1, pentries)
+
+    async def btree_insert(self, ext: ExtentBNode) -> None:
+        path = await self._bpath(ext.key)
+        leaf = path[-1]
+        entries: list[object] = list(leaf[1])  # type: ignore[call-overload]
+        idx = int(leaf[2])  # type: ignore[call-overload]
+        if idx < len(entries) and entries[idx].key == ext.key:
+            raise CorruptError(f"extent {ext.key} is already in the B-tree", block=int(leaf[0]), field="key")  # type: ignore[call-overload]
+        # Keep index keys <= the smallest key below them (leftmost path only).
+        for level in range(len(path) - 1):
+            node = path[level]
+            ientries: list[BNode] = node[1]  # type: ignore[assignment]
+            i = int(node[2])  # type: ignore[call-overload]
+            if ientries[i].key > ext.key:
+                ientries[i] = BNode(ext.key, ientries[i].data)
+                self._write_bnode(int(node[0]), False, list(ientries))  # type: ignore[call-overload]
+        entries.insert(idx, ext)
+        await self._put_bnode(path, len(path) - 1, entries)
+
+    async def btree_update(self, ext: ExtentBNode) -> None:
+        path = await self._bpath(ext.key)
+        leaf = path[-1]
+        entries: list[ExtentBNode] = leaf[1]  # type: ignore[assignment]
+        idx = int(leaf[2])  # type: ignore[call-overload]
+        if idx >= len(entries) or entries[idx].key != ext.key:
+            raise CorruptError(f"extent {ext.key} is missing from the B-tree", block=int(leaf[0]), field="key")  # type: ignore[call-overload]
+        entries[idx] = ext
+        self._write_bnode(int(leaf[0]), True, list(entries))  # type: ignore[call-overload]
+
+    async def btree_delete(self, key: int) -> None:
+        path = await self._bpath(key)
+        leaf = path[-1]
+        entries: list[object] = list(leaf[1])  # type: ignore[call-overload]
+        idx = int(leaf[2])  # type: ignore[call-overload]
+        if idx >= len(entries) or entries[idx].key != key:
+            raise CorruptError(f"extent {key} is missing from the B-tree", block=int(leaf[0]), field="key")  # type: ignore[call-overload]
+        del entries[idx]
+        level = len(path) - 1
+        while True:
+            node = path[level]
+            block = int(node[0])  # type: ignore[call-overload]
+            if entries or level == 0:
+                self._write_bnode(block, bool(node[3]) if entries else True, entries)
+                return
+            # An empty non-root container: free it and drop its entry from the parent.
+            await self.free_admin(block)
+            level -= 1
+            parent = path[level]
+            entries = list(parent[1])  # type: ignore[call-overload]
+            del entries[int(parent[2])]  # type: ignore[call-overload]
+
+    async def sync_extents(self, node: int, old: list[tuple[int, int]], new: list[tuple[int, int]]) -> None:
+        """Make the B-tree hold ``new`` as the extents of file ``node`` (was ``old``)."""
+
+        def table(exts: list[tuple[int, int]]) -> dict[int, ExtentBNode]:
+            out = {}
+            for i, (start, count) in enumerate(exts):
+                prev = exts[i - 1][0] if i else 0x80000000 | node
+                nxt = exts[i + 1][0] if i + 1 < len(exts) else 0
+                out[start] = ExtentBNode(start, nxt, prev, count)
+            return out
+
+        before, after = table(old), table(new)
+        for key in before:
+            if key not in after:
+                await self.btree_delete(key)
+        for key, ext in after.items():
+            if key not in before:
+                await self.btree_insert(ext)
+            elif before[key] != ext:
+                await self.btree_update(ext)
+        self.extent_cache[node] = list(new)
+
+    # ------------------------------------------------------------------ file blocks
+    def grow_extents(self, node: int, extents: list[tuple[int, int]], count: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Allocate ``count`` more blocks for a file; (new extent list, new runs)."""
+        hint = extents[-1][0] + extents[-1][1] if extents else self.data_hint
+        runs = self.freemap.allocate(count, hint)
+        out = list(extents)
+        for start, length in runs:
+            while length:
+                if out and out[-1][0] + out[-1][1] == start and out[-1][1] < self.max_extent:
+                    take = min(length, self.max_extent - out[-1][1])
+                    out[-1] = (out[-1][0], out[-1][1] + take)
+                else:
+                    take = min(length, self.max_extent)
+                    out.append((start, take))
+                start += take
+                length -= take
+        if runs:
+            self.data_hint = runs[-1][0] + runs[-1][1]
+        return out, runs
+
+    def shrink_extents(self, extents: list[tuple[int, int]], keep: int) -> list[tuple[int, int]]:
+        """Keep the first ``keep`` blocks; free (hold) the rest."""
+        out = []
+        total = 0
+        for start, count in extents:
+            if total >= keep:
+                self.freemap.mark_free(start, count)
+            elif total + count > keep:
+                k = keep - total
+                out.append((start, k))
+                self.freemap.mark_free(start + k, count - k)
+            else:
+                out.append((start, count))
+            total += count
+        return out
+
+    @staticmethod
+    def map_runs(extents: list[tuple[int, int]], first: int, count: int) -> list[tuple[int, int]]:
+        """Disk runs (start, count) holding file blocks ``first .. first+count-1``."""
+        runs: list[tuple[int, int]] = []
+        fb = 0
+        last = first + count - 1
+        for start, n in extents:
+            lo, hi = max(fb, first), min(fb + n - 1, last)
+            if lo <= hi:
+                disk = start + lo - fb
+                if runs and runs[-1][0] + runs[-1][1] == disk:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + hi - lo + 1)
+                else:
+                    runs.append((disk, hi - lo + 1))
+            fb += n
+            if fb > last:
+                break
+        return runs
+
+    # ------------------------------------------------------------------ commit
+    async def _prepare_commit(self) -> None:
+        per = codec.blocks_per_bitmap(self.block_size)
+        for index in sorted(self.freemap.dirty_blocks):
+            block = self.root.bitmapbase + index
+            buf = bytearray(self.block_size)
+            buf[codec.BLOCKHEADER_SIZE :] = self.freemap.encode_block(index, self.block_size - codec.BLOCKHEADER_SIZE)
+            self.pending[block] = self.finish(buf, codec.BITMAP_ID, block)
+        self.freemap.dirty_blocks.clear()
+        del per
+        roc = self.root.rootobjectcontainer
+        buf = await self.modify(roc, codec.OBJECTCONTAINER_ID)
+        off = self.block_size - codec.ROOTINFO_SIZE
+        ri = codec.RootInfo.unpack(bytes(buf[off:]))
+        ri = replace(ri, freeblocks=self.freemap.free_count)
+        buf[off:] = ri.pack()
+        for data in self.pending.values():
+            codec.set_checksum(data, self.sfs2)
+
+    def _journal_blocks(self, count: int) -> list[int]:
+        """``count`` blocks free now and in the committed state (not marked)."""
+        start = self.freemap.find_run(count, self.data_hint)
+        if start < 0:
+            start = self.freemap.find_run(count, 0)
+        if start >= 0:
+            return list(range(start, start + count))
+        out: list[int] = []
+        pos = 0
+        while len(out) < count:
+            b = self.freemap.next_free(pos)
+            if b < 0 or b < pos:
+                raise NoSpace("not enough free space for the SFS journal")
+            out.append(b)
+            pos = b + 1
+        return out
+
+    async def _write_runs(self, items: dict[int, bytes | bytearray]) -> None:
+        for start, count in runs_of(list(items)):
+            await self.io.write(start, b"".join(bytes(items[b]) for b in range(start, start + count)))
+
+    async def commit(self) -> None:
+        """Write the pending transaction (see module docstring).  Callers shield it
+        from cancellation."""
+        if not self.pending and not self.freemap.dirty_blocks:
+            return
+        await self._prepare_commit()
+        targets = sorted(self.pending)
+        cap = codec.journal_capacity(self.block_size)
+        nrec = (len(targets) + cap - 1) // cap
+        try:
+            spare = self._journal_blocks(len(targets) + nrec - 1)
+        except NoSpace:
+            spare = []
+        if spare:
+            copies = spare[: len(targets)]
+            extra = spare[len(targets) :]
+            await self._write_runs({c: self.pending[t] for t, c in zip(targets, copies, strict=True)})
+            records: dict[int, bytes | bytearray] = {}
+            headers = [self.tr_block, *extra]
+            pairs = list(zip(targets, copies, strict=True))
+            for i, hblock in enumerate(headers):
+                chunk = pairs[i * cap : (i + 1) * cap]
+                nxt = headers[i + 1] if i + 1 < len(headers) else 0
+                rec = codec.JournalHeader(codec.JOURNAL_HEADER_ID, 0, hblock, self.sequence, len(chunk), nxt, tuple(chunk), b"")
+                raw = bytearray(rec.pack().ljust(self.block_size, b"\0"))
+                records[hblock] = self.finish(raw, codec.JOURNAL_HEADER_ID, hblock)
+            await self._write_runs({b: d for b, d in records.items() if b != self.tr_block})
+            await self.io.flush()
+            await self.io.write(self.tr_block, bytes(records[self.tr_block]))
+            await self.io.flush()
+        await self._write_runs(dict(self.pending))
+        await self.io.flush()
+        if spare:
+            ok = self.finish(bytearray(self.block_size), codec.TRANSACTIONOK_ID, self.tr_block)
+            await self.io.write(self.tr_block, bytes(ok))
+            await self.io.flush()
+        self.sequence += 1
+        for block, data in self.pending.items():
+            self.cache[block] = bytes(data)
+        self.pending.clear()
+        self.freemap.committed()
+
+
+async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | None:
+    """Finish (``apply``) or overlay in memory an amigafuse journal found at root OC + 2.
+
+    Returns a note for the user, or None when there was nothing to do.  Raises
+    CorruptError when the record is damaged (the caller opens read-only)."""
+    tr = reader.root.rootobjectcontainer + 2
+    data = await reader.raw(tr)
+    block_id = struct.unpack_from(">I", data, 0)[0]
+    if block_id != codec.JOURNAL_HEADER_ID:
+        return None
+    codec.check_block(data, tr, codec.JOURNAL_HEADER_ID, reader.sfs2)
+    pairs: list[tuple[int, int]] = []
+    block = tr
+    seen: set[int] = set()
+    while block:
+        if block in seen:
+            raise ChainLoopError("journal record chain loops", block=block, field="next")
+        seen.add(block)
+        raw = await reader.raw(block)
+        codec.check_block(raw, block, codec.JOURNAL_HEADER_ID, reader.sfs2)
+        rec = codec.JournalHeader.unpack(raw, block)
+        pairs.extend(rec.pairs)
+        block = reader.check_pointer(rec.next, block, "next") if rec.next else 0
+    copies: dict[int, bytes] = {}
+    for target, copy in pairs:
+        reader.check_pointer(target, tr, "target")
+        reader.check_pointer(copy, tr, "copy")
+        content = await reader.io.read(copy, 1)
+        if not codec.checksum_ok(content, reader.sfs2) or struct.unpack_from(">I", content, 8)[0] != target:
+            raise CorruptError("journal copy is damaged", block=copy, field="checksum")
+        copies[target] = content
+    if apply:
+        for target, content in copies.items():
+            await reader.io.write(target, content)
+        await reader.io.flush()
+        ok = codec.finish_block(bytearray(reader.block_size), codec.TRANSACTIONOK_ID, tr, reader.sfs2)
+        await reader.io.write(tr, bytes(ok))
+        await reader.io.flush()
+        reader.cache.clear()
+        return f"an unfinished amigafuse transaction ({len(copies)} blocks) was replayed"
+    reader.cache.clear()
+    reader.cache.update(copies)
+    return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
