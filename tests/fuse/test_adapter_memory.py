@@ -134,3 +134,55 @@ def test_whole_disk_mount_shows_partitions(memory_mount) -> None:  # type: ignor
     os.symlink("../DH1/a", m / "DH0" / "other")  # relative, crossing partitions: "DH1:a"
     assert (m / "DH0" / "other").read_bytes() == b"one"
     assert os.readlink(m / "DH0" / "other") == "../DH1/a"
+
+
+WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+chunk = b"x" * (1 << 20)
+n = 0
+try:
+    for n in range(1, 301):
+        os.write(fd, chunk)
+        if n == 8:
+            print("WRITING", flush=True)
+    os.fsync(fd)
+    os.close(fd)
+    print("NO ERROR", flush=True)
+except OSError as exc:
+    print("ERRNO", exc.errno, flush=True)
+"""
+
+
+def test_sigterm_during_a_copy_unmounts_and_closes(memory_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    s = memory_mount()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(s.mountpoint / "big")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "WRITING"
+        assert s.stop(timeout=60) == 0  # busy: synced, detached lazily, loop stopped
+        out = writer.communicate(timeout=60)[0]
+        # the writer sees its file system go away (at a write, fsync or close): no hang
+        assert "ERRNO" in out, out
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert not is_mounted(s.mountpoint)
+    assert json.loads((tmp_path / "report0.json").read_text()) == {"closed": [1], "problems": []}
+
+
+def test_killed_server_leaves_no_dead_mount(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import time
+
+    s = memory_mount()
+    (s.mountpoint / "x").write_bytes(b"1")
+    s.proc.send_signal(signal.SIGKILL)
+    s.proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while is_mounted(s.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(s.mountpoint)  # auto_unmount

@@ -127,3 +127,35 @@ def test_garbage_image_is_refused(cli_mount, tmp_path: Path) -> None:  # type: i
     assert cli_mount.last.returncode != 0
     assert "nothing to mount" in cli_mount.last.stderr
     assert not is_mounted(mnt)
+
+
+def test_foreground_debug_logs_operations_and_sigint_unmounts(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.fuse.conftest import force_unmount
+
+    image = shared_image("handler/sfs0_v1277.hdf.gz")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "amigafuse", "mount", "-d", "-o", "backend=file,ro",
+                             str(image), str(mnt)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (mnt / "SDH0" / "meta" / "commented.txt").stat().st_size == 42
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "lookup" in err and "commented.txt" in err  # every operation is logged
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        force_unmount(mnt)
