@@ -142,3 +142,61 @@ def cli_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             if is_mounted(mnt):
                 amigafuse("umount", str(mnt), timeout=120)
             force_unmount(mnt)
+
+
+def check_image(image: Path) -> dict[str, list[str]]:
+    """Run each engine's own check on every partition of ``image`` (read-only).
+    Returns {partition: errors}; empty lists when clean."""
+    import trio
+
+    from amigafuse.blockdev.file import FileBlockDevice
+    from amigafuse.blockdev.window import PartitionDevice
+    from amigafuse.fs import engine_for
+    from amigafuse.rdb.scan import scan_device
+
+    async def run() -> dict[str, list[str]]:
+        dev = FileBlockDevice(str(image), read_only=True)
+        layout = await scan_device(dev)
+        out: dict[str, list[str]] = {}
+        for part in layout.partitions:
+            engine = engine_for(part.dostype)
+            if engine is None:
+                continue
+            window = PartitionDevice(dev, part.first_lba, part.block_count, read_only=True)
+            report = await engine.check_volume(window, part.geometry, False)
+            out[part.drive_name] = list(report.errors)
+        return out
+
+    return trio.run(run)
+
+
+def make_tree(root: Path, seed: int = 1) -> Path:
+    """A small tree of files with awkward sizes and Latin-1 names."""
+    import random
+
+    rnd = random.Random(seed)
+    root.mkdir(parents=True)
+    sizes = [0, 1, 511, 512, 513, 4095, 4096, 65537, 100_000, 1_500_000]
+    for i, size in enumerate(sizes):
+        (root / f"file{i}.bin").write_bytes(rnd.randbytes(size))
+    sub = root / "Ünter Verzeichnis" / "tiefer"
+    sub.mkdir(parents=True)
+    (sub / "Grüße.txt").write_text("hallo\n" * 100, encoding="utf-8")
+    (root / "Ünter Verzeichnis" / "leer").mkdir()
+    for i in range(40):
+        (root / "Ünter Verzeichnis" / f"n{i:03d}").write_bytes(rnd.randbytes(rnd.randrange(3000)))
+    os.utime(root / "file1.bin", ns=(0, 946_684_800_000_000_000))
+    return root
+
+
+def same_tree(a: Path, b: Path) -> None:
+    """Assert both trees hold the same names, kinds, bytes and mtimes (to the second)."""
+    names_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*"))
+    names_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*"))
+    assert names_a == names_b
+    for rel in names_a:
+        pa, pb = a / rel, b / rel
+        assert pa.is_dir() == pb.is_dir(), rel
+        if pa.is_file():
+            assert pa.read_bytes() == pb.read_bytes(), rel
+            assert int(pa.stat().st_mtime) == int(pb.stat().st_mtime), rel
