@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# amigafuse demo (run by ./bootstrap.sh demo, after setup):
+#   1. makes a sample Amiga hard disk demo/sample.hdf: an RDB with an FFS+INTL partition
+#      DH0 and an SFS partition DH1 (amigafuse mkdisk + format),
+#   2. mounts it and copies some files in through the mount, unmounts (volumes marked clean),
+#   3. mounts it again through amigafuse's VirtIO SCSI driver (QEMU backend) and shows it:
+#      ls -lR, cat of a file, getfattr of the Amiga attributes.
+# Run from a terminal, it leaves the disk mounted on demo/mnt and says how to unmount;
+# run non-interactively (CI, a pipe), it unmounts at the end.  DEMO_KEEP=0/1 overrides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AF=(.venv/bin/python -m amigafuse)
+DEMO=demo
+IMG="$DEMO/sample.hdf"
+MNT="$DEMO/mnt"
+if [ -t 1 ]; then keep="${DEMO_KEEP:-1}"; else keep="${DEMO_KEEP:-0}"; fi
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+mkdir -p "$DEMO" "$MNT"
+mounted() { grep -q " $(realpath "$MNT") " /proc/self/mountinfo; }
+on_exit() {
+  status=$?
+  if [ "$status" != 0 ] && mounted; then
+    echo "demo: failed (status $status); unmounting $MNT" >&2
+    "${AF[@]}" umount "$MNT" || fusermount3 -u -z "$MNT" || true
+  fi
+}
+trap on_exit EXIT
+if mounted; then "${AF[@]}" umount "$MNT" || true; fi
+
+say "1. A sample disk: RDB, DH0 = FFS+INTL (DOS\\3), DH1 = SFS"
+rm -f "$IMG"
+if "${AF[@]}" mkdisk --help >/dev/null 2>&1; then
+  run "${AF[@]}" mkdisk "$IMG" --size 64M --partition DH0:FFS+INTL:32M --partition DH1:SFS:rest
+else
+  echo "(amigafuse mkdisk is not in this build: using amitools' rdbtool and xdftool instead)"
+  run .venv/bin/rdbtool "$IMG" create size=64M + init + add size=50% name=DH0 dostype=ffs+intl \
+      + add size=50% name=DH1 dostype=0x53465300
+  run .venv/bin/xdftool "$IMG" open part=DH0 + format Workbench ffs+intl
+fi
+
+if "${AF[@]}" format --help >/dev/null 2>&1 && ! "${AF[@]}" mkdisk --help >/dev/null 2>&1; then
+  run "${AF[@]}" format "$IMG" --partition DH1 --label Work || true
+fi
+
+say "2. Copy files in through a mount"
+backend=qemu
+if ! run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"; then
+  echo "(the QEMU driver backend did not come up here: reading the image file directly)"
+  backend=file
+  run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"
+fi
+run ls "$MNT"
+part="$MNT/DH0"
+mkdir -p "$part/S" "$part/Docs"
+printf 'echo "Hello from Linux"\n' > "$part/S/Startup-Sequence"
+cp README.md "$part/Docs/ReadMe"
+cp -a amigafuse/amiga "$part/Source"
+setfattr -n user.amiga.comment -v "written through amigafuse" "$part/Docs/ReadMe"
+setfattr -n user.amiga.protection -v "-s--rwed" "$part/S/Startup-Sequence"
+ln -s Docs/ReadMe "$part/ReadMe.link"
+if [ -w "$MNT/DH1" ] && [ -d "$MNT/DH1" ]; then cp README.md "$MNT/DH1/ReadMe"; fi
+run "${AF[@]}" umount "$MNT"
+
+say "3. Mount it again through the VirtIO SCSI driver (backend=$backend) and look"
+run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"
+run ls -lR "$MNT"
+run cat "$part/S/Startup-Sequence"
+run getfattr -d "$part/Docs/ReadMe" "$part/S/Startup-Sequence"
+run getfattr -n user.amiga.volume -n user.amiga.dostype "$part"
+run df -h "$MNT"
+
+if [ "$keep" = 1 ]; then
+  say "Still mounted on $MNT.  Unmount (flushes, marks the volumes clean) with:"
+  echo "  .venv/bin/amigafuse umount $MNT"
+else
+  say "Unmounting"
+  run "${AF[@]}" umount "$MNT"
+fi
