@@ -200,3 +200,32 @@ def same_tree(a: Path, b: Path) -> None:
         if pa.is_file():
             assert pa.read_bytes() == pb.read_bytes(), rel
             assert int(pa.stat().st_mtime) == int(pb.stat().st_mtime), rel
+
+
+def make_two_partition_sfs_disk(path: Path, size_mib: int = 48) -> Path:
+    """An RDB disk (rdbtool) with two SFS\\0 partitions DH0 and DH1, each formatted by the
+    SFS engine: a writable multi-partition disk."""
+    import trio
+
+    from amigafuse.blockdev.file import FileBlockDevice
+    from amigafuse.blockdev.window import PartitionDevice
+    from amigafuse.fs import engine_for
+    from amigafuse.rdb.scan import scan_device
+
+    rdbtool = str(Path(sys.executable).parent / "rdbtool")
+    subprocess.run([rdbtool, str(path), "create", f"size={size_mib}M", "+", "init", "+", "add",
+                    "size=50%", "name=DH0", "dostype=0x53465300", "+", "add", "size=50%",
+                    "name=DH1", "dostype=0x53465300"], check=True, capture_output=True)
+
+    async def fmt() -> None:
+        dev = FileBlockDevice(str(path))
+        layout = await scan_device(dev)
+        for part in layout.partitions:
+            engine = engine_for(part.dostype)
+            assert engine is not None
+            window = PartitionDevice(dev, part.first_lba, part.block_count)
+            await engine.format_volume(window, part.geometry, f"Vol{part.drive_name}")
+        await dev.flush()
+
+    trio.run(fmt)
+    return path
