@@ -55,7 +55,8 @@ class MountOptions:
             opts.add("allow_other")
         if self.allow_root:
             opts.add("allow_root")
-        if self.default_permissions:
+        if self.default_permissions or self.allow_other:
+            # Shared with other users: let the kernel enforce the modes shown.
             opts.add("default_permissions")
         if self.auto_unmount:
             opts.add("auto_unmount")

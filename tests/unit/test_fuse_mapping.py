@@ -159,6 +159,7 @@ def test_options_parse_and_ignore() -> None:
     assert (o.uid, o.gid, o.umask, o.partition, o.backend, o.transport) == (1000, 100, 0o027, "DH1", "file", "modern")
     assert o.allow_other and not o.read_only
     assert "nosuid" in o.fuse_options("img") and "allow_other" in o.fuse_options("img")
+    assert "default_permissions" in o.fuse_options("img")
     assert not any(x.startswith("uid") for x in o.fuse_options("img"))
     assert parse_options(["rw,ro"]).read_only and "ro" in parse_options(["ro"]).fuse_options("x")
 
