@@ -88,3 +88,53 @@ def test_shell_tools_then_check_and_remount(cli_mount, tmp_path: Path, image_nam
     assert (w2 / "MOVED.bin").read_bytes() == (src / "file9.bin").read_bytes()
     for i in range(9):
         assert (w2 / "tree" / f"file{i}.bin").read_bytes() == (src / f"file{i}.bin").read_bytes()
+
+
+WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+chunk = os.urandom(1 << 20)
+try:
+    for n in range(1, 41):
+        os.write(fd, chunk)
+        if n == 4:
+            print("WRITING", flush=True)
+    os.fsync(fd)
+    os.close(fd)
+    print("DONE", flush=True)
+except OSError as exc:
+    print("ERRNO", exc.errno, flush=True)
+"""
+
+
+@pytest.mark.parametrize(("image_name", "part", "hardlinks"), WRITABLE)
+def test_sigterm_during_large_copy_leaves_clean_volume(cli_mount, tmp_path: Path, image_name: str,
+                                                       part: str, hardlinks: bool) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    import time
+
+    from amigafuse.commands.umount import _pid_alive
+    from amigafuse.fuse.session import pid_file
+
+    image = tmp_path / "disk.hdf"
+    shutil.copyfile(shared_image(image_name), image)
+    mnt = cli_mount(image)
+    pid = int(pid_file(str(mnt)).read_text())
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / part / "big.bin")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "WRITING"
+        os.kill(pid, 15)
+        writer.communicate(timeout=120)  # ends (with an error or not): never hangs
+        deadline = time.monotonic() + 120
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(pid)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert not is_mounted(mnt)
+    assert check_image(image) == {part: []}
+    again = cli_mount(image)
+    assert "README.txt" in os.listdir(again / part)
