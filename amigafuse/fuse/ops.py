@@ -54,6 +54,7 @@ XATTR_COMMENT = b"user.amiga.comment"
 XATTR_PROTECTION = b"user.amiga.protection"
 XATTR_VOLUME = b"user.amiga.volume"
 XATTR_DOSTYPE = b"user.amiga.dostype"
+_XATTRS = frozenset({XATTR_COMMENT, XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE})
 
 assert pyfuse3.ROOT_INODE == ROOT_INODE
 
@@ -565,6 +566,8 @@ class AmigaOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ xattrs
     async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:
         with _translate("getxattr", inode, name):
+            if name not in _XATTRS:  # security.selinux, system.posix_acl_*: asked by ls -l
+                raise FUSEError(pyfuse3.ENOATTR)
             slot, object_id = self._resolve(inode)
             if slot == TOP_SLOT:
                 raise FUSEError(pyfuse3.ENOATTR)
