@@ -314,9 +314,11 @@ def daemonize(child: Callable[[Callable[[], None], Callable[[str], None]], int])
             return 0
         _, status = os.waitpid(pid, 0)
         message = text.removeprefix("ERR ").strip()
-        if message:
-            print(message, file=sys.stderr)
         code = os.waitstatus_to_exitcode(status)
+        if not message:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            message = f"amigafuse mount: the mount process {how} before the mount was live"
+        print(message, file=sys.stderr)
         return code if code > 0 else 1
     # child
     os.close(r)
