@@ -130,6 +130,7 @@ class SfsModel(RuleBasedStateMachine):
         path = data.draw(st.sampled_from(self.files()))
         run(self.vol.unlink, self.resolve(path[:-1]), path[-1])
         del self.model[path]
+        self.comments.pop(path, None)
 
     @precondition(lambda self: len(self.dirs()) > 1)
     @rule(data=st.data())
@@ -144,6 +145,7 @@ class SfsModel(RuleBasedStateMachine):
             return
         assert empty
         del self.model[path]
+        self.comments.pop(path, None)
 
     @precondition(lambda self: len(self.model) > 1)
     @rule(data=st.data(), name=NAMES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import ChainLoopError, CorruptError, NotFound
@@ -18,7 +19,6 @@ from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.codec import (
     BNodeContainer,
     ExtentBNode,
-    NodeContainer,
     ObjectContainer,
     ObjectNode,
     RootBlock,
@@ -28,6 +28,14 @@ from amigafuse.fs.sfs.codec import (
 
 MAX_TREE_DEPTH = 16
 CACHE_LIMIT = 8192  # clean metadata blocks kept in memory
+
+
+class NodeRef(NamedTuple):
+    """A node container on a path through the object-node tree."""
+
+    block: int
+    nodenumber: int
+    nodes: int
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class SfsReader:
         # Blocks changed by the transaction being built; reads see them first.
         self.pending: dict[int, bytearray] = {}
         self.extent_cache: dict[int, list[tuple[int, int]]] = {}
+        # Parsed containers; every change of a block's bytes drops its entry.
+        self.parsed: dict[int, ObjectContainer] = {}
 
     # ------------------------------------------------------------------ blocks
     def check_pointer(self, block: int, where: int, field: str) -> int:
@@ -71,6 +81,7 @@ class SfsReader:
             data = await self.io.read(block, 1)
             if len(self.cache) >= CACHE_LIMIT:
                 self.cache.clear()
+                self.parsed.clear()
             self.cache[block] = data
         return data
 
@@ -85,42 +96,51 @@ class SfsReader:
         return RootInfo.unpack(data[self.block_size - codec.ROOTINFO_SIZE :])
 
     # ------------------------------------------------------------------ object nodes
-    async def node_path(self, node: int) -> list[tuple[int, NodeContainer]]:
+    async def node_path(self, node: int) -> list[NodeRef]:
         """The node containers from the root down to the leaf holding ``node``."""
         if node <= 0:
             raise NotFound(f"object node {node} does not exist")
         block = self.root.objectnoderoot
-        path: list[tuple[int, NodeContainer]] = []
+        path: list[NodeRef] = []
+        leaf_count = codec.leaf_node_count(self.block_size)
+        index_count = codec.index_node_count(self.block_size)
         for _ in range(MAX_TREE_DEPTH):
-            nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
-            path.append((block, nc))
-            if nc.nodes == 1:
-                index = node - nc.nodenumber
-                if not 0 <= index < len(nc.objectnodes):
+            data = await self.block(block, codec.NODECONTAINER_ID)
+            nodenumber, nodes = struct.unpack_from(">II", data, 12)
+            path.append(NodeRef(block, nodenumber, nodes))
+            if nodes == 1:
+                if not 0 <= node - nodenumber < leaf_count:
                     raise NotFound(f"object node {node} does not exist")
                 return path
-            if nc.nodes == 0:
+            if nodes == 0:
                 raise CorruptError("node index container covers 0 nodes", block=block, field="nodes")
-            index = (node - nc.nodenumber) // nc.nodes
-            if not 0 <= index < len(nc.node) or node < nc.nodenumber:
+            index = (node - nodenumber) // nodes
+            if not 0 <= index < index_count or node < nodenumber:
                 raise NotFound(f"object node {node} does not exist")
-            entry = nc.node[index]
+            entry = struct.unpack_from(">I", data, codec.NODECONTAINER_HEADER + 4 * index)[0]
             if entry == 0:
                 raise NotFound(f"object node {node} does not exist")
             block = self.check_pointer(entry >> self.shift, block, f"node[{index}]")
         raise ChainLoopError("object node tree is deeper than 16 levels", block=block, field="nodes")
 
     async def object_node(self, node: int) -> ObjectNode:
-        path = await self.node_path(node)
-        nc = path[-1][1]
-        on = nc.objectnodes[node - nc.nodenumber]
+        ref = (await self.node_path(node))[-1]
+        data = await self.raw(ref.block)
+        off = codec.NODECONTAINER_HEADER + (node - ref.nodenumber) * codec.OBJECTNODE_SIZE
+        on = ObjectNode(*struct.unpack_from(ObjectNode.FORMAT, data, off))
         if on.data == 0:
             raise NotFound(f"object node {node} is not in use")
         return on
 
     # ------------------------------------------------------------------ objects
     async def container(self, block: int) -> ObjectContainer:
-        return ObjectContainer.unpack(await self.block(block, codec.OBJECTCONTAINER_ID), self.sfs2)
+        hit = self.parsed.get(block)
+        if hit is not None:
+            return hit
+        data = await self.block(block, codec.OBJECTCONTAINER_ID)
+        oc = ObjectContainer.unpack(data, self.sfs2)
+        self.parsed[block] = oc
+        return oc
 
     async def locate(self, node: int) -> Located:
         """The object with node number ``node``.  NotFound / CorruptError."""

@@ -42,7 +42,7 @@ from amigafuse.fs.sfs.codec import (
     ObjectContainer,
     SfsObject,
 )
-from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, SfsReader
+from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, NodeRef, SfsReader
 
 ADMIN_SPACE_BLOCKS = 32
 PENDING_LIMIT = 256  # commit when a transaction grows past this many blocks
@@ -89,12 +89,14 @@ class SfsWriter(SfsReader):
                 self.pending[block] = bytearray(old)
         self.freemap.rollback()
         self.extent_cache.clear()
+        self.parsed.clear()
 
     def end(self) -> None:
         self.undo = None
         self.freemap.end()
 
     def _record(self, block: int) -> None:
+        self.parsed.pop(block, None)
         if self.undo is not None and block not in self.undo:
             old = self.pending.get(block)
             self.undo[block] = bytes(old) if old is not None else None
@@ -196,9 +198,9 @@ class SfsWriter(SfsReader):
 
     async def set_node(self, node: int, *, data: int | None = None, next: int | None = None,
                        hash16: int | None = None) -> None:  # fmt: skip
-        block, nc = (await self.node_path(node))[-1]
-        buf = await self.modify(block, codec.NODECONTAINER_ID)
-        off = codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE
+        ref = (await self.node_path(node))[-1]
+        buf = await self.modify(ref.block, codec.NODECONTAINER_ID)
+        off = codec.NODECONTAINER_HEADER + (node - ref.nodenumber) * codec.OBJECTNODE_SIZE
         old = struct.unpack_from(">IIH", buf, off)
         struct.pack_into(
             ">IIH", buf, off,
@@ -211,12 +213,12 @@ class SfsWriter(SfsReader):
     def _index_full(nc: NodeContainer) -> bool:
         return all(e != 0 and e & 1 for e in nc.node)
 
-    async def _mark_parent(self, path: list[tuple[int, NodeContainer]], level: int, full: bool) -> None:
+    async def _mark_parent(self, path: list[NodeRef], level: int, full: bool) -> None:
         """Set (full) or clear the full bit of path[level]'s entry in its parent."""
         if level == 0:
             return
-        pblock, _ = path[level - 1]
-        child = path[level][1]
+        pblock = path[level - 1].block
+        child = path[level]
         buf = await self.modify(pblock, codec.NODECONTAINER_ID)
         pnc = NodeContainer.unpack(bytes(buf))
         was_full = self._index_full(pnc)
@@ -246,11 +248,11 @@ class SfsWriter(SfsReader):
         """A new object node pointing at container ``data``; its number."""
         for _ in range(MAX_TREE_DEPTH * 4):
             block = self.root.objectnoderoot
-            path: list[tuple[int, NodeContainer]] = []
+            path: list[NodeRef] = []
             restart = False
             for _depth in range(MAX_TREE_DEPTH):
                 nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
-                path.append((block, nc))
+                path.append(NodeRef(block, nc.nodenumber, nc.nodes))
                 if nc.nodes == 1:
                     empty = [i for i, on in enumerate(nc.objectnodes) if on.data == 0]
                     if not empty:
@@ -290,7 +292,8 @@ class SfsWriter(SfsReader):
 
     async def delete_node(self, node: int) -> None:
         path = await self.node_path(node)
-        block, nc = path[-1]
+        block = path[-1].block
+        nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
         was_full = all(on.data != 0 for on in nc.objectnodes)
         buf = await self.modify(block, codec.NODECONTAINER_ID)
         struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE, 0, 0, 0)
@@ -726,7 +729,9 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
         await reader.io.write(tr, bytes(ok))
         await reader.io.flush()
         reader.cache.clear()
+        reader.parsed.clear()
         return f"an unfinished amigafuse transaction ({len(copies)} blocks) was replayed"
     reader.cache.clear()
+    reader.parsed.clear()
     reader.cache.update(copies)
     return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
