@@ -477,6 +477,8 @@ class SfsVolume(Volume):
                 await w.free_admin(w.check_pointer(obj.data, obj.objectnode, "softlink data"))
         else:
             old = await w.file_extents(obj)
+            if (await w.container(loc.container)).parent == codec.RECYCLEDNODE:
+                await w.adjust_deleted(-1, -sum(n for _, n in old))
             w.shrink_extents(old, 0)
             await w.sync_extents(obj.objectnode, old, [])
             w.extent_cache.pop(obj.objectnode, None)

@@ -607,6 +607,17 @@ class SfsWriter(SfsReader):
                 break
         return runs
 
+    async def adjust_deleted(self, files: int, blocks: int) -> None:
+        """Change the root info's counters of what sits in ``.recycled``."""
+        buf = await self.modify(self.root.rootobjectcontainer, codec.OBJECTCONTAINER_ID)
+        off = self.block_size - codec.ROOTINFO_SIZE
+        ri = codec.RootInfo.unpack(bytes(buf[off:]))
+        buf[off:] = replace(
+            ri,
+            deletedfiles=max(0, ri.deletedfiles + files),
+            deletedblocks=max(0, ri.deletedblocks + blocks),
+        ).pack()
+
     # ------------------------------------------------------------------ commit
     async def _prepare_commit(self) -> None:
         per = codec.blocks_per_bitmap(self.block_size)

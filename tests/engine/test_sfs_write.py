@@ -1,0 +1,95 @@
+"""Writing on volumes the real handler made: the result passes the checker, the
+handler's files stay intact, and new structures follow the handler's conventions."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from amigafuse.amiga.dates import DateStamp
+from amigafuse.fs.api import Kind, SetAttrs, Stat
+from amigafuse.fs.sfs import check_volume, open_volume
+from tests.engine.test_sfs_read import check_entry
+from tests.engine.test_sfs_support import content, first_partition, load_manifest, walk
+
+
+@pytest.mark.parametrize("name", ["sfs0_v1277", "sfs2_v1277", "sfs0_v1277_bs1024", "sfs0_v1277_cs_norec"])
+async def test_write_on_handler_image(name: str, image_copy: Callable[[str], Path]) -> None:
+    path = image_copy(f"handler/{name}.hdf.gz")
+    manifest = load_manifest(name)
+    dev, geo = first_partition(path, read_only=False)
+    vol = await open_volume(dev, geo, False)
+    assert not vol.info.read_only and not vol.info.notes
+    root = vol.root_id
+    # New tree, a big fragmented file, deletes, renames across directories.
+    d = await vol.mkdir(root, "written_by_amigafuse")
+    payload = content("amigafuse/big", 3_000_000)
+    big = await vol.create(d.object_id, "big.bin")
+    for off in range(0, len(payload), 65536 + 512):
+        await vol.write(big.object_id, off, payload[off : off + 65536 + 512])
+    for i in range(120):
+        f = await vol.create(d.object_id, f"small_{i:03d}")
+        await vol.write(f.object_id, 0, content(f"small/{i}", 100 + 37 * i))
+    sizes = await vol.lookup(root, "sizes")
+    await vol.unlink(sizes.object_id, "size_1000000.bin")
+    await vol.rename(root, "README.txt", d.object_id, "README moved.txt")
+    nested = await vol.lookup(root, "nested")
+    await vol.rename(root, "nested", d.object_id, "nested")
+    when = DateStamp.from_seconds_since_1978(123456789)
+    st = await vol.setattr(big.object_id, SetAttrs(comment="a comment", protection=0x11, date=when))
+    assert (st.comment, st.protection, st.date) == ("a comment", 0x11, when)
+    link = await vol.symlink(d.object_id, "to_big", "big.bin")
+    assert await vol.readlink(link.object_id) == "big.bin"
+    await vol.close()
+
+    rep = await check_volume(dev, geo, False)
+    assert rep.clean, rep.errors
+
+    vol = await open_volume(dev, geo, True)
+    found: dict[str, Stat] = {}
+    await walk(vol, vol.root_id, "", found)
+    want = {e["path"]: e for e in manifest["entries"]}
+    moved = {"/README.txt": "/written_by_amigafuse/README moved.txt"}
+    for p, entry in want.items():
+        if p == "/sizes/size_1000000.bin":
+            assert p not in found
+            continue
+        q = moved.get(p, p)
+        if p.startswith("/nested"):
+            q = "/written_by_amigafuse" + p
+        if entry["type"] == "dir":  # directories we changed got new dates
+            d_ = found[q].date
+            entry = {**entry, "date": [d_.days, d_.minutes, d_.ticks]}
+        await check_entry(vol, found[q], {**entry, "path": q})
+    assert found["/written_by_amigafuse/big.bin"].size == len(payload)
+    data = await vol.read(found["/written_by_amigafuse/big.bin"].object_id, 0, len(payload))
+    assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
+    for i in range(120):
+        f = found[f"/written_by_amigafuse/small_{i:03d}"]
+        assert await vol.read(f.object_id, 0, 10000) == content(f"small/{i}", 100 + 37 * i)
+    assert found["/written_by_amigafuse/to_big"].kind is Kind.SOFTLINK
+    assert found["/written_by_amigafuse/nested"].object_id == nested.object_id
+    await vol.close()
+
+
+async def test_emptying_recycled_updates_root_info(image_copy: Callable[[str], Path]) -> None:
+    path = image_copy("handler/sfs0_v1277.hdf.gz")
+    dev, geo = first_partition(path, read_only=False)
+    vol = await open_volume(dev, geo, False)
+    rec = await vol.lookup(vol.root_id, ".recycled")
+    names = [s.name for s in await vol.readdir(rec.object_id)]
+    assert names == ["recreated.bin"]
+    before = await vol.statfs()
+    await vol.unlink(rec.object_id, "recreated.bin")
+    await vol.close()
+    from amigafuse.fs.sfs.volume import SfsVolume
+
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, SfsVolume)
+    ri = await vol.r.root_info()
+    assert (ri.deletedfiles, ri.deletedblocks) == (0, 0)
+    assert (await vol.statfs()).free_blocks == before.free_blocks + 137
+    assert (await check_volume(dev, geo, False)).clean
