@@ -77,10 +77,23 @@ async def test_format_open_check(dostype: int, bs: int) -> None:
     assert (await vol.lookup(vol.root_id, ".recycled")).object_id == 2
     fs = await vol.statfs()
     assert fs.block_size == bs and fs.total_blocks == (8 << 20) // bs
+    # Fill enough to grow every tree: many objects, many extents.
+    d = await vol.mkdir(vol.root_id, "d")
+    files = []
+    for i in range(150):
+        st = await vol.create(d.object_id, f"n{i:03d}")
+        files.append(st.object_id)
+    for rnd in range(3):
+        for i, oid in enumerate(files[:60]):
+            await vol.write(oid, rnd * bs, bytes([i]) * bs)
     await vol.close()
     rep = await check_volume(dev, geo, False)
     assert rep.clean, rep.errors
-    assert rep.stats["free_blocks"] == fs.free_blocks
+    assert not rep.warnings, rep.warnings
+    vol = await open_volume(dev, geo, True)
+    for i, oid in enumerate(files[:60]):
+        assert await vol.read(oid, 0, 4 * bs) == bytes([i]) * (3 * bs)
+    assert rep.stats["free_blocks"] == (await vol.statfs()).free_blocks
 
 
 async def test_format_refuses_bad_input() -> None:
