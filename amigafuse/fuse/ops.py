@@ -566,8 +566,10 @@ class AmigaOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ xattrs
     async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:
         with _translate("getxattr", inode, name):
-            if name not in _XATTRS:  # security.selinux, system.posix_acl_*: asked by ls -l
-                raise FUSEError(pyfuse3.ENOATTR)
+            if name not in _XATTRS:
+                # security.selinux, system.posix_acl_*: ls -l asks both for every file,
+                # unless told the namespace is unsupported (it then stops for this mount).
+                raise FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.ENOTSUP)
             slot, object_id = self._resolve(inode)
             if slot == TOP_SLOT:
                 raise FUSEError(pyfuse3.ENOATTR)
