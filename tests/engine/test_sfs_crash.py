@@ -14,7 +14,7 @@ from amigafuse.blockdev import MemoryBlockDevice
 from amigafuse.blockdev.base import BlockDevice
 from amigafuse.errors import AmigaFuseError, DeviceGone, NoSpace
 from amigafuse.fs.api import Kind, Volume
-from amigafuse.fs.sfs import check_volume, codec, format_volume, open_volume
+from amigafuse.fs.sfs import check_volume, codec, format_volume, open_volume, transactions
 
 
 class CrashingDevice(BlockDevice):
@@ -126,17 +126,96 @@ async def test_crash_at_every_write(dostype: int, bs: int) -> None:
     assert replayed > 0
 
 
-async def test_handler_transaction_opens_read_only() -> None:
+async def test_bad_handler_transaction_opens_read_only() -> None:
     image, geo = await base_image(SFS0, 512)
     mem = MemoryBlockDevice(data=image)
     tr = bytearray(512)
-    struct.pack_into(">I", tr, 12, 0)
+    struct.pack_into(">I", tr, 12, 40)  # points at a bitmap block, not a TRST chain
     codec.finish_block(tr, codec.TRANSACTIONFAILURE_ID, 5)
     mem.data[5 * 512 : 6 * 512] = tr
     vol = await open_volume(mem, geo, False)
     assert vol.info.read_only
     assert any("TRFA" in n for n in vol.info.notes)
     assert "/dir" in await snapshot(vol)
+
+
+def handler_crash_image(before: bytes, after: bytes, applied: float, bs: int = 512) -> bytes:
+    """``after`` with its changed metadata blocks still as in ``before`` (a fraction
+    ``applied`` already new) and the handler's TRFA + TRST records describing them."""
+    total = len(after) // bs
+    out = bytearray(after)
+    ops = []
+    changed = []
+    for n in range(1, total - 1):
+        a, b = before[n * bs : (n + 1) * bs], after[n * bs : (n + 1) * bs]
+        if a == b or n == 5:
+            continue
+        if codec.checksum_ok(b) and struct.unpack_from(">I", b, 8)[0] == n and struct.unpack_from(">I", b, 0)[0]:
+            changed.append(n)
+            empty = not any(a)
+            ops.append(transactions.Operation(n, transactions.OI_EMPTY if empty else 0,
+                                              transactions.compress(bytes(bs) if empty else a, b)))
+    for i, n in enumerate(changed):
+        if i >= len(changed) * applied:
+            out[n * bs : (n + 1) * bs] = before[n * bs : (n + 1) * bs]
+    stream = transactions.pack_operations(ops)
+    area = bs - transactions.TRANSACTIONSTORAGE_HEADER
+    chunks = [stream[i : i + area] for i in range(0, len(stream), area)]
+    first = total - 2 - len(chunks)
+    for i, chunk in enumerate(chunks):
+        blk = bytearray(bs)
+        nxt = first + i + 1 if i + 1 < len(chunks) else 0
+        struct.pack_into(">I", blk, 12, nxt)
+        blk[16 : 16 + len(chunk)] = chunk
+        codec.finish_block(blk, codec.TRANSACTIONSTORAGE_ID, first + i)
+        out[(first + i) * bs : (first + i + 1) * bs] = blk
+    tr = bytearray(bs)
+    struct.pack_into(">I", tr, 12, first)
+    codec.finish_block(tr, codec.TRANSACTIONFAILURE_ID, 5)
+    out[5 * bs : 6 * bs] = tr
+    assert len(changed) > 5
+    return bytes(out)
+
+
+@pytest.mark.parametrize("applied", [0.0, 0.5, 1.0])
+async def test_handler_transaction_is_replayed(applied: float) -> None:
+    image, geo = await base_image(SFS0, 512)
+    mem = MemoryBlockDevice(data=image)
+    vol = await open_volume(mem, geo, False)
+    await workload(vol)
+    await vol.close()
+    after = bytes(mem.data)
+    want = await snapshot(await open_volume(MemoryBlockDevice(data=after), geo, True))
+    crashed = handler_crash_image(image, after, applied)
+    ro = await open_volume(MemoryBlockDevice(data=crashed), geo, True)
+    assert any("applied in memory" in n for n in ro.info.notes)
+    assert await snapshot(ro) == want
+    dev = MemoryBlockDevice(data=crashed)
+    rw = await open_volume(dev, geo, False)
+    assert not rw.info.read_only
+    assert any("SmartFilesystem transaction" in n and "replayed" in n for n in rw.info.notes)
+    assert await snapshot(rw) == want
+    await rw.close()
+    assert (await check_volume(dev, geo, False)).clean
+
+
+def test_compression_roundtrip() -> None:
+    import random
+
+    rnd = random.Random(5)
+    for _ in range(200):
+        a = bytes(rnd.choice([0, 1, 255, 7]) for _ in range(512))
+        b = bytearray(a)
+        for _ in range(rnd.randrange(0, 40)):
+            i = rnd.randrange(512)
+            b[i] = rnd.choice([0, 255, rnd.randrange(256)])
+        if rnd.random() < 0.2:
+            b[100:300] = b"\xff" * 200
+        packed = transactions.compress(a, bytes(b))
+        assert transactions.uncompress(a, packed) == bytes(b)
+        assert transactions.uncompress(bytes(b), packed) == bytes(b)
+        ops = transactions.parse_operations(transactions.pack_operations([transactions.Operation(9, 0, packed)]))
+        assert ops == [transactions.Operation(9, 0, packed)]
 
 
 async def test_full_volume_gives_nospace_and_stays_consistent() -> None:

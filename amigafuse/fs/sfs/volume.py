@@ -22,6 +22,7 @@ from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
+    AmigaFuseError,
     CorruptError,
     DirectoryNotEmpty,
     Exists,
@@ -41,7 +42,13 @@ from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import SfsObject
 from amigafuse.fs.sfs.reader import Located, SfsReader, read_root
-from amigafuse.fs.sfs.writer import PENDING_LIMIT, SfsWriter, now_seconds, replay_journal
+from amigafuse.fs.sfs.writer import (
+    PENDING_LIMIT,
+    SfsWriter,
+    now_seconds,
+    replay_handler_transaction,
+    replay_journal,
+)
 
 T = TypeVar("T")
 MAX_LABEL_LENGTH = 30
@@ -143,11 +150,15 @@ class SfsVolume(Volume):
         tr_data = await reader.raw(tr)
         tr_id = struct.unpack_from(">I", tr_data, 0)[0]
         if tr_id == codec.TRANSACTIONFAILURE_ID:
-            notes.append(
-                "the volume has an unfinished SmartFilesystem transaction (TRFA): mounted read-only; "
-                "mount it once on AmigaOS so the handler replays it"
-            )
-            read_only = True
+            try:
+                notes.append(await replay_handler_transaction(reader, apply=not read_only))
+            except AmigaFuseError as exc:
+                notes.append(
+                    f"the volume has an unfinished SmartFilesystem transaction (TRFA) that could not be "
+                    f"replayed here ({exc}): mounted read-only; mount it once on AmigaOS so the handler "
+                    "replays it"
+                )
+                read_only = True
         elif tr_id == codec.JOURNAL_HEADER_ID:
             try:
                 note = await replay_journal(io, reader, apply=not read_only)

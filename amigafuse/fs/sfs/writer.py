@@ -746,3 +746,53 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
     reader.parsed.clear()
     reader.cache.update(copies)
     return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
+
+
+async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
+    """Finish (``apply``) or overlay in memory the handler's unfinished transaction
+    (TRFA at root OC + 2).  Every rebuilt block must carry a valid checksum and its own
+    block number before any is written; otherwise CorruptError (open read-only)."""
+    from amigafuse.fs.sfs import transactions
+
+    tr = reader.root.rootobjectcontainer + 2
+    head = await reader.raw(tr)
+    codec.check_block(head, tr, codec.TRANSACTIONFAILURE_ID, reader.sfs2)
+    block = codec.TransactionFailure.unpack(head).firsttransaction
+    parts: list[bytes] = []
+    seen: set[int] = set()
+    while block:
+        reader.check_pointer(block, tr, "transaction chain")
+        if block in seen:
+            raise ChainLoopError("transaction storage chain loops", block=block, field="next")
+        seen.add(block)
+        data = await reader.io.read(block, 1)
+        codec.check_block(data, block, codec.TRANSACTIONSTORAGE_ID, reader.sfs2)
+        parts.append(data[transactions.TRANSACTIONSTORAGE_HEADER :])
+        block = struct.unpack_from(">I", data, 12)[0]
+    ops = transactions.parse_operations(b"".join(parts))
+    rebuilt: dict[int, bytes] = {}
+    for op in ops:
+        if op.bits & transactions.OI_DELETE:
+            rebuilt.pop(op.blckno, None)
+            continue
+        reader.check_pointer(op.blckno, tr, "operation block")
+        if op.bits & transactions.OI_EMPTY:
+            base = bytes(reader.block_size)
+        else:
+            base = rebuilt.get(op.blckno) or await reader.io.read(op.blckno, 1)
+        new = transactions.uncompress(base, op.data)
+        if not codec.checksum_ok(new, reader.sfs2) or struct.unpack_from(">I", new, 8)[0] != op.blckno:
+            raise CorruptError("a block rebuilt from the handler's transaction does not verify", block=op.blckno, field="checksum")
+        rebuilt[op.blckno] = new
+    reader.cache.clear()
+    reader.parsed.clear()
+    if apply:
+        for target, content in sorted(rebuilt.items()):
+            await reader.io.write(target, content)
+        await reader.io.flush()
+        ok = codec.finish_block(bytearray(reader.block_size), codec.TRANSACTIONOK_ID, tr, reader.sfs2)
+        await reader.io.write(tr, bytes(ok))
+        await reader.io.flush()
+        return f"an unfinished SmartFilesystem transaction ({len(rebuilt)} blocks) was replayed"
+    reader.cache.update(rebuilt)
+    return f"an unfinished SmartFilesystem transaction ({len(rebuilt)} blocks) was applied in memory only (read-only)"
