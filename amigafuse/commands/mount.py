@@ -226,7 +226,10 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                     if problem.severity == "error":
                         _say(f"{src}: {problem.message}")
                 for part in layout.partitions:
-                    name = part.drive_name or f"P{part.index}"
+                    # A hostile RDB may name a device "/", "..", or with NULs: keep it showable.
+                    name = part.drive_name.replace("/", "_").replace("\0", "")
+                    if name in ("", ".", ".."):
+                        name = f"P{part.index}"
                     available.append(name)
                     if opts.partition is not None and name.upper() != opts.partition.upper():
                         continue
