@@ -359,6 +359,7 @@ class ObjectContainer:
     objects: tuple[SfsObject, ...]
     tail: bytes
     sfs2: bool = False
+    used: int = field(default=0, compare=False)  # bytes taken by the header and objects
 
     @classmethod
     def unpack(cls, data: bytes, sfs2: bool) -> ObjectContainer:
@@ -371,7 +372,7 @@ class ObjectContainer:
             obj = SfsObject.unpack_from(data, offset, sfs2, own)
             objects.append(obj)
             offset += obj.packed_size
-        return cls(block_id, checksum, own, parent, nxt, prev, tuple(objects), bytes(data[offset:]), sfs2)
+        return cls(block_id, checksum, own, parent, nxt, prev, tuple(objects), bytes(data[offset:]), sfs2, offset)
 
     def pack(self) -> bytes:
         head = struct.pack(">IIIIII", self.id, self.checksum, self.ownblock, self.parent, self.next, self.previous)

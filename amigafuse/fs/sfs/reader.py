@@ -64,6 +64,9 @@ class SfsReader:
         self.extent_cache: dict[int, list[tuple[int, int]]] = {}
         # Parsed containers; every change of a block's bytes drops its entry.
         self.parsed: dict[int, ObjectContainer] = {}
+        # Path to the leaf container of each range of object nodes; the writer drops
+        # the memo whenever it changes the tree's shape (new level, new container).
+        self.leaf_refs: dict[int, list[NodeRef]] = {}
 
     # ------------------------------------------------------------------ blocks
     def check_pointer(self, block: int, where: int, field: str) -> int:
@@ -100,9 +103,12 @@ class SfsReader:
         """The node containers from the root down to the leaf holding ``node``."""
         if node <= 0:
             raise NotFound(f"object node {node} does not exist")
+        leaf_count = codec.leaf_node_count(self.block_size)
+        memo = self.leaf_refs.get((node - 1) // leaf_count)
+        if memo is not None and memo[-1].nodenumber <= node < memo[-1].nodenumber + leaf_count:
+            return memo
         block = self.root.objectnoderoot
         path: list[NodeRef] = []
-        leaf_count = codec.leaf_node_count(self.block_size)
         index_count = codec.index_node_count(self.block_size)
         for _ in range(MAX_TREE_DEPTH):
             data = await self.block(block, codec.NODECONTAINER_ID)
@@ -111,6 +117,7 @@ class SfsReader:
             if nodes == 1:
                 if not 0 <= node - nodenumber < leaf_count:
                     raise NotFound(f"object node {node} does not exist")
+                self.leaf_refs[(node - 1) // leaf_count] = path
                 return path
             if nodes == 0:
                 raise CorruptError("node index container covers 0 nodes", block=block, field="nodes")

@@ -90,6 +90,7 @@ class SfsWriter(SfsReader):
         self.freemap.rollback()
         self.extent_cache.clear()
         self.parsed.clear()
+        self.leaf_refs.clear()
 
     def end(self) -> None:
         self.undo = None
@@ -233,6 +234,7 @@ class SfsWriter(SfsReader):
             await self._mark_parent(path, level - 1, False)
 
     async def _add_node_level(self) -> None:
+        self.leaf_refs.clear()
         rootb = self.root.objectnoderoot
         data = bytearray(await self.block(rootb, codec.NODECONTAINER_ID))
         nc = NodeContainer.unpack(bytes(data))
@@ -283,6 +285,7 @@ class SfsWriter(SfsReader):
                 nbuf = bytearray(self.block_size)
                 struct.pack_into(">II", nbuf, 12, nc.nodenumber + hole * nc.nodes, nodes)
                 self.put(new, self.finish(nbuf, codec.NODECONTAINER_ID, new))
+                self.leaf_refs.clear()
                 pbuf = await self.modify(block, codec.NODECONTAINER_ID)
                 struct.pack_into(">I", pbuf, codec.NODECONTAINER_HEADER + 4 * hole, new << self.shift)
                 block = new
@@ -348,7 +351,7 @@ class SfsWriter(SfsReader):
                 raise ChainLoopError("directory container chain loops", block=block, field="next")
             seen.add(block)
             oc = await self.container(block)
-            if codec.objects_used_bytes(oc.objects) + obj.packed_size <= self._capacity(block):
+            if oc.used + obj.packed_size <= self._capacity(block):
                 await self._write_container(block, oc, [*oc.objects, obj])
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
@@ -741,9 +744,11 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
         await reader.io.flush()
         reader.cache.clear()
         reader.parsed.clear()
+        reader.leaf_refs.clear()
         return f"an unfinished amigafuse transaction ({len(copies)} blocks) was replayed"
     reader.cache.clear()
     reader.parsed.clear()
+    reader.leaf_refs.clear()
     reader.cache.update(copies)
     return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
 
@@ -786,6 +791,7 @@ async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
         rebuilt[op.blckno] = new
     reader.cache.clear()
     reader.parsed.clear()
+    reader.leaf_refs.clear()
     if apply:
         for target, content in sorted(rebuilt.items()):
             await reader.io.write(target, content)
