@@ -28,7 +28,7 @@ class FreeMap:
         if total % 8:
             bits[-1] &= (0xFF << (8 - total % 8)) & 0xFF
         self.bits = bits
-        self.free_count = sum(bin(b).count("1") for b in bits)
+        self.free_count = int.from_bytes(bits, "big").bit_count()
         self.dirty_blocks: set[int] = set()
         self.held: set[int] = set()
         self.changes: list[tuple[int, int, bool]] | None = None  # undo log: (start, count, was_free)

@@ -329,10 +329,15 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
         c.error(f"block {b} is in use but marked free in the bitmap")
     if len(bad) > 20:
         c.error(f"... {len(bad) - 20} more blocks in use are marked free")
-    leaked = [b for b in range(total) if not freemap.is_free(b) and b not in in_use]
-    if leaked:
+    used_bits = ~int.from_bytes(freemap.bits, "big") & ((1 << (len(freemap.bits) * 8)) - 1)
+    used_count = used_bits.bit_count() - (len(freemap.bits) * 8 - total)
+    leaked_count = used_count - sum(1 for b in in_use if b < total and not freemap.is_free(b))
+    leaked: list[int] = []
+    if leaked_count and total < 1 << 22:  # name a few (a full scan is slow on huge volumes)
+        leaked = [b for b in range(total) if not freemap.is_free(b) and b not in in_use][:8]
+    if leaked_count:
         report.warnings.append(
-            f"{len(leaked)} blocks are marked used in the bitmap but unreferenced (first: {leaked[:8]})"
+            f"{leaked_count} blocks are marked used in the bitmap but unreferenced (first: {leaked[:8]})"
         )
     ri = await r.root_info()
     if ri.freeblocks != freemap.free_count:
@@ -355,9 +360,12 @@ async def _repair(
     io: FsBlockIO, r: SfsReader, total: int, per: int, nbitmap: int, in_use: set[int], report: CheckReport
 ) -> None:
     bits = bytearray((nbitmap * per + 7) // 8)
-    for b in range(total):
-        if b not in in_use:
-            bits[b >> 3] |= 0x80 >> (b & 7)
+    bits[: total // 8] = b"\xff" * (total // 8)
+    for b in range(total // 8 * 8, total):
+        bits[b >> 3] |= 0x80 >> (b & 7)
+    for b in in_use:
+        if b < total:
+            bits[b >> 3] &= ~(0x80 >> (b & 7)) & 0xFF
     body = r.block_size - codec.BLOCKHEADER_SIZE
     root = r.root
     free = 0
@@ -366,7 +374,7 @@ async def _repair(
         buf[codec.BLOCKHEADER_SIZE :] = bits[i * body : (i + 1) * body]
         codec.finish_block(buf, codec.BITMAP_ID, root.bitmapbase + i, r.sfs2)
         await io.write(root.bitmapbase + i, bytes(buf))
-    free = sum(bin(x).count("1") for x in bits)
+    free = int.from_bytes(bits, "big").bit_count()
     roc = root.rootobjectcontainer
     buf = bytearray(await io.read(roc, 1))
     off = r.block_size - codec.ROOTINFO_SIZE

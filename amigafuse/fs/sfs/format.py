@@ -55,9 +55,11 @@ def build_layout(
     used = {0, 1, total_blocks - 1, *range(ADMIN_START, ADMIN_START + 32), *range(BITMAP_BASE, BITMAP_BASE + nbitmap)}
     body = block_size - codec.BLOCKHEADER_SIZE
     bits = bytearray(nbitmap * body)
-    for b in range(total_blocks):
-        if b not in used:
-            bits[b >> 3] |= 0x80 >> (b & 7)
+    bits[: total_blocks // 8] = b"\xff" * (total_blocks // 8)
+    for b in range(total_blocks // 8 * 8, total_blocks):
+        bits[b >> 3] |= 0x80 >> (b & 7)
+    for b in used:
+        bits[b >> 3] &= ~(0x80 >> (b & 7)) & 0xFF
     free = total_blocks - len(used)
     for i in range(nbitmap):
         buf = bytearray(block_size)
