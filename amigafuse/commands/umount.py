@@ -22,7 +22,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-l", "--lazy", action="store_true",
-                   help="detach now even if files are open (the kernel's cached data is synced first)")
+                   help="detach now even if files are open (cached data is synced first); "
+                   "does not wait: the volumes are closed when the last open file is")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for the serving process to finish (default 300)")
     p.set_defaults(handler=run)
@@ -66,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
         raise AmigaFuseError(f"could not unmount {mountpoint}: {message}")
     if pid is None:
         return 0  # not ours, or started without a pid file: nothing to wait for
+    if args.lazy:
+        # Detached: the kernel keeps the filesystem until its last open file is closed,
+        # and only then lets amigafuse close the volumes.
+        if _pid_alive(pid):
+            print(f"detached {mountpoint}; amigafuse (pid {pid}) closes the volumes when the "
+                  "last file open on it is closed")
+        return 0
     deadline = time.monotonic() + args.timeout
     while _pid_alive(pid):
         if time.monotonic() > deadline:

@@ -45,6 +45,7 @@ RUN_DIR = Path(os.environ.get("AMIGAFUSE_RUN_DIR", "/run/amigafuse" if os.getuid
                               f"/run/user/{os.getuid()}/amigafuse"))
 
 _served = False
+CLOSE_TIMEOUT_S = 120.0  # a dead device must not keep a dead process around for ever
 
 
 # --------------------------------------------------------------------------- helpers
@@ -266,8 +267,11 @@ async def serve(
             nursery.start_soon(run_main)
             nursery.start_soon(when_live)
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
             problems = await ops.close_volumes()
+        if scope.cancelled_caught:
+            problems.append(f"closing the volumes took longer than {CLOSE_TIMEOUT_S:.0f} s; gave up")
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=not unmounted_by_us)
         with contextlib.suppress(OSError):

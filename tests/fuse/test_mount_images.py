@@ -159,3 +159,28 @@ def test_foreground_debug_logs_operations_and_sigint_unmounts(tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
         force_unmount(mnt)
+
+
+def test_umount_of_a_busy_mount_says_so_and_lazy_works(cli_mount) -> None:  # type: ignore[no-untyped-def]
+    image = shared_image("handler/sfs0_v1277.hdf.gz")
+    import time
+
+    from amigafuse.commands.umount import _pid_alive
+    from amigafuse.fuse.session import pid_file
+
+    mnt = cli_mount(image, options="backend=file,ro")
+    pid = int(pid_file(str(mnt)).read_text())
+    with open(mnt / "SDH0" / "README.txt", "rb") as held:
+        proc = amigafuse("umount", str(mnt))
+        assert proc.returncode == 1 and "busy" in proc.stderr, proc.stderr
+        assert is_mounted(mnt)
+        proc = amigafuse("umount", "--lazy", str(mnt))
+        assert proc.returncode == 0, proc.stderr
+        assert not is_mounted(mnt)
+        assert "closes the volumes when the last file" in proc.stdout
+        assert held.read(10) == b"Test volum"  # an open file stays readable until closed
+        assert _pid_alive(pid)
+    deadline = time.monotonic() + 30
+    while _pid_alive(pid) and time.monotonic() < deadline:  # last file closed: it finishes
+        time.sleep(0.05)
+    assert not _pid_alive(pid)
