@@ -162,7 +162,9 @@ class AmigaOperations(pyfuse3.Operations):
         a.entry_timeout = ENTRY_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
         a.st_mode = mapping.protection_to_mode(st.protection, st.kind, self.options.umask)
-        a.st_nlink = max(1, st.nlink) + (1 if st.kind is Kind.DIR else 0)
+        # Directories: 1, the "not counted" convention (as btrfs): find & co. then never
+        # infer the number of subdirectories from it.
+        a.st_nlink = 1 if st.kind is Kind.DIR else max(1, st.nlink)
         a.st_uid = self.options.uid
         a.st_gid = self.options.gid
         a.st_rdev = 0
@@ -187,7 +189,7 @@ class AmigaOperations(pyfuse3.Operations):
         a.entry_timeout = ENTRY_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
         a.st_mode = _stat.S_IFDIR | (0o555 & ~self.options.umask)
-        a.st_nlink = 2 + len(self.volumes)
+        a.st_nlink = 1
         a.st_uid = self.options.uid
         a.st_gid = self.options.gid
         a.st_size = 0
