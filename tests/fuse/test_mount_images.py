@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,12 @@ def test_image_through_mount_matches_manifest(cli_mount, tmp_path: Path, name: s
     partition = "SDH0" if name.startswith("sfs") else "DH0"
     assert os.listdir(mnt) == [partition]
     root = mnt / partition
-    assert check_against_manifest(root, name) >= 390
+    checked = check_against_manifest(root, name)
+    assert checked >= 390
+    found = subprocess.run(["find", str(root), "-mindepth", "1"], capture_output=True, text=True, check=True)
+    listed = {"/" + Path(x).relative_to(root).as_posix() for x in found.stdout.splitlines()}
+    hidden = {r[0] for r in _manifest(name) if r[0].startswith("/.recycled")}  # SFS: by name only
+    assert listed == {r[0] for r in _manifest(name)} - hidden  # find walks every directory
     # case-insensitive lookup, as on AmigaOS
     assert (root / "README.TXT").read_bytes() == (root / "README.txt").read_bytes()
     sv = os.statvfs(root)
