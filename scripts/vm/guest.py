@@ -62,6 +62,7 @@ EXTRA_MODULES = (
     "fuse",
     "virtio_scsi",
     "sd_mod",
+    "ahci",  # binds q35 SATA 00:1f.2: a driver-bound device in a shared IOMMU group (tests)
 )
 
 
@@ -228,7 +229,9 @@ def modules_dir() -> Path:
     plus ``order``: the load order of all of them (readable from the guest over 9p)."""
     out = CACHE / "modules"
     order_file = out / "order"
-    if order_file.exists():
+    wanted = "\n".join((*BASE_MODULES, *EXTRA_MODULES)) + "\n"
+    stamp = out / "wanted"
+    if order_file.exists() and stamp.exists() and stamp.read_text() == wanted:
         return out
     index = _module_index()
     order = resolve_modules((*BASE_MODULES, *EXTRA_MODULES))
@@ -238,6 +241,7 @@ def modules_dir() -> Path:
     for name in order:
         shutil.copyfile(index[name], tmp / f"{name}.ko")
     (tmp / "order").write_text("\n".join(order) + "\n")
+    (tmp / "wanted").write_text(wanted)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

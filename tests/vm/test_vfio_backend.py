@@ -1,0 +1,129 @@
+"""VfioBackend and bind-vfio/unbind-vfio for real, in the Linux guest (vIOMMU + vfio-pci).
+
+tests/vm/guest/backend_probe.py drives the controller through VfioBackend alone (config
+space, BARs, a hand-made request queue: INQUIRY and READ(10) by DMA through the IOMMU at
+the arena's IOVA, INTx through the eventfd with unmask), independent of the VirtIO layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.vm.guest import Controller, Disk, guest_modprobe
+
+pytestmark = pytest.mark.vm
+
+BDF = "0000:00:04.0"
+PY = "$AMIGAFUSE_GUEST_PYTHON"
+
+
+def _prep() -> str:
+    return guest_modprobe("vfio_pci", "vfio_iommu_type1") + "\n"
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_backend_probe_bind_and_unbind(guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"AMIGAFUSE-VFIO-0" + bytes((1 << 20) - 16))
+    script = _prep() + f"""
+{PY} tests/vm/guest/backend_probe.py {BDF}; echo "probe-unbound rc=$?"
+{PY} -m amigafuse bind-vfio {BDF}; echo "bind rc=$?"
+readlink /sys/bus/pci/devices/{BDF}/driver
+{PY} tests/vm/guest/backend_probe.py {BDF}; echo "probe rc=$?"
+{PY} -m amigafuse bind-vfio {BDF}; echo "bind-again rc=$?"
+{PY} -m amigafuse unbind-vfio {BDF}; echo "unbind rc=$?"
+readlink /sys/bus/pci/devices/{BDF}/driver
+cat /sys/bus/pci/devices/{BDF}/driver_override
+"""
+    res = guest(script, controllers=[Controller(disks=(Disk(img),))])
+    assert res.rc == 0, res.stderr
+    out = res.stdout
+    unbound, probe = _json_lines(out)
+    # Not bound to vfio-pci: a clear error that prints the bind commands.
+    assert unbound["error"] == "NotAvailable"
+    assert "bound to virtio-pci, not vfio-pci" in str(unbound["message"])
+    assert f"amigafuse bind-vfio {BDF}" in str(unbound["message"])
+    assert "probe-unbound rc=3" in out
+    assert "bind rc=0" in out and "bind-again rc=0" in out and "unbind rc=0" in out
+    assert f"{BDF}: bound to vfio-pci, IOMMU group" in out
+    lines = out.splitlines()
+    drivers = [line.rsplit("/", 1)[-1] for line in lines if "/drivers/" in line]
+    assert drivers == ["vfio-pci", "virtio-pci"]
+    assert lines[-1] == "(null)"  # driver_override cleared
+    # The probe itself.
+    assert "probe rc=0" in out
+    assert probe["vendor"] == 0x1AF4 and probe["device"] == 0x1048
+    assert probe["other_devfn_vendor"] == 0xFFFF
+    assert probe["config_block_matches"] is True
+    assert int(probe["command"]) & 0b111 == 0b111  # type: ignore[call-overload]  # IO, memory, bus master
+    assert probe["bars"] == {"1": ["memory", 4096], "4": ["memory", 16384]}
+    assert probe["access_platform"] is True
+    assert probe["status_after_reset"] == 0 and probe["status_ack"] == 1
+    assert probe["arena"] == [1 << 20, 0x1000_0000, "abcd"]
+    assert probe["spurious_interrupt"] is False
+    assert probe["features_ok"] is True
+    assert probe["inquiry"] == [0, 0, "QEMU"]
+    assert probe["read0"] == [0, 0, "AMIGAFUSE-VFIO-0"]
+    # One interrupt per command (the first READ meets UNIT ATTENTION and is retried).
+    assert probe["interrupts"] == probe["commands"] and int(probe["commands"]) >= 2  # type: ignore[call-overload]
+    assert all(int(b) & 1 for b in probe["isr_bits"])  # type: ignore[attr-defined]
+    assert probe["dead_while_open"] is False
+    assert probe["dead_after_close"] is True
+    assert probe["after_close_error"] == "DeviceGone"
+
+
+def test_open_errors_say_what_to_do(guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    opener = (
+        f"{PY} -c 'import sys, trio; from amigafuse.driver.backends.vfio import open_vfio_backend as o\n"
+        "async def m(b):\n"
+        "    async with o(b, arena_bytes=1 << 20): pass\n"
+        "try:\n"
+        "    trio.run(m, sys.argv[1]); print(\"opened\")\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, \"|\", str(e).replace(chr(10), \" \"))' "
+    )
+    holder = (
+        f"{PY} -c 'import sys, trio, pathlib; from amigafuse.driver.backends.vfio import open_vfio_backend as o\n"
+        "async def m(b):\n"
+        "    async with o(b, arena_bytes=1 << 20):\n"
+        "        pathlib.Path(\"/run/held\").touch(); await trio.sleep(3)\n"
+        "trio.run(m, sys.argv[1])' "
+    )
+    script = _prep() + guest_modprobe("ahci") + f"""
+echo "== missing"; {opener} 0000:00:09.0
+{PY} -m amigafuse bind-vfio {BDF} >/dev/null
+echo "== open"; {opener} {BDF}
+{holder} {BDF} &
+while [ ! -e /run/held ]; do sleep 0.1; done
+echo "== twice"; {opener} {BDF}
+wait
+{PY} -m amigafuse bind-vfio 0000:00:1f.3 >/dev/null
+echo "== viable"; {opener} 0000:00:1f.3
+chmod 600 /dev/vfio/vfio
+echo "== perm"; setpriv --reuid=65534 --regid=65534 --clear-groups {opener} {BDF}
+echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
+"""
+    res = guest(script, controllers=[Controller(disks=(Disk(img),))])
+    assert res.rc == 0, res.stderr
+    steps = {
+        part.split("\n", 1)[0]: part.split("\n", 1)[1].strip()
+        for part in res.stdout.split("== ")[1:]
+    }
+    assert steps["missing"] == "UsageError | no PCI device 0000:00:09.0 (see lspci -D)"
+    assert steps["open"] == "opened"
+    # A second process while the first holds the device: the group is exclusive.
+    assert steps["twice"].startswith("NotAvailable | /dev/vfio/")
+    assert "in use by another process" in steps["twice"]
+    assert steps["viable"].startswith("NotAvailable | IOMMU group")
+    assert "not viable" in steps["viable"] and "0000:00:1f.2" in steps["viable"]
+    assert steps["perm"].startswith("NotAvailable | no permission to open /dev/vfio/vfio: run as root")
+    assert steps["bdf"] == "rc=2"
+    assert "is not a PCI address" in res.stderr

@@ -1,0 +1,142 @@
+"""Pure parts of the VFIO backend and of bind-vfio: no kernel, no guest."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from amigafuse.commands import vfio as vfio_cmd
+from amigafuse.driver.backends import vfio
+from amigafuse.errors import Busy, DeviceError, NotAvailable, UsageError
+
+
+def test_ioctl_numbers_match_the_brief() -> None:
+    # BRIEF §4: 0x3B00 | nr.
+    expected = {
+        "VFIO_GET_API_VERSION": 0x3B64,
+        "VFIO_CHECK_EXTENSION": 0x3B65,
+        "VFIO_SET_IOMMU": 0x3B66,
+        "VFIO_GROUP_GET_STATUS": 0x3B67,
+        "VFIO_GROUP_SET_CONTAINER": 0x3B68,
+        "VFIO_GROUP_GET_DEVICE_FD": 0x3B6A,
+        "VFIO_DEVICE_GET_INFO": 0x3B6B,
+        "VFIO_DEVICE_GET_REGION_INFO": 0x3B6C,
+        "VFIO_DEVICE_GET_IRQ_INFO": 0x3B6D,
+        "VFIO_DEVICE_SET_IRQS": 0x3B6E,
+        "VFIO_DEVICE_RESET": 0x3B6F,
+        "VFIO_IOMMU_GET_INFO": 0x3B70,
+        "VFIO_IOMMU_MAP_DMA": 0x3B71,
+        "VFIO_IOMMU_UNMAP_DMA": 0x3B72,
+    }
+    for name, number in expected.items():
+        assert getattr(vfio, name) == number, name
+
+
+def test_struct_sizes_match_linux_vfio_h() -> None:
+    assert vfio.REGION_INFO.size == 32
+    assert vfio.DEVICE_INFO.size == 24
+    assert vfio.IRQ_INFO.size == 16
+    assert vfio.IRQ_SET_HEADER.size == 20
+    assert vfio.DMA_MAP.size == 32
+    assert vfio.DMA_UNMAP.size == 24
+    assert vfio.IOMMU_INFO.size == 24
+
+
+@pytest.mark.parametrize(
+    ("text", "norm", "devfn"),
+    [
+        ("0000:00:04.0", "0000:00:04.0", 0x20),
+        ("00:04.0", "0000:00:04.0", 0x20),
+        ("0000:3A:1F.7", "0000:3a:1f.7", 0xFF),
+        (" 0001:02:03.1 ", "0001:02:03.1", 0x19),
+    ],
+)
+def test_parse_bdf(text: str, norm: str, devfn: int) -> None:
+    assert vfio.parse_bdf(text) == norm
+    assert vfio.devfn_of(norm) == devfn
+
+
+@pytest.mark.parametrize("bad", ["", "04.0", "0000:00:20.0", "0000:00:04.8", "vfio:0000:00:04.0", "zz:00.0"])
+def test_parse_bdf_rejects(bad: str) -> None:
+    with pytest.raises(UsageError, match=r"DOMAIN:BUS:DEVICE\.FUNCTION"):
+        vfio.parse_bdf(bad)
+
+
+def _iommu_info(ranges: list[tuple[int, int]], *, cap_offset: int = 24, next_offset: int = 0) -> bytes:
+    cap = vfio.CAP_HEADER.pack(vfio.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, next_offset)
+    cap += vfio.IOVA_RANGE_HEADER.pack(len(ranges), 0)
+    cap += b"".join(vfio.IOVA_RANGE.pack(s, e) for s, e in ranges)
+    total = cap_offset + len(cap)
+    head = vfio.IOMMU_INFO.pack(total, vfio.VFIO_IOMMU_INFO_CAPS | vfio.VFIO_IOMMU_INFO_PGSIZES, 0x1000, cap_offset, 0)
+    return head.ljust(cap_offset, b"\0") + cap
+
+
+def test_parse_iova_ranges_and_choice() -> None:
+    q35 = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
+    assert vfio.parse_iova_ranges(_iommu_info(q35)) == q35
+    assert vfio.choose_iova(q35, 32 << 20) == vfio.PREFERRED_IOVA
+    # Preferred address not usable: lowest fitting page-aligned address >= 1 MiB.
+    assert vfio.choose_iova([(0x2000_0000, 0x3FFF_FFFF)], 1 << 20) == 0x2000_0000
+    assert vfio.choose_iova([(0, 0xFFFFF), (0x123456, 0x0FFFFFFF)], 1 << 20) == 0x124000
+    assert vfio.choose_iova([], 4096) == vfio.PREFERRED_IOVA
+    with pytest.raises(NotAvailable, match="no free IOVA range"):
+        vfio.choose_iova([(0x1000, 0x1FFF)], 1 << 20)
+
+
+def test_parse_iova_ranges_distrusts_the_reply() -> None:
+    no_caps = vfio.IOMMU_INFO.pack(24, vfio.VFIO_IOMMU_INFO_PGSIZES, 0x1000, 0, 0)
+    assert vfio.parse_iova_ranges(no_caps) == []
+    looping = _iommu_info([(0, 0xFFFF)], next_offset=24)
+    with pytest.raises(DeviceError, match="bad capability offset"):
+        vfio.parse_iova_ranges(looping)
+    truncated = _iommu_info([(0, 0xFFFF), (0x10000, 0x1FFFF)])[:-8]
+    truncated = vfio.IOMMU_INFO.pack(len(truncated), vfio.VFIO_IOMMU_INFO_CAPS, 0, 24, 0) + truncated[24:]
+    with pytest.raises(DeviceError, match="overrun"):
+        vfio.parse_iova_ranges(truncated)
+    outside = vfio.IOMMU_INFO.pack(24, vfio.VFIO_IOMMU_INFO_CAPS, 0, 4000, 0)
+    with pytest.raises(DeviceError, match="bad capability offset"):
+        vfio.parse_iova_ranges(outside)
+
+
+def test_irq_set_layout() -> None:
+    buf = vfio.irq_set(
+        vfio.VFIO_IRQ_SET_DATA_EVENTFD | vfio.VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, 1, struct.pack("<i", 9)
+    )
+    assert struct.unpack("<IIIIIi", buf) == (24, 0x24, 0, 0, 1, 9)
+
+
+def test_bind_commands_name_the_device() -> None:
+    text = vfio.bind_commands("0000:00:04.0")
+    assert "echo vfio-pci > /sys/bus/pci/devices/0000:00:04.0/driver_override" in text
+    assert "amigafuse bind-vfio 0000:00:04.0" in text
+
+
+def test_backend_refuses_unknown_device() -> None:
+    backend = vfio.VfioBackend("0000:7f:1f.7")
+    with pytest.raises(UsageError, match=r"no PCI device 0000:7f:1f\.7"):
+        backend._open(1 << 20)
+    backend._release()
+    assert backend.dead
+
+
+def test_mounted_disks_block_binding(tmp_path: Path) -> None:
+    dev = tmp_path / "bus/pci/devices/0000:00:04.0"
+    (dev / "virtio2/host0/target0:0:0/0:0:0:0/block/sda/sda1").mkdir(parents=True)
+    group = tmp_path / "kernel/iommu_groups/3"
+    (group / "devices").mkdir(parents=True)
+    (dev / "iommu_group").symlink_to(group)
+    assert vfio_cmd.block_devices_under(dev) == ["sda", "sda1"]
+    mounts = "/dev/sda1 /mnt/amiga affs rw 0 0\n/dev/vda / ext4 rw 0 0\n"
+    assert vfio_cmd.mounted_among(["sda", "sda1"], mounts) == ["/dev/sda1 on /mnt/amiga"]
+    with pytest.raises(Busy, match="unmount them"):
+        vfio_cmd.bind("0000:00:04.0", sysfs=tmp_path, mounts_text=mounts)
+
+
+def test_bind_without_iommu_group_says_enable_iommu(tmp_path: Path) -> None:
+    (tmp_path / "bus/pci/devices/0000:00:04.0").mkdir(parents=True)
+    with pytest.raises(NotAvailable, match="intel_iommu=on"):
+        vfio_cmd.bind("0000:00:04.0", sysfs=tmp_path, mounts_text="")
+    with pytest.raises(UsageError, match=r"no PCI device 0000:00:05\.0"):
+        vfio_cmd.bind("0000:00:05.0", sysfs=tmp_path, mounts_text="")
