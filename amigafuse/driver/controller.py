@@ -1,0 +1,244 @@
+"""The driver's public entry points: a virtio-scsi controller with its disks.
+
+:func:`open_qemu` starts QEMU with one ``scsi-hd`` per image on a virtio-scsi controller,
+drives that controller (amigafuse.driver.virtio) and yields a :class:`Controller` whose
+``disks`` are :class:`~amigafuse.driver.scsi.disk.ScsiDisk` block devices in target order.
+:func:`attach_qemu` does the same for a QEMU that is already running.
+
+Ownership: the context manager owns QEMU (when it started it), the backend, the
+transport and every background task (they live in nurseries of those context managers);
+leaving it closes the disks first, then the transport, then QEMU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import stat
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from amigafuse.driver.scsi.disk import ScsiDisk, scan
+from amigafuse.driver.scsi.transport import ScsiTransport
+from amigafuse.errors import NotAvailable, UsageError
+
+TransportName = Literal["auto", "legacy", "modern"]
+MAX_IMAGES = 8
+BLOCK_SIZES = (512, 4096)
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """An image file to attach as one SCSI disk (target = its index in the list).
+
+    ``read_only`` attaches it with ``readonly=on`` (the disk reports write protect);
+    ``logical_block_size`` is the sector size the disk reports (512 or 4096).
+    """
+
+    path: str | os.PathLike[str]
+    read_only: bool = False
+    logical_block_size: int = 512
+
+
+@dataclass
+class Controller:
+    """A running virtio-scsi controller and the disks found on it."""
+
+    disks: list[ScsiDisk]
+    transport_name: str
+    transport: ScsiTransport
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: the transport's (requests, kicks, interrupts... as the VirtIO layer
+        names them) and each disk's, keyed ``"target:lun"``."""
+        out: dict[str, Any] = {"transport": self.transport_name}
+        tstats = getattr(self.transport, "stats", None)
+        if tstats is not None:
+            out.update(_as_dict(tstats))
+        out["disks"] = {
+            f"{d.target}:{d.lun}": {
+                k: v for k, v in vars(d.stats).items() if k != "unit_attention_codes"
+            }
+            for d in self.disks
+        }
+        return out
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return dict(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def check_images(images: Sequence[DiskImage]) -> list[DiskImage]:
+    """Validate what the user asked to attach; raise UsageError saying what is wrong.
+
+    Pure apart from ``stat``/``access`` on the paths.
+    """
+    images = list(images)
+    if not images:
+        raise UsageError("no disk images given: name at least one image file to attach")
+    if len(images) > MAX_IMAGES:
+        raise UsageError(
+            f"{len(images)} disk images given; a virtio-scsi controller here takes at most "
+            f"{MAX_IMAGES} (targets 0..7): attach fewer"
+        )
+    for image in images:
+        path = Path(image.path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such image file") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot use it as a disk image ({exc.strerror})") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"{path}: not a regular file or block device")
+        if image.logical_block_size not in BLOCK_SIZES:
+            raise UsageError(
+                f"{path}: logical block size {image.logical_block_size} is not 512 or 4096"
+            )
+        if stat.S_ISREG(st.st_mode) and st.st_size < image.logical_block_size:
+            raise UsageError(f"{path}: the image is smaller than one block ({st.st_size} bytes)")
+        if stat.S_ISREG(st.st_mode) and st.st_size % image.logical_block_size:
+            raise UsageError(
+                f"{path}: size {st.st_size} is not a multiple of the "
+                f"{image.logical_block_size}-byte block size"
+            )
+        mode = os.R_OK if image.read_only else os.R_OK | os.W_OK
+        if not os.access(path, mode):
+            need = "read" if image.read_only else "read and write (or attach it read-only)"
+            raise UsageError(f"{path}: permission denied: need to {need}")
+    return images
+
+
+def _device_for(transport: TransportName) -> str:
+    # A transitional virtio-scsi-pci offers both interfaces; "modern" asks for the
+    # non-transitional device (the Pegasos2 case) so nothing legacy is there to find.
+    if transport == "modern":
+        return "modern"
+    return "transitional"
+
+
+@asynccontextmanager
+async def open_qemu(
+    images: Sequence[DiskImage],
+    *,
+    transport: TransportName = "auto",
+    queue_depth: int = 16,
+) -> AsyncIterator[Controller]:
+    """Start QEMU with ``images`` as SCSI targets 0..n-1 and yield the :class:`Controller`.
+
+    Raises UsageError (bad image list: more than 8, missing, wrong size or permissions),
+    NotAvailable (QEMU not installed), DeviceError subclasses when the controller or a
+    disk does not come up, DeviceGone when QEMU dies.  Leaving the context stops QEMU.
+    """
+    checked = check_images(images)
+    if transport not in ("auto", "legacy", "modern"):
+        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+    if shutil.which(QEMU_BINARY) is None:
+        raise NotAvailable(
+            f"{QEMU_BINARY} not found: install QEMU (Debian: apt-get install qemu-system-x86)"
+        )
+    qtest = _driver_module("backends.qtest", "the QEMU (qtest) backend")
+    QemuDisk, launch_qemu = qtest.QemuDisk, qtest.launch_qemu
+
+    disks = [
+        QemuDisk(
+            path=str(image.path),
+            read_only=image.read_only,
+            logical_block_size=image.logical_block_size,
+        )
+        for image in checked
+    ]
+    async with (
+        launch_qemu(disks, device=_device_for(transport)) as backend,
+        open_controller(backend, transport=transport, queue_depth=queue_depth) as controller,
+    ):
+        yield controller
+
+
+@asynccontextmanager
+async def attach_qemu(
+    socket_path: str | os.PathLike[str],
+    shm_path: str | os.PathLike[str],
+    *,
+    transport: TransportName = "auto",
+    queue_depth: int = 16,
+) -> AsyncIterator[Controller]:
+    """Drive the virtio-scsi controller of a QEMU that is already running with
+    ``-qtest unix:SOCKET`` and its RAM in ``SHM`` (see docs/driver.md for the command
+    line).  Leaving the context detaches; QEMU keeps running.
+
+    Raises UsageError for a bad transport name, NotAvailable/DeviceGone when the socket
+    or memory file cannot be used, DeviceErrors when disks do not come up.
+    """
+    if transport not in ("auto", "legacy", "modern"):
+        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+    attach = _driver_module("backends.qtest", "the QEMU (qtest) backend").attach
+
+    async with (
+        attach(str(socket_path), str(shm_path)) as backend,
+        open_controller(backend, transport=transport, queue_depth=queue_depth) as controller,
+    ):
+        yield controller
+
+
+@asynccontextmanager
+async def open_controller(
+    backend: Any, *, transport: TransportName = "auto", queue_depth: int = 16
+) -> AsyncIterator[Controller]:
+    """The virtio-scsi controller on ``backend`` (any backend: qtest, VFIO), scanned.
+
+    Owns the transport (and its background tasks) for the duration of the context;
+    the caller owns the backend.
+    """
+    open_virtio_scsi = _driver_module("virtio.scsi", "the VirtIO layer").open_virtio_scsi
+
+    async with (
+        open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth) as scsi,
+        _controller(scsi, _transport_name(scsi, transport)) as controller,
+    ):
+        yield controller
+
+
+def _driver_module(name: str, what: str) -> Any:
+    """Import ``amigafuse.driver.<name>``; NotAvailable (with the reason) if this build
+    lacks it."""
+    try:
+        return importlib.import_module(f"amigafuse.driver.{name}")
+    except ImportError as exc:
+        raise NotAvailable(f"{what} is not available in this build ({exc})") from None
+
+
+def _transport_name(scsi: Any, requested: str) -> str:
+    for attr in ("transport_name", "name", "kind"):
+        value = getattr(scsi, attr, None)
+        if isinstance(value, str):
+            return value
+    return requested
+
+
+@asynccontextmanager
+async def _controller(scsi: ScsiTransport, name: str) -> AsyncIterator[Controller]:
+    found = await scan(scsi)
+    controller = Controller(disks=found, transport_name=name, transport=scsi)
+    try:
+        yield controller
+    finally:
+        for disk in found:
+            await disk.aclose()
+
+
+@asynccontextmanager
+async def open_transport(scsi: ScsiTransport, *, name: str = "custom") -> AsyncIterator[Controller]:
+    """A :class:`Controller` over an already open transport (scan included)."""
+    async with _controller(scsi, name) as controller:
+        yield controller
