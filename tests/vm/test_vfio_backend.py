@@ -97,6 +97,16 @@ def test_open_errors_say_what_to_do(guest, tmp_path: Path) -> None:  # type: ign
         "        pathlib.Path(\"/run/held\").touch(); await trio.sleep(3)\n"
         "trio.run(m, sys.argv[1])' "
     )
+    checker = (
+        f"{PY} -c 'import sys, trio; from amigafuse.driver.backends import vfio\n"
+        "async def m(b, t):\n"
+        "    async with vfio.open_vfio_backend(b, arena_bytes=1 << 20) as be:\n"
+        "        await vfio.check_access_platform(be, t)\n"
+        "try:\n"
+        "    trio.run(m, *sys.argv[1:]); print(\"ok\")\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, \"|\", str(e).replace(chr(10), \" \"))' "
+    )
     script = _prep() + guest_modprobe("ahci") + f"""
 echo "== missing"; {opener} 0000:00:09.0
 {PY} -m amigafuse bind-vfio {BDF} >/dev/null
@@ -110,8 +120,18 @@ echo "== viable"; {opener} 0000:00:1f.3
 chmod 600 /dev/vfio/vfio
 echo "== perm"; setpriv --reuid=65534 --regid=65534 --clear-groups {opener} {BDF}
 echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
+{PY} -m amigafuse bind-vfio 0000:00:05.0 >/dev/null
+echo "== transitional"; {checker} 0000:00:05.0 auto
+echo "== legacy"; {checker} {BDF} legacy
+echo "== modern"; {checker} {BDF} auto
 """
-    res = guest(script, controllers=[Controller(disks=(Disk(img),))])
+    res = guest(
+        script,
+        controllers=[
+            Controller(disks=(Disk(img),)),
+            Controller(disks=(Disk(img, readonly=True),), addr="05.0", modern=False),
+        ],
+    )
     assert res.rc == 0, res.stderr
     steps = {
         part.split("\n", 1)[0]: part.split("\n", 1)[1].strip()
@@ -127,3 +147,8 @@ echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
     assert steps["perm"].startswith("NotAvailable | no permission to open /dev/vfio/vfio: run as root")
     assert steps["bdf"] == "rc=2"
     assert "is not a PCI address" in res.stderr
+    # Devices that would bypass the IOMMU are refused before any DMA is set up.
+    assert steps["transitional"].startswith("NotAvailable | PCI device 0000:00:05.0 does not offer VIRTIO_F_ACCESS_PLATFORM")
+    assert "iommu_platform=on" in steps["transitional"]
+    assert steps["legacy"].startswith("NotAvailable | the legacy VirtIO transport cannot be used through VFIO")
+    assert steps["modern"] == "ok"

@@ -140,3 +140,41 @@ def test_bind_without_iommu_group_says_enable_iommu(tmp_path: Path) -> None:
         vfio_cmd.bind("0000:00:04.0", sysfs=tmp_path, mounts_text="")
     with pytest.raises(UsageError, match=r"no PCI device 0000:00:05\.0"):
         vfio_cmd.bind("0000:00:05.0", sysfs=tmp_path, mounts_text="")
+
+
+def _config_with_caps(caps: list[tuple[int, bytes]], status_caps: bool = True) -> bytearray:
+    cfg = bytearray(256)
+    cfg[0:2] = (0x1AF4).to_bytes(2, "little")
+    cfg[6] = 0x10 if status_caps else 0
+    cfg[0x34] = caps[0][0] if caps else 0
+    for i, (ptr, body) in enumerate(caps):
+        nxt = caps[i + 1][0] if i + 1 < len(caps) else 0
+        cfg[ptr : ptr + 1 + len(body)] = bytes([body[0], nxt]) + body[1:]
+    return cfg
+
+
+def _virtio_cap(cfg_type: int, bar: int, offset: int) -> bytes:
+    # cap_vndr, (cap_next filled in), cap_len, cfg_type, bar, id, padding[2], offset, length
+    return bytes([0x09, 16, cfg_type, bar, 0, 0, 0]) + offset.to_bytes(4, "little") + (0x1000).to_bytes(4, "little")
+
+
+def test_find_common_cfg_walks_the_capability_list() -> None:
+    msix = bytes([0x11]) + bytes(10)
+    cfg = _config_with_caps([(0x98, msix), (0x84, _virtio_cap(3, 4, 0x1000)), (0x70, _virtio_cap(1, 4, 0x0))])
+    assert vfio.find_common_cfg(bytes(cfg)) == (4, 0)
+    assert vfio.find_common_cfg(bytes(_config_with_caps([(0x98, msix)]))) is None
+    assert vfio.find_common_cfg(bytes(_config_with_caps([(0x70, _virtio_cap(1, 0, 0))], status_caps=False))) is None
+
+
+def test_find_common_cfg_distrusts_the_device() -> None:
+    loop = _config_with_caps([(0x40, bytes([0x11]) + bytes(10))])
+    loop[0x41] = 0x40
+    with pytest.raises(DeviceError, match="loops"):
+        vfio.find_common_cfg(bytes(loop))
+    wild = _config_with_caps([(0x40, bytes([0x11]) + bytes(10))])
+    wild[0x41] = 0xFC
+    with pytest.raises(DeviceError, match="out of range"):
+        vfio.find_common_cfg(bytes(wild))
+    bad_bar = _config_with_caps([(0x70, _virtio_cap(1, 7, 0))])
+    with pytest.raises(DeviceError, match="BAR 7"):
+        vfio.find_common_cfg(bytes(bad_bar))

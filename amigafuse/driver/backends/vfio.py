@@ -762,6 +762,78 @@ async def open_vfio_backend(bdf: str, *, arena_bytes: int = DEFAULT_ARENA_BYTES)
         backend._release()
 
 
+VIRTIO_PCI_VENDOR = 0x1AF4
+VIRTIO_PCI_CAP_VENDOR = 0x09
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_F_ACCESS_PLATFORM = 33
+COMMON_DEVICE_FEATURE_SELECT = 0x00
+COMMON_DEVICE_FEATURE = 0x04
+MAX_CAPABILITIES = 48
+
+
+def find_common_cfg(config: bytes) -> tuple[int, int] | None:
+    """``(bar, offset)`` of the virtio COMMON_CFG structure from 256 bytes of config
+    space, or None (legacy-only device).  The capability walk is bounded and each
+    pointer range-checked; a malformed list raises DeviceError."""
+    if len(config) < 256:
+        raise ValueError("need the first 256 bytes of config space")
+    status = int.from_bytes(config[6:8], "little")
+    if not status & 0x10:  # no capability list
+        return None
+    ptr = config[0x34] & 0xFC
+    for _ in range(MAX_CAPABILITIES):
+        if ptr == 0:
+            return None
+        if ptr < 0x40 or ptr + 16 > 256:
+            raise DeviceError(f"PCI capability pointer {ptr:#x} out of range")
+        if config[ptr] == VIRTIO_PCI_CAP_VENDOR and config[ptr + 3] == VIRTIO_PCI_CAP_COMMON_CFG:
+            bar = config[ptr + 4]
+            if bar > 5:
+                raise DeviceError(f"virtio COMMON_CFG capability names BAR {bar}")
+            return bar, int.from_bytes(config[ptr + 8 : ptr + 12], "little")
+        ptr = config[ptr + 1] & 0xFC
+    raise DeviceError("PCI capability list loops or is longer than 48 entries")
+
+
+async def check_access_platform(backend: VfioBackend, transport: str = "auto") -> None:
+    """Refuse a VirtIO device that would bypass the IOMMU.
+
+    Behind VFIO the device must translate its DMA through the IOMMU, i.e. offer
+    VIRTIO_F_ACCESS_PLATFORM: otherwise it would take the arena's IOVAs for physical
+    addresses and write into unrelated memory.  Raises NotAvailable saying what to change
+    (legacy transport asked for, legacy-only device, or the feature not offered).
+    """
+    if transport == "legacy":
+        raise NotAvailable(
+            "the legacy VirtIO transport cannot be used through VFIO: it has no "
+            "VIRTIO_F_ACCESS_PLATFORM, so the device would bypass the IOMMU; use "
+            "transport=modern (or auto)"
+        )
+    config = await backend.config_read_block(backend.devfn, 0, 256)
+    vendor = int.from_bytes(config[0:2], "little")
+    if vendor != VIRTIO_PCI_VENDOR:
+        raise NotAvailable(f"PCI device {backend.bdf} is not a VirtIO device (vendor {vendor:#06x})")
+    common = find_common_cfg(config)
+    advice = (
+        "in QEMU attach the controller as "
+        "-device virtio-scsi-pci-non-transitional,iommu_platform=on"
+    )
+    if common is None:
+        raise NotAvailable(
+            f"PCI device {backend.bdf} is a legacy-only VirtIO device: it cannot use the "
+            f"IOMMU, so VFIO cannot drive it safely; {advice}"
+        )
+    bar = await backend.map_bar(backend.devfn, common[0])
+    bar.write(common[1] + COMMON_DEVICE_FEATURE_SELECT, 4, 1)
+    high = await bar.read(common[1] + COMMON_DEVICE_FEATURE, 4)
+    if not high >> (VIRTIO_F_ACCESS_PLATFORM - 32) & 1:
+        raise NotAvailable(
+            f"PCI device {backend.bdf} does not offer VIRTIO_F_ACCESS_PLATFORM: its DMA "
+            f"would bypass the IOMMU, so VFIO cannot drive it safely; {advice} "
+            "(QEMU 7.2 refuses iommu_platform on the transitional virtio-scsi-pci)"
+        )
+
+
 @asynccontextmanager
 async def open_vfio(
     bdf: str,
@@ -780,12 +852,14 @@ async def open_vfio(
 
     from amigafuse.driver.controller import open_transport
 
-    # Imported by name: the VirtIO layer is engineer A's and may not be installed yet.
-    open_virtio_scsi = importlib.import_module("amigafuse.driver.virtio.scsi").open_virtio_scsi
-
-    async with (
-        open_vfio_backend(bdf, arena_bytes=arena_bytes) as backend,
-        open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth) as scsi,
-        open_transport(scsi, name=f"vfio-{getattr(scsi, 'transport_name', transport)}") as controller,
-    ):
-        yield controller
+    async with open_vfio_backend(bdf, arena_bytes=arena_bytes) as backend:
+        await check_access_platform(backend, transport)
+        # Imported by name: the VirtIO layer is another module's, imported only when used.
+        open_virtio_scsi = importlib.import_module("amigafuse.driver.virtio.scsi").open_virtio_scsi
+        async with (
+            open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth) as scsi,
+            open_transport(
+                scsi, name=f"vfio-{getattr(scsi, 'transport_name', transport)}"
+            ) as controller,
+        ):
+            yield controller
