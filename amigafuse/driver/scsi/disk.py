@@ -72,12 +72,15 @@ async def execute_with_retry(
     lun: int,
     cdb: bytes,
     *,
-    what: str,
+    what: str | Callable[[], str],
     data_out: bytes | bytearray | memoryview | None = None,
     data_in_len: int = 0,
     stats: DiskStats | None = None,
 ) -> ScsiCommandResult:
     """Run one command, retrying what is retryable; return the GOOD result.
+
+    ``what`` names the command in error messages (a callable is only called on failure,
+    which keeps string formatting off the fast path).
 
     Raises the mapped :class:`~amigafuse.errors.DeviceError` (see
     :mod:`amigafuse.driver.scsi.sense`), or whatever the transport raises
@@ -91,7 +94,14 @@ async def execute_with_retry(
         result = await transport.execute(
             target, lun, cdb, data_out=data_out, data_in_len=data_in_len
         )
-        verdict = classify(result.response, result.status, result.sense, what=what)
+        if result.response == 0 and result.status == 0:
+            return result  # the fast path: GOOD
+        verdict = classify(
+            result.response,
+            result.status,
+            result.sense,
+            what=what if isinstance(what, str) else what(),
+        )
         if verdict.action is Action.OK:
             return result
         if stats is not None and verdict.sense is not None and verdict.unit_attention:
@@ -287,7 +297,7 @@ class ScsiDisk(BlockDevice):
         *,
         data_out: bytes | bytearray | memoryview | None = None,
         data_in_len: int = 0,
-        what: str | None = None,
+        what: str | Callable[[], str] | None = None,
     ) -> ScsiCommandResult:
         """Pass-through: run any CDB on this disk with the disk's retry and error mapping.
 
@@ -346,7 +356,9 @@ class ScsiDisk(BlockDevice):
     async def _read_chunk(self, lba: int, count: int) -> bytes:
         nbytes = count * self.block_size
         cdb = C.read(lba, count)
-        result = await self.execute(cdb, data_in_len=nbytes, what=self._what(cdb, lba, count))
+        result = await self.execute(
+            cdb, data_in_len=nbytes, what=lambda: self._what(cdb, lba, count)
+        )
         if len(result.data) != nbytes:
             self.stats.errors += 1
             raise HardwareError(
@@ -360,7 +372,7 @@ class ScsiDisk(BlockDevice):
     async def _write_chunk(self, lba: int, data: memoryview) -> None:
         count = len(data) // self.block_size
         cdb = C.write(lba, count)
-        await self.execute(cdb, data_out=data, what=self._what(cdb, lba, count))
+        await self.execute(cdb, data_out=data, what=lambda: self._what(cdb, lba, count))
         self.stats.writes += 1
         self.stats.blocks_written += count
 
