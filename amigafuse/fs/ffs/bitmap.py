@@ -1,0 +1,126 @@
+"""The FFS block bitmap held in memory, and the allocator.  Pure: no I/O, no trio.
+
+Bit ``k`` stands for block ``reserved + k``; a set bit means *free* (as on disk).  On disk
+each bitmap block holds ``B/4 - 1`` big-endian longs, bit 0 of the first long being the
+first block it covers; in memory the bits are kept little-endian per byte (byte ``k>>3``,
+bit ``k&7``) so that a search for free blocks is a byte scan done in C.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+
+_NONZERO = re.compile(rb"[^\x00]")
+_FULL = re.compile(rb"\xff+")
+
+
+def _swap_longs(raw: bytes) -> bytes:
+    arr = array("I")
+    if arr.itemsize != 4:  # pragma: no cover - every supported platform has 4-byte I
+        raise RuntimeError("array('I') is not 32-bit here")
+    arr.frombytes(raw)
+    arr.byteswap()
+    return arr.tobytes()
+
+
+class Bitmap:
+    """Free-block bitmap of ``block_count`` blocks starting at block ``reserved``."""
+
+    def __init__(self, reserved: int, block_count: int, block_size: int) -> None:
+        self.reserved = reserved
+        self.count = block_count  # blocks covered (volume blocks - reserved)
+        self.longs_per_block = block_size // 4 - 1
+        self.bits_per_block = self.longs_per_block * 32
+        self.bytes_per_block = self.longs_per_block * 4
+        self.pages = -(-block_count // self.bits_per_block)
+        self._bits = bytearray(self.pages * self.bytes_per_block)
+        self.dirty_pages: set[int] = set()
+
+    # ------------------------------------------------------------------ disk form
+    def load_page(self, page: int, map_bytes: bytes) -> None:
+        """Take the ``map`` of bitmap block number ``page`` (big-endian longs)."""
+        start = page * self.bytes_per_block
+        self._bits[start : start + self.bytes_per_block] = _swap_longs(map_bytes)
+
+    def page_map(self, page: int) -> bytes:
+        """The on-disk ``map`` of bitmap page ``page``, bits past the volume clear."""
+        start = page * self.bytes_per_block
+        chunk = bytearray(self._bits[start : start + self.bytes_per_block])
+        # bits beyond the last block must stay 0 (not free)
+        first_bit = page * self.bits_per_block
+        last_valid = self.count - first_bit
+        if last_valid < self.bits_per_block:
+            for bit in range(max(last_valid, 0), self.bits_per_block):
+                chunk[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+        return _swap_longs(bytes(chunk))
+
+    def set_all(self, free: bool) -> None:
+        self._bits[:] = (b"\xff" if free else b"\0") * len(self._bits)
+        if free:
+            for bit in range(self.count, self.pages * self.bits_per_block):
+                self._bits[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+        self.dirty_pages.update(range(self.pages))
+
+    # ------------------------------------------------------------------ queries
+    def in_range(self, block: int) -> bool:
+        return self.reserved <= block < self.reserved + self.count
+
+    def is_free(self, block: int) -> bool:
+        k = block - self.reserved
+        return bool(self._bits[k >> 3] >> (k & 7) & 1)
+
+    def free_count(self) -> int:
+        value = int.from_bytes(self._bits, "little") & ((1 << self.count) - 1)
+        return value.bit_count()
+
+    # ------------------------------------------------------------------ changes
+    def mark(self, block: int, free: bool) -> None:
+        if not self.in_range(block):
+            raise ValueError(f"block {block} is outside the bitmap")
+        k = block - self.reserved
+        if free:
+            self._bits[k >> 3] |= 1 << (k & 7)
+        else:
+            self._bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
+        self.dirty_pages.add(k // self.bits_per_block)
+
+    def find_free(self, goal: int, count: int) -> list[int]:
+        """Up to ``count`` free blocks, searching forward from ``goal`` and wrapping.
+        Prefers whole free bytes (runs of 8) so large files stay contiguous.  Does not
+        mark them; returns fewer than ``count`` when the volume is that full."""
+        out: list[int] = []
+        if count <= 0:
+            return out
+        k0 = min(max(goal - self.reserved, 0), self.count - 1) if self.count else 0
+        nbytes = len(self._bits)
+        start_byte = k0 >> 3
+        for lo, hi in ((start_byte, nbytes), (0, start_byte)):
+            pos = lo
+            while pos < hi and len(out) < count:
+                m = _NONZERO.search(self._bits, pos, hi)
+                if m is None:
+                    break
+                i = m.start()
+                if count - len(out) >= 8:
+                    run = _FULL.match(self._bits, i, hi)
+                    if run is not None:
+                        need = count - len(out)
+                        nb = min(run.end() - i, -(-need // 8))
+                        for kk in range(i * 8, (i + nb) * 8):
+                            if kk < self.count and len(out) < count:
+                                out.append(kk + self.reserved)
+                        pos = i + nb
+                        continue
+                byte = self._bits[i]
+                for bit in range(8):
+                    kk = i * 8 + bit
+                    if byte >> bit & 1 and kk < self.count and len(out) < count:
+                        out.append(kk + self.reserved)
+                pos = i + 1
+            if len(out) >= count:
+                break
+        return out
+
+    def copy_bits(self) -> bytes:
+        return bytes(self._bits)

@@ -1,0 +1,703 @@
+"""FFS/OFS on-disk records: one codec (struct + frozen dataclass) per block type.
+
+Field names follow "The .ADF (Amiga Disk File) format FAQ" (L. Clévy) and, for the
+long-name (LNFS, DOS\\6/7) and dircache (DCFS, DOS\\4/5) records, Olaf Barthel's
+"DCFS and LNFS Low Level Data Structures".  Every codec keeps reserved and unused bytes,
+so ``pack(unpack(b)) == b`` for any block of the right size; ``unpack`` does not check
+checksums or types (callers do, with :func:`verify_checksum`), so damaged blocks can be
+decoded for inspection.
+
+Offsets are given for a block of ``B`` bytes (512..32768); tables have ``B/4 - 56``
+entries.  This module is pure: no I/O, no trio.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+from amigafuse.amiga.dates import DateStamp
+
+# Primary block types (first long) and secondary types (last long).
+T_HEADER = 2
+T_DATA = 8
+T_LIST = 16
+T_DIRCACHE = 33
+T_COMMENT = 64
+ST_ROOT = 1
+ST_USERDIR = 2
+ST_SOFTLINK = 3
+ST_LINKDIR = 4
+ST_FILE = -3
+ST_LINKFILE = -4
+
+BM_VALID = 0xFFFFFFFF
+BM_INVALID = 0
+ROOT_BM_PAGES = 25
+OFS_DATA_HEADER_BYTES = 24
+MAX_NAME_STD = 30
+MAX_COMMENT = 79
+MAX_NAME_LNFS = 107
+LNFS_NAME_COMMENT_BYTES = 112
+
+
+def u32(value: int) -> int:
+    return value & 0xFFFFFFFF
+
+
+def s32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def table_size(block_size: int) -> int:
+    """Entries in a hash table / data-block table of a ``block_size`` block."""
+    return block_size // 4 - 56
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sum_longs(data: bytes | bytearray | memoryview) -> int:
+    total: int = sum(struct.unpack(f">{len(data) // 4}L", data))
+    return total & 0xFFFFFFFF
+
+
+def normal_checksum(block: bytes | bytearray, offset: int = 20) -> int:
+    """The value that makes the sum of all longs zero with ``offset`` holding it."""
+    (current,) = struct.unpack_from(">L", block, offset)
+    total: int = sum_longs(block) - current
+    return (-total) & 0xFFFFFFFF
+
+
+def verify_checksum(block: bytes | bytearray, offset: int = 20) -> bool:
+    return sum_longs(block) == 0 if offset >= 0 else True
+
+
+def with_checksum(block: bytes | bytearray, offset: int = 20) -> bytes:
+    buf = bytearray(block)
+    struct.pack_into(">L", buf, offset, 0)
+    struct.pack_into(">L", buf, offset, normal_checksum(buf, offset))
+    return bytes(buf)
+
+
+def boot_checksum(boot: bytes | bytearray) -> int:
+    """Boot block checksum over 1024 bytes (add with carry, then invert), field at 4."""
+    total = 0
+    for index, (value,) in enumerate(struct.iter_unpack(">L", bytes(boot[:1024]))):
+        if index == 1:
+            continue
+        total += value
+        if total > 0xFFFFFFFF:
+            total = (total & 0xFFFFFFFF) + 1
+    return (~total) & 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _upper_table(intl: bool) -> bytes:
+    table = bytearray(range(256))
+    for c in range(ord("a"), ord("z") + 1):
+        table[c] = c - 32
+    if intl:
+        for c in range(0xE0, 0xFF):
+            if c != 0xF7:
+                table[c] = c - 32
+    return bytes(table)
+
+
+UPPER_STD = _upper_table(False)
+UPPER_INTL = _upper_table(True)
+
+
+def upper_name(name: bytes, intl: bool) -> bytes:
+    """The name as the handler compares it (ASCII, or INTL Latin-1 upper case)."""
+    return name.translate(UPPER_INTL if intl else UPPER_STD)
+
+
+def hash_name(name: bytes, intl: bool, block_size: int) -> int:
+    """Hash-table slot of ``name`` in a directory of a ``block_size`` volume."""
+    upper = upper_name(name, intl)
+    value = len(name)
+    for c in upper:
+        value = (value * 13 + c) & 0x7FF
+    return value % table_size(block_size)
+
+
+def bcpl(raw: bytes | bytearray, limit: int) -> bytes:
+    """A BCPL string (length byte then chars) from ``raw``, at most ``limit`` chars."""
+    if not raw:
+        return b""
+    n = min(raw[0], limit, len(raw) - 1)
+    return bytes(raw[1 : 1 + n])
+
+
+def make_bcpl(text: bytes, field_bytes: int) -> bytes:
+    if len(text) + 1 > field_bytes:
+        raise ValueError(f"string of {len(text)} bytes does not fit a {field_bytes}-byte field")
+    return (bytes([len(text)]) + text).ljust(field_bytes, b"\0")
+
+
+# --------------------------------------------------------------------------- boot block
+
+
+@dataclass(frozen=True)
+class BootBlock:
+    """The first 1024 bytes of a volume: ``DOS`` + flags, checksum, rootblock, code."""
+
+    disk_type: int
+    chksum: int
+    rootblock: int
+    boot_code: bytes  # 1012 bytes
+
+    SIZE = 1024
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BootBlock:
+        disk_type, chksum, rootblock = struct.unpack_from(">3L", data)
+        return cls(disk_type, chksum, rootblock, bytes(data[12:1024]))
+
+    def pack(self) -> bytes:
+        return struct.pack(">3L", self.disk_type, self.chksum, self.rootblock) + self.boot_code
+
+    @classmethod
+    def new(cls, dostype: int, rootblock: int = 880) -> BootBlock:
+        blank = cls(dostype, 0, rootblock, bytes(1012))
+        return replace(blank, chksum=boot_checksum(blank.pack()))
+
+
+# --------------------------------------------------------------------------- root block
+
+
+@dataclass(frozen=True)
+class RootBlock:
+    """The root block (T_HEADER / ST_ROOT) at (Reserved + blocks - 1) / 2."""
+
+    block_size: int
+    type: int
+    header_key: int
+    high_seq: int
+    ht_size: int
+    first_data: int
+    chksum: int
+    ht: tuple[int, ...]
+    bm_flag: int
+    bm_pages: tuple[int, ...]  # 25
+    bm_ext: int
+    r_days: int
+    r_mins: int
+    r_ticks: int
+    name_area: bytes  # 32: name_len + diskname[30] + unused
+    unused1: bytes  # 8 bytes at B-48
+    v_days: int
+    v_mins: int
+    v_ticks: int
+    c_days: int
+    c_mins: int
+    c_ticks: int
+    next_hash: int
+    parent_dir: int
+    extension: int  # DCFS: first dircache block of the root
+    sec_type: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> RootBlock:
+        bsize = len(data)
+        n = table_size(bsize)
+        typ, key, high_seq, ht_size, first_data, chksum = struct.unpack_from(">6L", data, 0)
+        ht = struct.unpack_from(f">{n}L", data, 24)
+        tail = struct.unpack_from(">L25LL3L", data, bsize - 200)
+        vd, vm, vt, cd, cm, ct = struct.unpack_from(">6L", data, bsize - 40)
+        next_hash, parent_dir, extension, sec_type = struct.unpack_from(">3Ll", data, bsize - 16)
+        return cls(
+            bsize, typ, key, high_seq, ht_size, first_data, chksum, ht, tail[0],
+            tuple(tail[1:26]), tail[26], tail[27], tail[28], tail[29],
+            bytes(data[bsize - 80 : bsize - 48]), bytes(data[bsize - 48 : bsize - 40]),
+            vd, vm, vt, cd, cm, ct, next_hash, parent_dir, extension, sec_type,
+        )  # fmt: skip
+
+    def pack(self) -> bytes:
+        out = bytearray(self.block_size)
+        struct.pack_into(
+            ">6L", out, 0, self.type, self.header_key, self.high_seq, self.ht_size,
+            self.first_data, self.chksum,
+        )  # fmt: skip
+        struct.pack_into(f">{len(self.ht)}L", out, 24, *self.ht)
+        struct.pack_into(
+            ">L25LL3L", out, self.block_size - 200, self.bm_flag, *self.bm_pages, self.bm_ext,
+            self.r_days, self.r_mins, self.r_ticks,
+        )  # fmt: skip
+        out[self.block_size - 80 : self.block_size - 40] = self.name_area + self.unused1
+        struct.pack_into(
+            ">6L3Ll", out, self.block_size - 40, self.v_days, self.v_mins, self.v_ticks,
+            self.c_days, self.c_mins, self.c_ticks, self.next_hash, self.parent_dir,
+            self.extension, self.sec_type,
+        )  # fmt: skip
+        return bytes(out)
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+    @property
+    def disk_name(self) -> bytes:
+        return bcpl(self.name_area, MAX_NAME_STD)
+
+    @property
+    def root_date(self) -> DateStamp:
+        return DateStamp(self.r_days, self.r_mins, self.r_ticks)
+
+    @property
+    def volume_date(self) -> DateStamp:
+        return DateStamp(self.v_days, self.v_mins, self.v_ticks)
+
+    @property
+    def creation_date(self) -> DateStamp:
+        return DateStamp(self.c_days, self.c_mins, self.c_ticks)
+
+
+# --------------------------------------------------------------------------- entry blocks
+
+
+@dataclass(frozen=True)
+class EntryBlock:
+    """A T_HEADER block other than the root: user directory (ST_USERDIR), file header
+    (ST_FILE), hard links (ST_LINKFILE/ST_LINKDIR) and soft links (ST_SOFTLINK).  They
+    share one layout; ``table`` is the hash table of a directory, the data-block table of
+    a file (stored last-to-first) or, for a soft link, the target path bytes.
+
+    ``lnfs`` selects the DOS\\6/7 tail: ``name_comment`` (112 bytes at B-184: name then
+    comment, both BCPL), ``comment_block`` at B-72, 8 reserved bytes, the date at B-60.
+    The classic tail has ``comment_area`` (92 bytes at B-184: comm_len, comment[79],
+    unused[12]), the date at B-92 and ``name_area`` (32 bytes at B-80).
+    """
+
+    block_size: int
+    lnfs: bool
+    type: int
+    header_key: int
+    high_seq: int
+    data_size: int
+    first_data: int
+    chksum: int
+    table: tuple[int, ...]
+    unused1: int
+    uid: int
+    gid: int
+    protect: int
+    byte_size: int
+    comment_area: bytes  # classic: 92 bytes; LNFS: the 112-byte name+comment field
+    comment_block: int  # LNFS only (0 otherwise)
+    lnfs_reserved: bytes  # LNFS: 8 bytes at B-68; classic: b""
+    days: int
+    mins: int
+    ticks: int
+    name_area: bytes  # classic: 32 bytes at B-80; LNFS: b""
+    unused2: int  # B-48
+    real_entry: int  # B-44 (hard links: the linked object's header)
+    next_link: int  # B-40
+    unused3: bytes  # 20 bytes at B-36
+    hash_chain: int
+    parent: int
+    extension: int
+    sec_type: int
+
+    @classmethod
+    def unpack(cls, data: bytes, lnfs: bool) -> EntryBlock:
+        b = len(data)
+        n = table_size(b)
+        typ, key, high_seq, data_size, first_data, chksum = struct.unpack_from(">6L", data, 0)
+        table = struct.unpack_from(f">{n}L", data, 24)
+        unused1, uid, gid, protect, byte_size = struct.unpack_from(">LHHLL", data, b - 200)
+        if lnfs:
+            comment_area = bytes(data[b - 184 : b - 72])
+            (comment_block,) = struct.unpack_from(">L", data, b - 72)
+            lnfs_reserved = bytes(data[b - 68 : b - 60])
+            days, mins, ticks = struct.unpack_from(">3L", data, b - 60)
+            name_area = b""
+        else:
+            comment_area = bytes(data[b - 184 : b - 92])
+            comment_block = 0
+            lnfs_reserved = b""
+            days, mins, ticks = struct.unpack_from(">3L", data, b - 92)
+            name_area = bytes(data[b - 80 : b - 48])
+        unused2, real_entry, next_link = struct.unpack_from(">3L", data, b - 48)
+        unused3 = bytes(data[b - 36 : b - 16])
+        hash_chain, parent, extension, sec_type = struct.unpack_from(">3Ll", data, b - 16)
+        return cls(
+            b, lnfs, typ, key, high_seq, data_size, first_data, chksum, table, unused1, uid, gid, protect, byte_size, comment_area,
+            comment_block, lnfs_reserved, days, mins, ticks, name_area, unused2, real_entry,
+            next_link, unused3, hash_chain, parent, extension, sec_type,
+        )  # fmt: skip
+
+    def pack(self) -> bytes:
+        b = self.block_size
+        out = bytearray(b)
+        struct.pack_into(
+            ">6L", out, 0, self.type, self.header_key, self.high_seq, self.data_size,
+            self.first_data, self.chksum,
+        )  # fmt: skip
+        struct.pack_into(f">{len(self.table)}L", out, 24, *self.table)
+        struct.pack_into(">LHHLL", out, b - 200, self.unused1, self.uid, self.gid, self.protect, self.byte_size)
+        if self.lnfs:
+            out[b - 184 : b - 72] = self.comment_area
+            struct.pack_into(">L", out, b - 72, self.comment_block)
+            out[b - 68 : b - 60] = self.lnfs_reserved
+            struct.pack_into(">3L", out, b - 60, self.days, self.mins, self.ticks)
+        else:
+            out[b - 184 : b - 92] = self.comment_area
+            struct.pack_into(">3L", out, b - 92, self.days, self.mins, self.ticks)
+            out[b - 80 : b - 48] = self.name_area
+        struct.pack_into(">3L", out, b - 48, self.unused2, self.real_entry, self.next_link)
+        out[b - 36 : b - 16] = self.unused3
+        struct.pack_into(">3Ll", out, b - 16, self.hash_chain, self.parent, self.extension, self.sec_type)
+        return bytes(out)
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+    # ------------------------------------------------------------------ decoded views
+    @property
+    def name(self) -> bytes:
+        if self.lnfs:
+            return bcpl(self.comment_area, MAX_NAME_LNFS)
+        return bcpl(self.name_area, MAX_NAME_STD)
+
+    @property
+    def inline_comment(self) -> bytes:
+        """The comment stored in the block itself (LNFS: after the name)."""
+        if self.lnfs:
+            start = 1 + min(self.comment_area[0], MAX_NAME_LNFS)
+            return bcpl(self.comment_area[start:], MAX_COMMENT)
+        return bcpl(self.comment_area, MAX_COMMENT)
+
+    @property
+    def date(self) -> DateStamp:
+        return DateStamp(self.days, self.mins, self.ticks)
+
+    @property
+    def softlink_target(self) -> bytes:
+        raw = struct.pack(f">{len(self.table)}L", *self.table)
+        end = raw.find(b"\0")
+        return raw if end < 0 else raw[:end]
+
+    def with_name_comment(self, name: bytes, comment: bytes, comment_block: int = 0) -> EntryBlock:
+        """Set name and inline comment (LNFS: with ``comment_block`` when not inline)."""
+        if self.lnfs:
+            field = bytes([len(name)]) + name + bytes([len(comment)]) + comment
+            return replace(
+                self, comment_area=field.ljust(LNFS_NAME_COMMENT_BYTES, b"\0"), comment_block=comment_block
+            )
+        return replace(
+            self,
+            name_area=make_bcpl(name, 32),
+            comment_area=make_bcpl(comment, 92),
+        )
+
+    def with_date(self, date: DateStamp) -> EntryBlock:
+        return replace(self, days=date.days, mins=date.minutes, ticks=date.ticks)
+
+    @classmethod
+    def new(
+        cls, block_size: int, lnfs: bool, *, header_key: int, sec_type: int, parent: int,
+        name: bytes, date: DateStamp, protect: int = 0,
+    ) -> EntryBlock:  # fmt: skip
+        blank = cls(
+            block_size, lnfs, T_HEADER, header_key, 0, 0, 0, 0, (0,) * table_size(block_size),
+            0, 0, 0, protect, 0, bytes(112 if lnfs else 92), 0, bytes(8) if lnfs else b"",
+            date.days, date.minutes, date.ticks, b"" if lnfs else bytes(32), 0, 0, 0,
+            bytes(20), 0, parent, 0, sec_type,
+        )  # fmt: skip
+        return blank.with_name_comment(name, b"")
+
+
+def lnfs_comment_fits(name: bytes, comment: bytes) -> bool:
+    """Whether an LNFS name and comment fit the shared 112-byte field together."""
+    return 2 + len(name) + len(comment) <= LNFS_NAME_COMMENT_BYTES
+
+
+def softlink_table(target: bytes, block_size: int) -> tuple[int, ...]:
+    n = table_size(block_size)
+    if len(target) + 1 > n * 4:
+        raise ValueError("soft link target too long for one block")
+    raw = target.ljust(n * 4, b"\0")
+    return struct.unpack(f">{n}L", raw)
+
+
+# --------------------------------------------------------------------------- file extension
+
+
+@dataclass(frozen=True)
+class FileExtBlock:
+    """T_LIST / ST_FILE: more data-block pointers of a file (table stored last-to-first)."""
+
+    block_size: int
+    type: int
+    header_key: int
+    high_seq: int
+    data_size: int
+    first_data: int
+    chksum: int
+    table: tuple[int, ...]
+    unused: bytes  # B-200 .. B-12 (info and hash_chain unused)
+    parent: int  # the file header
+    extension: int  # next extension block or 0
+    sec_type: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> FileExtBlock:
+        b = len(data)
+        n = table_size(b)
+        typ, key, high_seq, data_size, first_data, chksum = struct.unpack_from(">6L", data, 0)
+        table = struct.unpack_from(f">{n}L", data, 24)
+        parent, extension, sec_type = struct.unpack_from(">2Ll", data, b - 12)
+        return cls(b, typ, key, high_seq, data_size, first_data, chksum, table, bytes(data[b - 200 : b - 12]), parent, extension, sec_type)
+
+    def pack(self) -> bytes:
+        b = self.block_size
+        out = bytearray(b)
+        struct.pack_into(
+            ">6L", out, 0, self.type, self.header_key, self.high_seq, self.data_size,
+            self.first_data, self.chksum,
+        )  # fmt: skip
+        struct.pack_into(f">{len(self.table)}L", out, 24, *self.table)
+        out[b - 200 : b - 12] = self.unused
+        struct.pack_into(">2Ll", out, b - 12, self.parent, self.extension, self.sec_type)
+        return bytes(out)
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+    @classmethod
+    def new(cls, block_size: int, header_key: int, parent: int) -> FileExtBlock:
+        return cls(
+            block_size, T_LIST, header_key, 0, 0, 0, 0, (0,) * table_size(block_size),
+            bytes(188), parent, 0, ST_FILE,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- OFS data
+
+
+@dataclass(frozen=True)
+class OfsDataBlock:
+    """T_DATA: an OFS data block, 24-byte header then ``B - 24`` bytes of data."""
+
+    type: int
+    header_key: int  # the file header
+    seq_num: int  # 1-based
+    data_size: int
+    next_data: int
+    chksum: int
+    data: bytes
+
+    @classmethod
+    def unpack(cls, data: bytes) -> OfsDataBlock:
+        typ, key, seq_num, data_size, next_data, chksum = struct.unpack_from(">6L", data, 0)
+        return cls(typ, key, seq_num, data_size, next_data, chksum, bytes(data[24:]))
+
+    def pack(self) -> bytes:
+        return (
+            struct.pack(
+                ">6L", self.type, self.header_key, self.seq_num, self.data_size,
+                self.next_data, self.chksum,
+            )
+            + self.data
+        )  # fmt: skip
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+
+# --------------------------------------------------------------------------- bitmaps
+
+
+@dataclass(frozen=True)
+class BitmapBlock:
+    """A bitmap block: checksum at 0, then ``B/4 - 1`` longs; a set bit is a free block."""
+
+    chksum: int
+    map: bytes  # raw big-endian longs
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BitmapBlock:
+        return cls(struct.unpack_from(">L", data)[0], bytes(data[4:]))
+
+    def pack(self) -> bytes:
+        return struct.pack(">L", self.chksum) + self.map
+
+    @classmethod
+    def with_map(cls, map_bytes: bytes) -> BitmapBlock:
+        return cls((-sum_longs(map_bytes)) & 0xFFFFFFFF, map_bytes)
+
+
+@dataclass(frozen=True)
+class BitmapExtBlock:
+    """A bitmap extension block: ``B/4 - 1`` bitmap block pointers, then the next one."""
+
+    bm_pages: tuple[int, ...]
+    bm_ext: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BitmapExtBlock:
+        n = len(data) // 4
+        longs = struct.unpack(f">{n}L", data)
+        return cls(tuple(longs[:-1]), longs[-1])
+
+    def pack(self) -> bytes:
+        return struct.pack(f">{len(self.bm_pages) + 1}L", *self.bm_pages, self.bm_ext)
+
+
+# --------------------------------------------------------------------------- dircache
+
+
+@dataclass(frozen=True)
+class DirCacheRecord:
+    """One object in a dircache block (DCFS)."""
+
+    header: int
+    size: int
+    protect: int
+    uid: int
+    gid: int
+    days: int
+    mins: int
+    ticks: int
+    type: int  # secondary type, signed byte
+    name: bytes
+    comment: bytes
+
+    FIXED = 24
+
+    @property
+    def packed_size(self) -> int:
+        n = self.FIXED + len(self.name) + 1 + len(self.comment)
+        return n + (n & 1)
+
+    def pack(self) -> bytes:
+        raw = (
+            struct.pack(
+                ">3L5HbB", self.header, self.size, self.protect, self.uid, self.gid,
+                self.days, self.mins, self.ticks, self.type, len(self.name),
+            )
+            + self.name + bytes([len(self.comment)]) + self.comment
+        )  # fmt: skip
+        return raw + b"\0" * (len(raw) & 1)
+
+    @classmethod
+    def unpack_from(cls, data: bytes, offset: int) -> tuple[DirCacheRecord, int]:
+        """The record at ``offset`` and the offset after it.  Raises ValueError if it overruns."""
+        if offset + cls.FIXED > len(data):
+            raise ValueError("dircache record overruns its block")
+        header, size, protect, uid, gid, days, mins, ticks, typ, nlen = struct.unpack_from(
+            ">3L5HbB", data, offset
+        )
+        pos = offset + cls.FIXED
+        if pos + nlen + 1 > len(data):
+            raise ValueError("dircache record name overruns its block")
+        name = bytes(data[pos : pos + nlen])
+        clen = data[pos + nlen]
+        cstart = pos + nlen + 1
+        if cstart + clen > len(data):
+            raise ValueError("dircache record comment overruns its block")
+        comment = bytes(data[cstart : cstart + clen])
+        end = cstart + clen
+        end += end & 1
+        return cls(header, size, protect, uid, gid, days, mins, ticks, typ, name, comment), end
+
+
+@dataclass(frozen=True)
+class DirCacheBlock:
+    """T_DIRCACHE (33): records of one directory's objects; chained by ``next_dirc``."""
+
+    type: int
+    header_key: int
+    parent: int
+    records_nb: int
+    next_dirc: int
+    chksum: int
+    records: bytes  # B - 24 bytes: the packed records, then whatever follows
+
+    @classmethod
+    def unpack(cls, data: bytes) -> DirCacheBlock:
+        typ, key, parent, records_nb, next_dirc, chksum = struct.unpack_from(">6L", data, 0)
+        return cls(typ, key, parent, records_nb, next_dirc, chksum, bytes(data[24:]))
+
+    def pack(self) -> bytes:
+        return (
+            struct.pack(
+                ">6L", self.type, self.header_key, self.parent, self.records_nb,
+                self.next_dirc, self.chksum,
+            )
+            + self.records
+        )  # fmt: skip
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+    def decode_records(self) -> list[DirCacheRecord]:
+        """The ``records_nb`` records.  Raises ValueError if they overrun the block."""
+        out = []
+        offset = 0
+        for _ in range(self.records_nb):
+            rec, offset = DirCacheRecord.unpack_from(self.records, offset)
+            out.append(rec)
+        return out
+
+    @classmethod
+    def build(
+        cls, block_size: int, header_key: int, parent: int, next_dirc: int,
+        records: list[DirCacheRecord],
+    ) -> DirCacheBlock:  # fmt: skip
+        raw = b"".join(r.pack() for r in records)
+        if len(raw) > block_size - 24:
+            raise ValueError("dircache records do not fit the block")
+        return cls(T_DIRCACHE, header_key, parent, len(records), next_dirc, 0, raw.ljust(block_size - 24, b"\0"))
+
+
+# --------------------------------------------------------------------------- comment block
+
+
+@dataclass(frozen=True)
+class CommentBlock:
+    """T_COMMENT (64), LNFS: a comment too long to share the name field."""
+
+    type: int
+    header_key: int
+    owner: int  # the header block whose comment this is
+    unused: bytes  # 8 bytes at 12
+    chksum: int
+    comment_area: bytes  # B - 24 bytes: BCPL comment then padding
+
+    @classmethod
+    def unpack(cls, data: bytes) -> CommentBlock:
+        typ, key, owner = struct.unpack_from(">3L", data, 0)
+        (chk,) = struct.unpack_from(">L", data, 20)
+        return cls(typ, key, owner, bytes(data[12:20]), chk, bytes(data[24:]))
+
+    def pack(self) -> bytes:
+        return (
+            struct.pack(">3L", self.type, self.header_key, self.owner) + self.unused
+            + struct.pack(">L", self.chksum) + self.comment_area
+        )  # fmt: skip
+
+    def packed_with_checksum(self) -> bytes:
+        return with_checksum(self.pack())
+
+    @property
+    def comment(self) -> bytes:
+        return bcpl(self.comment_area, MAX_COMMENT)
+
+    @classmethod
+    def new(cls, block_size: int, header_key: int, owner: int, comment: bytes) -> CommentBlock:
+        return cls(T_COMMENT, header_key, owner, bytes(8), 0, make_bcpl(comment, block_size - 24))
+
+
+def dostype_flags(dostype: int) -> tuple[bool, bool, bool, bool]:
+    """(ffs, intl, dircache, lnfs) for DOS\\0..7."""
+    n = dostype & 0xFF
+    ffs = bool(n & 1)
+    dircache = n in (4, 5)
+    lnfs = n in (6, 7)
+    intl = n >= 2
+    return ffs, intl, dircache, lnfs
