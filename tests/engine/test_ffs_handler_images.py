@@ -45,7 +45,10 @@ async def test_lookup_is_case_insensitive_intl() -> None:
     assert names.kind == Kind.DIR and names.name == "names"
     listing = {s.name for s in await vol.readdir(names.object_id)}
     accented = next(n for n in listing if "ø" in n or "æ" in n or "å" in n)
-    st = await vol.lookup(names.object_id, accented.upper())
+    # upper case as INTL has it: ß and ÿ have no Latin-1 capital and stay as they are
+    shouted = "".join(c if c in "ßÿ" else c.upper() for c in accented)
+    assert shouted != accented
+    st = await vol.lookup(names.object_id, shouted)
     assert st.name == accented
     link = await vol.lookup(vol.root_id, "links")
     hard = await vol.lookup(link.object_id, "hard_to_size_513")
