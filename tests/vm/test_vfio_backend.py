@@ -36,6 +36,7 @@ def test_backend_probe_bind_and_unbind(guest, tmp_path: Path) -> None:  # type: 
 {PY} -m amigafuse bind-vfio {BDF}; echo "bind rc=$?"
 readlink /sys/bus/pci/devices/{BDF}/driver
 {PY} tests/vm/guest/backend_probe.py {BDF}; echo "probe rc=$?"
+{PY} tests/vm/guest/backend_probe.py {BDF} --no-mmap; echo "probe rc=$?"
 {PY} -m amigafuse bind-vfio {BDF}; echo "bind-again rc=$?"
 {PY} -m amigafuse unbind-vfio {BDF}; echo "unbind rc=$?"
 readlink /sys/bus/pci/devices/{BDF}/driver
@@ -44,7 +45,7 @@ cat /sys/bus/pci/devices/{BDF}/driver_override
     res = guest(script, controllers=[Controller(disks=(Disk(img),))])
     assert res.rc == 0, res.stderr
     out = res.stdout
-    unbound, probe = _json_lines(out)
+    unbound, mapped, syscalls = _json_lines(out)
     # Not bound to vfio-pci: a clear error that prints the bind commands.
     assert unbound["error"] == "NotAvailable"
     assert "bound to virtio-pci, not vfio-pci" in str(unbound["message"])
@@ -56,13 +57,19 @@ cat /sys/bus/pci/devices/{BDF}/driver_override
     drivers = [line.rsplit("/", 1)[-1] for line in lines if "/drivers/" in line]
     assert drivers == ["vfio-pci", "virtio-pci"]
     assert lines[-1] == "(null)"  # driver_override cleared
-    # The probe itself.
-    assert "probe rc=0" in out
+    # The probe itself, with BARs mmap'ed and with pread/pwrite.
+    assert out.count("probe rc=0") == 2
+    assert mapped["bars"] == {"1": ["memory", 4096, "_MappedBar"], "4": ["memory", 16384, "_MappedBar"]}
+    assert syscalls["bars"] == {"1": ["memory", 4096, "_VfioBar"], "4": ["memory", 16384, "_VfioBar"]}
+    for probe in (mapped, syscalls):
+        _check_probe(probe)
+
+
+def _check_probe(probe: dict[str, object]) -> None:
     assert probe["vendor"] == 0x1AF4 and probe["device"] == 0x1048
     assert probe["other_devfn_vendor"] == 0xFFFF
     assert probe["config_block_matches"] is True
     assert int(probe["command"]) & 0b111 == 0b111  # type: ignore[call-overload]  # IO, memory, bus master
-    assert probe["bars"] == {"1": ["memory", 4096], "4": ["memory", 16384]}
     assert probe["access_platform"] is True
     assert probe["status_after_reset"] == 0 and probe["status_ack"] == 1
     assert probe["arena"] == [1 << 20, 0x1000_0000, "abcd"]
@@ -76,7 +83,6 @@ cat /sys/bus/pci/devices/{BDF}/driver_override
     assert probe["dead_while_open"] is False
     assert probe["dead_after_close"] is True
     assert probe["after_close_error"] == "DeviceGone"
-
 
 def test_open_errors_say_what_to_do(guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img = tmp_path / "disk.img"

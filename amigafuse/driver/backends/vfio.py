@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from amigafuse.driver.backends.base import Backend, BarKind, BarRegion, DmaArena
+from amigafuse.driver.backends.base import Backend, BarInfo, BarKind, BarRegion, DmaArena
 from amigafuse.errors import DeviceError, DeviceGone, NotAvailable, UsageError
 
 if TYPE_CHECKING:
@@ -291,6 +291,51 @@ class _VfioBar(BarRegion):
         self._backend._region_write(self._region, offset, size, value)
 
 
+_CTYPE_BY_SIZE: dict[int, type[ctypes.c_uint8] | type[ctypes.c_uint16] | type[ctypes.c_uint32]] = {
+    1: ctypes.c_uint8,
+    2: ctypes.c_uint16,
+    4: ctypes.c_uint32,
+}
+
+
+class _MappedBar(BarRegion):
+    """A memory BAR mmap'ed from the device fd: loads and stores of the access width,
+    no system call.  The backend unmaps it on close; every access first checks that
+    the backend is still open (an access after unmapping would fault)."""
+
+    def __init__(self, backend: VfioBackend, region: RegionInfo, mapping: mmap.mmap) -> None:
+        self._backend = backend
+        self._region = region
+        self._mapping = mapping
+        cbuf = (ctypes.c_char * region.size_bytes).from_buffer(mapping)
+        self._address = ctypes.addressof(cbuf)
+        del cbuf
+        self.kind = BarKind.MEMORY
+        self.size_bytes = region.size_bytes
+
+    def _load(self, offset: int, size: int) -> int:
+        if size == 8:
+            return self._load(offset, 4) | (self._load(offset + 4, 4) << 32)
+        return int(_CTYPE_BY_SIZE[size].from_address(self._address + offset).value)
+
+    def _store(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self._store(offset, 4, value & 0xFFFFFFFF)
+            self._store(offset + 4, 4, value >> 32)
+            return
+        _CTYPE_BY_SIZE[size].from_address(self._address + offset).value = value
+
+    async def read(self, offset: int, size: int) -> int:
+        self._check(offset, size)
+        self._backend._check_open()
+        return self._load(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._check(offset, size)
+        self._backend._check_open()
+        self._store(offset, size, value)
+
+
 # --------------------------------------------------------------------------- the backend
 
 
@@ -302,8 +347,10 @@ class VfioBackend(Backend):
     #: VIRTIO_F_ACCESS_PLATFORM (bit 33); without it the arena's bus address is wrong.
     requires_access_platform = True
 
-    def __init__(self, bdf: str) -> None:
+    def __init__(self, bdf: str, *, mmap_bars: bool = True) -> None:
         self.bdf = parse_bdf(bdf)
+        self.mmap_bars = mmap_bars
+        self._bar_maps: dict[int, mmap.mmap] = {}
         self.devfn = devfn_of(self.bdf)
         self._container_fd = -1
         self._group_fd = -1
@@ -490,6 +537,13 @@ class VfioBackend(Backend):
             )
         return self._gone
 
+    def _check_open(self) -> None:
+        """Raise DeviceGone once closed or dead (cheap: no system call)."""
+        if self._gone is not None:
+            raise self._gone
+        if self._closed:
+            raise self.gone_error()
+
     def _region_read(self, region: RegionInfo, offset: int, size: int) -> int:
         if self._gone is not None:
             raise self._gone
@@ -584,18 +638,57 @@ class VfioBackend(Backend):
             raise self._fail("config space read", exc) from None
         return data.ljust(length, b"\xff")
 
-    async def map_bar(self, devfn: int, bar_index: int) -> BarRegion:
-        if not self._check_devfn(devfn):
-            raise DeviceError(f"VFIO backend for {self.bdf} has no device at devfn {devfn:#x}")
+    def bar_info(self, bar_index: int) -> BarInfo:
+        """What VFIO says about BAR ``bar_index``: kind from the BAR register, size from
+        the region.  Raises DeviceError if the BAR is not implemented."""
         if not 0 <= bar_index <= 5:
             raise ValueError(f"BAR index {bar_index} is not 0..5")
-        if self.dead:
-            raise self.gone_error()
+        self._check_open()
         region = self._regions.get(VFIO_PCI_BAR0_REGION_INDEX + bar_index)
         if region is None or region.size_bytes == 0:
             raise DeviceError(f"PCI device {self.bdf} does not implement BAR{bar_index}")
         raw = self._region_read(self._config, PCI_BASE_ADDRESS_0 + 4 * bar_index, 4)
-        kind = BarKind.IO if raw & PCI_BASE_ADDRESS_SPACE_IO else BarKind.MEMORY
+        if raw & PCI_BASE_ADDRESS_SPACE_IO:
+            return BarInfo(bar_index, BarKind.IO, raw & ~0x3, region.size_bytes)
+        return BarInfo(
+            bar_index,
+            BarKind.MEMORY,
+            raw & ~0xF,
+            region.size_bytes,
+            is_64bit=(raw >> 1) & 3 == 2,
+            prefetchable=bool(raw & 8),
+        )
+
+    def map_bar(self, devfn: int, bar: BarInfo) -> BarRegion:
+        """The VFIO region of ``bar.index`` (the kind is taken from ``bar``).  Memory BARs
+        are mmap'ed when VFIO allows it (``mmap_bars``), otherwise accessed with
+        pread/pwrite.  Raises DeviceError for an unknown devfn or unimplemented BAR."""
+        if not self._check_devfn(devfn):
+            raise DeviceError(f"VFIO backend for {self.bdf} has no device at devfn {devfn:#x}")
+        if not 0 <= bar.index <= 5:
+            raise ValueError(f"BAR index {bar.index} is not 0..5")
+        self._check_open()
+        region = self._regions.get(VFIO_PCI_BAR0_REGION_INDEX + bar.index)
+        if region is None or region.size_bytes == 0:
+            raise DeviceError(f"PCI device {self.bdf} does not implement BAR{bar.index}")
+        kind = bar.kind
+        if kind is BarKind.MEMORY and self.mmap_bars and region.flags & VFIO_REGION_INFO_FLAG_MMAP:
+            mapping = self._bar_maps.get(region.index)
+            if mapping is None:
+                try:
+                    mapping = mmap.mmap(
+                        self._device_fd,
+                        region.size_bytes,
+                        flags=mmap.MAP_SHARED,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=region.offset,
+                    )
+                except OSError:
+                    mapping = None  # e.g. a BAR holding the MSI-X table: pread/pwrite
+                else:
+                    self._bar_maps[region.index] = mapping
+            if mapping is not None:
+                return _MappedBar(self, region, mapping)
         return _VfioBar(self, region, kind)
 
     async def sync(self) -> None:
@@ -715,6 +808,10 @@ class VfioBackend(Backend):
             if self._device_flags & VFIO_DEVICE_FLAGS_RESET:
                 with contextlib.suppress(OSError):
                     _ioctl(self._device_fd, VFIO_DEVICE_RESET, None, "VFIO_DEVICE_RESET")
+        for mapping in self._bar_maps.values():
+            with contextlib.suppress(BufferError, OSError):
+                mapping.close()
+        self._bar_maps.clear()
         if self._dma_mapped:
             unmap = bytearray(DMA_UNMAP.size)
             DMA_UNMAP.pack_into(unmap, 0, DMA_UNMAP.size, 0, self._arena_iova, len(self._arena_map or b""))
@@ -739,7 +836,9 @@ class VfioBackend(Backend):
 
 
 @asynccontextmanager
-async def open_vfio_backend(bdf: str, *, arena_bytes: int = DEFAULT_ARENA_BYTES) -> AsyncIterator[VfioBackend]:
+async def open_vfio_backend(
+    bdf: str, *, arena_bytes: int = DEFAULT_ARENA_BYTES, mmap_bars: bool = True
+) -> AsyncIterator[VfioBackend]:
     """Open ``bdf`` (bound to vfio-pci) as a :class:`VfioBackend`; close it on exit.
 
     Raises UsageError (bad or unknown address) and NotAvailable with what to do (not bound
@@ -747,7 +846,7 @@ async def open_vfio_backend(bdf: str, *, arena_bytes: int = DEFAULT_ARENA_BYTES)
     no permission on /dev/vfio, DMA mapping refused).  Opening is synchronous work done
     in this task (a few ioctls).
     """
-    backend = VfioBackend(bdf)
+    backend = VfioBackend(bdf, mmap_bars=mmap_bars)
     try:
         backend._open(arena_bytes)
     except OSError as exc:
@@ -823,7 +922,7 @@ async def check_access_platform(backend: VfioBackend, transport: str = "auto") -
             f"PCI device {backend.bdf} is a legacy-only VirtIO device: it cannot use the "
             f"IOMMU, so VFIO cannot drive it safely; {advice}"
         )
-    bar = await backend.map_bar(backend.devfn, common[0])
+    bar = backend.map_bar(backend.devfn, backend.bar_info(common[0]))
     bar.write(common[1] + COMMON_DEVICE_FEATURE_SELECT, 4, 1)
     high = await bar.read(common[1] + COMMON_DEVICE_FEATURE, 4)
     if not high >> (VIRTIO_F_ACCESS_PLATFORM - 32) & 1:
@@ -841,6 +940,7 @@ async def open_vfio(
     transport: Literal["auto", "legacy", "modern"] = "auto",
     queue_depth: int = 16,
     arena_bytes: int = DEFAULT_ARENA_BYTES,
+    mmap_bars: bool = True,
 ) -> AsyncIterator[Controller]:
     """The virtio-scsi controller at ``bdf`` (bound to vfio-pci) with its disks: the VFIO
     twin of :func:`amigafuse.driver.controller.open_qemu` (same Controller shape).
@@ -852,7 +952,7 @@ async def open_vfio(
 
     from amigafuse.driver.controller import open_transport
 
-    async with open_vfio_backend(bdf, arena_bytes=arena_bytes) as backend:
+    async with open_vfio_backend(bdf, arena_bytes=arena_bytes, mmap_bars=mmap_bars) as backend:
         await check_access_platform(backend, transport)
         # Imported by name: the VirtIO layer is another module's, imported only when used.
         open_virtio_scsi = importlib.import_module("amigafuse.driver.virtio.scsi").open_virtio_scsi

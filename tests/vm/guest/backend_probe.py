@@ -45,9 +45,9 @@ async def raw_scsi(be: object, cfg: bytes, out: dict[str, object]) -> None:
     cbar, coff, _ = caps[VIRTIO_PCI_CAP_COMMON_CFG]
     nbar, noff, mult = caps[VIRTIO_PCI_CAP_NOTIFY_CFG]
     ibar, ioff, _ = caps[VIRTIO_PCI_CAP_ISR_CFG]
-    common = await be.map_bar(devfn, cbar)
-    notify = await be.map_bar(devfn, nbar)
-    isr = await be.map_bar(devfn, ibar)
+    common = be.map_bar(devfn, be.bar_info(cbar))
+    notify = be.map_bar(devfn, be.bar_info(nbar))
+    isr = be.map_bar(devfn, be.bar_info(ibar))
     view, base = be.arena.view, be.arena.bus_address
     view[0:0x10000] = bytes(0x10000)
     common.write(coff + 0x14, 1, 0)
@@ -107,9 +107,9 @@ async def raw_scsi(be: object, cfg: bytes, out: dict[str, object]) -> None:
     common.write(coff + 0x14, 1, 0)
 
 
-async def probe(bdf: str) -> dict[str, object]:
+async def probe(bdf: str, mmap_bars: bool) -> dict[str, object]:
     out: dict[str, object] = {}
-    async with open_vfio_backend(bdf, arena_bytes=1 << 20) as be:
+    async with open_vfio_backend(bdf, arena_bytes=1 << 20, mmap_bars=mmap_bars) as be:
         devfn = be.devfn
         out["vendor"] = await be.config_read(devfn, 0, 2)
         out["device"] = await be.config_read(devfn, 2, 2)
@@ -120,10 +120,10 @@ async def probe(bdf: str) -> dict[str, object]:
         bars = {}
         for i in range(6):
             try:
-                bar = await be.map_bar(devfn, i)
+                bar = be.map_bar(devfn, be.bar_info(i))
             except AmigaFuseError:
                 continue
-            bars[i] = [bar.kind.value, bar.size_bytes]
+            bars[i] = [bar.kind.value, bar.size_bytes, type(bar).__name__]
         out["bars"] = bars
         # Walk the capability list to the virtio COMMON_CFG; read device features.
         ptr = cfg[0x34]
@@ -135,7 +135,7 @@ async def probe(bdf: str) -> dict[str, object]:
             if cap_id == 0x09 and cfg[ptr + 3] == VIRTIO_PCI_CAP_COMMON_CFG:
                 bar_index = cfg[ptr + 4]
                 offset = int.from_bytes(cfg[ptr + 8 : ptr + 12], "little")
-                bar = await be.map_bar(devfn, bar_index)
+                bar = be.map_bar(devfn, be.bar_info(bar_index))
                 assert bar.kind is BarKind.MEMORY
                 bar.write(offset + 0x14, 1, 0)  # device_status = 0 (reset)
                 await be.sync()
@@ -172,7 +172,7 @@ async def probe(bdf: str) -> dict[str, object]:
 def main() -> int:
     bdf = sys.argv[1]
     try:
-        result = trio.run(probe, bdf)
+        result = trio.run(probe, bdf, "--no-mmap" not in sys.argv)
     except AmigaFuseError as exc:
         print(json.dumps({"error": type(exc).__name__, "message": exc.message}))
         return 3
