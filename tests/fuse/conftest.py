@@ -229,3 +229,12 @@ def make_two_partition_sfs_disk(path: Path, size_mib: int = 48) -> Path:
 
     trio.run(fmt)
     return path
+
+
+def amitools_read(image: Path, partition: str, amiga_path: str, out: Path) -> bytes:
+    """Read a file from an FFS partition with amitools' xdftool (an independent reader)."""
+    xdftool = str(Path(sys.executable).parent / "xdftool")
+    out.unlink(missing_ok=True)
+    subprocess.run([xdftool, str(image), "open", f"part={partition}", "+", "read", amiga_path, str(out)],
+                   check=True, capture_output=True)
+    return out.read_bytes()
