@@ -40,8 +40,27 @@ else
   run .venv/bin/xdftool "$IMG" open part=DH0 + format Workbench ffs+intl
 fi
 
-if "${AF[@]}" format --help >/dev/null 2>&1 && ! "${AF[@]}" mkdisk --help >/dev/null 2>&1; then
-  run "${AF[@]}" format "$IMG" --partition DH1 --label Work || true
+if ! "${AF[@]}" mkdisk --help >/dev/null 2>&1; then
+  if "${AF[@]}" format --help >/dev/null 2>&1; then
+    run "${AF[@]}" format "$IMG" --partition DH1 --label Work
+  else
+    echo "(amigafuse format is not in this build: formatting DH1 with the SFS engine directly)"
+    .venv/bin/python - "$IMG" <<'PY'
+import sys, trio
+from amigafuse.blockdev.file import FileBlockDevice
+from amigafuse.blockdev.window import PartitionDevice
+from amigafuse.fs import engine_for
+from amigafuse.rdb.scan import scan_device
+async def main() -> None:
+    dev = FileBlockDevice(sys.argv[1])
+    for part in (await scan_device(dev)).partitions:
+        if part.drive_name == "DH1":
+            window = PartitionDevice(dev, part.first_lba, part.block_count)
+            await engine_for(part.dostype).format_volume(window, part.geometry, "Work")
+    await dev.flush()
+trio.run(main)
+PY
+  fi
 fi
 
 say "2. Copy files in through a mount"
@@ -52,15 +71,21 @@ if ! run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"; then
   run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"
 fi
 run ls "$MNT"
-part="$MNT/DH0"
-mkdir -p "$part/S" "$part/Docs"
-printf 'echo "Hello from Linux"\n' > "$part/S/Startup-Sequence"
-cp README.md "$part/Docs/ReadMe"
-cp -a amigafuse/amiga "$part/Source"
-setfattr -n user.amiga.comment -v "written through amigafuse" "$part/Docs/ReadMe"
-setfattr -n user.amiga.protection -v "-s--rwed" "$part/S/Startup-Sequence"
-ln -s Docs/ReadMe "$part/ReadMe.link"
-if [ -w "$MNT/DH1" ] && [ -d "$MNT/DH1" ]; then cp README.md "$MNT/DH1/ReadMe"; fi
+part=""
+for p in "$MNT"/DH0 "$MNT"/DH1; do
+  [ -d "$p" ] || continue
+  if ! mkdir "$p/S" 2>/dev/null; then echo "($p is read-only in this build: nothing copied there)"; continue; fi
+  [ -n "$part" ] || part="$p"
+  mkdir -p "$p/Docs"
+  printf 'echo "Hello from Linux"\n' > "$p/S/Startup-Sequence"
+  cp README.md "$p/Docs/ReadMe"
+  mkdir "$p/Source" && cp -p amigafuse/amiga/*.py "$p/Source/"
+  setfattr -n user.amiga.comment -v "written through amigafuse" "$p/Docs/ReadMe"
+  setfattr -n user.amiga.protection -v "-s--rwed" "$p/S/Startup-Sequence"
+  ln -s Docs/ReadMe "$p/ReadMe.link"
+  echo "copied S/Startup-Sequence, Docs/ReadMe, Source/ and a soft link into $p"
+done
+[ -n "$part" ] || { echo "demo: no writable partition" >&2; exit 1; }
 run "${AF[@]}" umount "$MNT"
 
 say "3. Mount it again through the VirtIO SCSI driver (backend=$backend) and look"
@@ -68,7 +93,7 @@ run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"
 run ls -lR "$MNT"
 run cat "$part/S/Startup-Sequence"
 run getfattr -d "$part/Docs/ReadMe" "$part/S/Startup-Sequence"
-run getfattr -n user.amiga.volume -n user.amiga.dostype "$part"
+run getfattr -d -m 'user\.amiga\.(volume|dostype)' "$part"
 run df -h "$MNT"
 
 if [ "$keep" = 1 ]; then
