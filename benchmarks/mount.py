@@ -98,6 +98,40 @@ def make_disk(path: Path, size_mib: int, with_files: tuple[Path, Path] | None) -
         must([*xdf, "write", str(tree)])
 
 
+def make_sfs_disk(path: Path, size_mib: int) -> None:
+    """An RDB disk (rdbtool) with one SFS\\0 partition DH0 formatted by amigafuse's SFS engine:
+    the write workloads' target while the FFS engine mounts read-only."""
+    if path.exists():
+        path.unlink()
+    must([str(AMITOOLS_BIN / "rdbtool"), str(path), "create", f"size={size_mib}M", "+", "init",
+          "+", "add", "size=100%", "name=DH0", "dostype=0x53465300"])
+    code = (
+        "import sys, trio\n"
+        "from amigafuse.blockdev.file import FileBlockDevice\n"
+        "from amigafuse.blockdev.window import PartitionDevice\n"
+        "from amigafuse.fs import engine_for\n"
+        "from amigafuse.rdb.scan import scan_device\n"
+        "async def main():\n"
+        "    dev = FileBlockDevice(sys.argv[1])\n"
+        "    part = (await scan_device(dev)).partitions[0]\n"
+        "    w = PartitionDevice(dev, part.first_lba, part.block_count)\n"
+        "    await engine_for(part.dostype).format_volume(w, part.geometry, 'Bench')\n"
+        "    await dev.flush()\n"
+        "trio.run(main)\n"
+    )
+    must([PY, "-c", code, str(path)], cwd=REPO)
+
+
+def ffs_writable(image: Path, work: Path) -> bool:
+    mnt = work / "probe"
+    mnt.mkdir(exist_ok=True)
+    m = Mount(image, mnt, "file")
+    try:
+        return os.access(m.root, os.W_OK) and sh(["mkdir", str(m.root / "probe")]).returncode == 0
+    finally:
+        m.close()
+
+
 class Mount:
     def __init__(self, image: Path, mnt: Path, backend: str, ro: bool = False) -> None:
         self.mnt = mnt
@@ -194,6 +228,12 @@ def main() -> int:
         t_make = timed(lambda: make_disk(full, disk_mib, (big, tree)))
         make_disk(empty, disk_mib, None)
         result["disk_mib"] = disk_mib
+        result["write_fs"] = "FFS (DOS\\3)"
+        write_target = empty
+        if not ffs_writable(empty, work):
+            write_target = work / "empty_sfs.hdf"
+            make_sfs_disk(write_target, disk_mib)
+            result["write_fs"] = "SFS\\0 (the FFS engine mounts read-only in this build)"
 
         # baselines: raw image read, plain directory
         sh(["cat", str(full)], stdout=subprocess.DEVNULL)  # into the page cache
@@ -238,7 +278,7 @@ def main() -> int:
         result["amitools"] = {k: round(v, 4) for k, v in am.items()}
 
         for backend in args.backends.split(","):
-            res = bench_mount(backend, full, empty, big, tree, work, args.runs)
+            res = bench_mount(backend, full, write_target, big, tree, work, args.runs)
             result[f"amigafuse_{backend}"] = res
             ratios: dict[str, Any] = {}
             cat = res.get("cat_big", {}).get("seconds")
