@@ -52,7 +52,7 @@ mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/dev/pts
-mount -t tmpfs -o size=256m shm /newroot/dev/shm
+mount -t tmpfs shm /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs run /newroot/run
 for p in /dev/port-*; do ln -sf "$(readlink "$p")" "/newroot/dev/${p##*/}"; done
