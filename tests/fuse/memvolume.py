@@ -13,12 +13,15 @@ from dataclasses import dataclass, field, replace
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.errors import (
+    CorruptError,
+    DeviceGone,
     DirectoryNotEmpty,
     Exists,
     InvalidArgument,
     InvalidName,
     IsADirectory,
     NameTooLong,
+    NoSpace,
     NotADirectory,
     NotFound,
     ReadOnlyFilesystem,
@@ -100,6 +103,14 @@ class MemoryVolume(Volume):
         return self._stat(self._get(object_id), self._name_of(object_id))
 
     async def lookup(self, dir_id: int, name: str) -> Stat:
+        # Fault injection for the error-mapping tests: these names fail as a damaged disk,
+        # a full volume or a bug would.
+        if name == "corrupt":
+            raise CorruptError("bad checksum", block=5, field="checksum")
+        if name == "bug":
+            raise RuntimeError("an engine bug")
+        if name == "gone":
+            raise DeviceGone("QEMU died")
         d = self._dir(dir_id)
         oid = d.entries.get(name.upper())
         if oid is None:
@@ -144,6 +155,8 @@ class MemoryVolume(Volume):
         return obj
 
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
+        if name == "full":
+            raise NoSpace("volume full")
         return self._add(dir_id, name, self._new(Kind.FILE, protection=protection))
 
     async def mkdir(self, dir_id: int, name: str) -> Stat:

@@ -186,3 +186,21 @@ def test_killed_server_leaves_no_dead_mount(memory_mount) -> None:  # type: igno
     while is_mounted(s.mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not is_mounted(s.mountpoint)  # auto_unmount
+
+
+def test_engine_errors_become_errnos_and_the_mount_survives(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    s = memory_mount()
+    m = s.mountpoint
+    for name, want in (("corrupt", errno.EIO), ("bug", errno.EIO), ("gone", errno.EIO)):
+        with pytest.raises(OSError) as exc:
+            os.stat(m / name)
+        assert exc.value.errno == want, name
+    with pytest.raises(OSError) as exc:
+        (m / "full").write_bytes(b"x")
+    assert exc.value.errno == errno.ENOSPC
+    (m / "fine").write_bytes(b"still works")
+    assert (m / "fine").read_bytes() == b"still works"
+    assert s.stop() == 0
+    err = s.stderr()
+    assert "bad checksum (block 5, field checksum)" in err  # EIO causes are logged
+    assert "an engine bug" in err
