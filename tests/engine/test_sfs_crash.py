@@ -65,7 +65,8 @@ async def workload(vol: Volume) -> None:
         st = await vol.create(d.object_id, f"new_{i:02d}")
         await vol.write(st.object_id, 0, bytes([i]) * (700 * i + 1))
     old = await vol.lookup(vol.root_id, "old.bin")
-    await vol.truncate(old.object_id, 3072)  # a block boundary: no in-place data overwrite
+    await vol.truncate(old.object_id, 3000)
+    await vol.write(old.object_id, 100, b"in place" * 200)  # overwrites committed blocks
     await vol.write(old.object_id, 10000, b"tail" * 100)
     await vol.unlink(vol.root_id, "gone.txt")
     await vol.rename(vol.root_id, "keep.txt", d.object_id, "kept.txt")

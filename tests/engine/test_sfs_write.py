@@ -93,3 +93,26 @@ async def test_emptying_recycled_updates_root_info(image_copy: Callable[[str], P
     assert (ri.deletedfiles, ri.deletedblocks) == (0, 0)
     assert (await vol.statfs()).free_blocks == before.free_blocks + 137
     assert (await check_volume(dev, geo, False)).clean
+
+
+async def test_objects_never_start_where_readers_stop() -> None:
+    """An object may not start at or after blocksize - sizeof(fsObject) - 2 (the
+    handler stops scanning a container there): growing a comment must move it."""
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice(4096, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "Edge")
+    vol = await open_volume(dev, geo, False)
+    d = await vol.mkdir(vol.root_id, "d")
+    names = [f"{i}" * 25 for i in range(1, 9)] + ["z"]
+    ids = [(await vol.create(d.object_id, n)).object_id for n in names]
+    # 24 + 8 * 52 + 28 = 468 bytes; a 43-character comment adds 44.
+    await vol.setattr(ids[0], SetAttrs(comment="c" * 43))
+    assert sorted(s.name for s in await vol.readdir(d.object_id)) == sorted(names)
+    await vol.close()
+    rep = await check_volume(dev, geo, False)
+    assert rep.clean, rep.errors

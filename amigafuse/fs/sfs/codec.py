@@ -44,7 +44,7 @@ TRANSACTIONFAILURE_ID = make_id("TRFA")
 TRANSACTIONOK_ID = make_id("TROK")
 # Our own journal (not the handler's compressed TRST format; see docs/sfs.md).
 JOURNAL_HEADER_ID = make_id("AFJH")
-JOURNAL_BLOCK_ID = make_id("AFJB")
+JOURNAL_DATA_ID = make_id("AFJD")  # a journal record listing file data blocks
 
 ROOTBITS_CASESENSITIVE = 0x80
 ROOTBITS_RECYCLED = 0x40

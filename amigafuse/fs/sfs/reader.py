@@ -62,6 +62,7 @@ class SfsReader:
         # Blocks changed by the transaction being built; reads see them first.
         self.pending: dict[int, bytearray] = {}
         self.extent_cache: dict[int, list[tuple[int, int]]] = {}
+        self.overlay_data: dict[int, bytes] = {}
         # Parsed containers; every change of a block's bytes drops its entry.
         self.parsed: dict[int, ObjectContainer] = {}
         # Path to the leaf container of each range of object nodes; the writer drops
@@ -324,9 +325,18 @@ class SfsReader:
         return raw[skip : skip + (end - offset)]
 
     async def read_file_blocks(self, disk: int, count: int) -> bytes:
-        """Data blocks; pending (not yet written) data blocks are not overlaid: data
-        blocks are written to the device directly."""
-        return await self.io.read(disk, count)
+        """Data blocks as the device holds them, with ``overlay_data`` (a journal
+        applied in memory on a read-only volume) on top."""
+        raw = await self.io.read(disk, count)
+        if not self.overlay_data:
+            return raw
+        bs = self.block_size
+        out = bytearray(raw)
+        for i in range(count):
+            pend = self.overlay_data.get(disk + i)
+            if pend is not None:
+                out[i * bs : (i + 1) * bs] = pend
+        return bytes(out)
 
     async def softlink_target(self, obj: SfsObject) -> bytes:
         block = self.check_pointer(obj.data, obj.objectnode, "softlink data")

@@ -43,7 +43,6 @@ from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import SfsObject
 from amigafuse.fs.sfs.reader import Located, SfsReader, read_root
 from amigafuse.fs.sfs.writer import (
-    PENDING_LIMIT,
     SfsWriter,
     now_seconds,
     replay_handler_transaction,
@@ -309,7 +308,7 @@ class SfsVolume(Volume):
                 w.rollback()
                 raise
             w.end()
-            if len(w.pending) > PENDING_LIMIT:
+            if w.needs_commit():
                 with trio.CancelScope(shield=True):
                     await w.commit()
             return result
@@ -414,14 +413,14 @@ class SfsVolume(Volume):
         buf = bytearray((last - first + 1) * bs)
         if start % bs:
             head = w.map_runs(extents, first, 1)[0][0]
-            buf[:bs] = await w.io.read(head, 1)
+            buf[:bs] = await w.read_file_blocks(head, 1)
         if end % bs and end < size and (last != first or not start % bs):
             tail = w.map_runs(extents, last, 1)[0][0]
-            buf[-bs:] = await w.io.read(tail, 1)
+            buf[-bs:] = await w.read_file_blocks(tail, 1)
         buf[start - first * bs : end - first * bs] = data
         pos = 0
         for disk, count in w.map_runs(extents, first, last - first + 1):
-            await w.io.write(disk, buf[pos : pos + count * bs])
+            await w.write_data(disk, buf[pos : pos + count * bs])
             pos += count * bs
         if extents != old:
             await w.sync_extents(object_id, old, extents)

@@ -46,6 +46,7 @@ from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, NodeRef, SfsReader
 
 ADMIN_SPACE_BLOCKS = 32
 PENDING_LIMIT = 256  # commit when a transaction grows past this many blocks
+PENDING_DATA_BYTES = 4 << 20  # ... or holds this many bytes of overwritten file data
 
 
 def now_seconds() -> int:
@@ -70,6 +71,12 @@ class SfsWriter(SfsReader):
         super().__init__(io, root)  # type: ignore[arg-type]
         self.freemap = freemap
         self.undo: dict[int, bytes | None] | None = None
+        # New contents of data blocks the committed state uses (journaled at commit),
+        # blocks allocated since the last commit (written directly), and the undo log
+        # of ``pending_data`` for the running operation.
+        self.pending_data: dict[int, bytes] = {}
+        self.fresh: set[int] = set()
+        self.undo_data: dict[int, bytes | None] = {}
         self.max_extent = 0xFFFF
         self.tr_block = root.rootobjectcontainer + 2
         self.sequence = 1
@@ -78,6 +85,7 @@ class SfsWriter(SfsReader):
     # ------------------------------------------------------------------ operations
     def begin(self) -> None:
         self.undo = {}
+        self.undo_data = {}
         self.freemap.begin()
 
     def rollback(self) -> None:
@@ -87,6 +95,12 @@ class SfsWriter(SfsReader):
                 self.pending.pop(block, None)
             else:
                 self.pending[block] = bytearray(old)
+        for block, olddata in self.undo_data.items():
+            if olddata is None:
+                self.pending_data.pop(block, None)
+            else:
+                self.pending_data[block] = olddata
+        self.undo_data = {}
         self.freemap.rollback()
         self.extent_cache.clear()
         self.parsed.clear()
@@ -94,7 +108,48 @@ class SfsWriter(SfsReader):
 
     def end(self) -> None:
         self.undo = None
+        self.undo_data = {}
         self.freemap.end()
+
+    def needs_commit(self) -> bool:
+        return len(self.pending) > PENDING_LIMIT or len(self.pending_data) * self.block_size > PENDING_DATA_BYTES
+
+    async def write_data(self, disk: int, data: bytes | bytearray) -> None:
+        """Write file data at ``disk``: blocks allocated by this transaction go to the
+        device now; blocks the committed state uses wait for the commit (journaled)."""
+        bs = self.block_size
+        count = len(data) // bs
+        if all(b in self.fresh for b in range(disk, disk + count)):
+            await self.io.write(disk, data)
+            return
+        start = 0
+        while start < count:
+            if disk + start in self.fresh:
+                end = start
+                while end < count and disk + end in self.fresh:
+                    end += 1
+                await self.io.write(disk + start, data[start * bs : end * bs])
+                start = end
+                continue
+            b = disk + start
+            if b not in self.undo_data:
+                self.undo_data[b] = self.pending_data.get(b)
+            self.pending_data[b] = bytes(data[start * bs : (start + 1) * bs])
+            start += 1
+
+    async def read_file_blocks(self, disk: int, count: int) -> bytes:
+        raw = await self.io.read(disk, count)
+        if not self.pending_data:
+            return raw
+        bs = self.block_size
+        out = None
+        for i in range(count):
+            pend = self.pending_data.get(disk + i)
+            if pend is not None:
+                if out is None:
+                    out = bytearray(raw)
+                out[i * bs : (i + 1) * bs] = pend
+        return raw if out is None else bytes(out)
 
     def _record(self, block: int) -> None:
         self.parsed.pop(block, None)
@@ -304,6 +359,13 @@ class SfsWriter(SfsReader):
             await self._mark_parent(path, len(path) - 1, False)
 
     # ------------------------------------------------------------------ containers
+    def _fits(self, block: int, used_before_last: int, last_size: int) -> bool:
+        """Whether an object of ``last_size`` bytes can start at ``used_before_last``:
+        it must end inside the block (before the root info in the root container) and
+        start before ``blocksize - sizeof(fsObject) - 2``, where readers stop looking."""
+        start_limit = self.block_size - codec.object_sizeof(self.sfs2) - 2
+        return used_before_last < start_limit and used_before_last + last_size <= self._capacity(block)
+
     def _capacity(self, block: int) -> int:
         if block == self.root.rootobjectcontainer:
             return self.block_size - codec.ROOTINFO_SIZE
@@ -332,7 +394,8 @@ class SfsWriter(SfsReader):
         loc = await self.locate(node)
         oc = await self.container(loc.container)
         objects = [new if o.objectnode == node else o for o in oc.objects]
-        if codec.objects_used_bytes(objects) <= self._capacity(loc.container):
+        used = codec.objects_used_bytes(objects)
+        if self._fits(loc.container, used - objects[-1].packed_size, objects[-1].packed_size):
             await self._write_container(loc.container, oc, objects)
             return
         await self._remove_from_container(loc)
@@ -351,7 +414,7 @@ class SfsWriter(SfsReader):
                 raise ChainLoopError("directory container chain loops", block=block, field="next")
             seen.add(block)
             oc = await self.container(block)
-            if oc.used + obj.packed_size <= self._capacity(block):
+            if self._fits(block, oc.used, obj.packed_size):
                 await self._write_container(block, oc, [*oc.objects, obj])
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
@@ -560,6 +623,8 @@ class SfsWriter(SfsReader):
         """Allocate ``count`` more blocks for a file; (new extent list, new runs)."""
         hint = extents[-1][0] + extents[-1][1] if extents else self.data_hint
         runs = self.freemap.allocate(count, hint)
+        for start, length in runs:
+            self.fresh.update(range(start, start + length))
         out = list(extents)
         for start, length in runs:
             while length:
@@ -664,43 +729,50 @@ class SfsWriter(SfsReader):
     async def commit(self) -> None:
         """Write the pending transaction (see module docstring).  Callers shield it
         from cancellation."""
-        if not self.pending and not self.freemap.dirty_blocks:
+        if not self.pending and not self.freemap.dirty_blocks and not self.pending_data:
             return
         await self._prepare_commit()
-        targets = sorted(self.pending)
+        meta = sorted(self.pending)
+        data = sorted(self.pending_data)
+        contents: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending}
         cap = codec.journal_capacity(self.block_size)
-        nrec = (len(targets) + cap - 1) // cap
+        nmeta = (len(meta) + cap - 1) // cap
+        ndata = (len(data) + cap - 1) // cap
         try:
-            spare = self._journal_blocks(len(targets) + nrec - 1)
+            spare = self._journal_blocks(len(meta) + len(data) + nmeta + ndata - 1)
         except NoSpace:
             spare = []
         if spare:
+            targets = meta + data
             copies = spare[: len(targets)]
             extra = spare[len(targets) :]
-            await self._write_runs({c: self.pending[t] for t, c in zip(targets, copies, strict=True)})
-            records: dict[int, bytes | bytearray] = {}
-            headers = [self.tr_block, *extra]
+            await self._write_runs({c: contents[t] for t, c in zip(targets, copies, strict=True)})
             pairs = list(zip(targets, copies, strict=True))
-            for i, hblock in enumerate(headers):
-                chunk = pairs[i * cap : (i + 1) * cap]
+            chunks = [(codec.JOURNAL_HEADER_ID, pairs[i : i + cap]) for i in range(0, len(meta), cap)]
+            chunks += [(codec.JOURNAL_DATA_ID, pairs[len(meta) + i : len(meta) + i + cap]) for i in range(0, len(data), cap)]
+            headers = [self.tr_block, *extra]
+            records: dict[int, bytes | bytearray] = {}
+            for i, ((rid, chunk), hblock) in enumerate(zip(chunks, headers, strict=True)):
                 nxt = headers[i + 1] if i + 1 < len(headers) else 0
-                rec = codec.JournalHeader(codec.JOURNAL_HEADER_ID, 0, hblock, self.sequence, len(chunk), nxt, tuple(chunk), b"")
+                rec = codec.JournalHeader(rid, 0, hblock, self.sequence, len(chunk), nxt, tuple(chunk), b"")
                 raw = bytearray(rec.pack().ljust(self.block_size, b"\0"))
-                records[hblock] = self.finish(raw, codec.JOURNAL_HEADER_ID, hblock)
+                records[hblock] = self.finish(raw, rid, hblock)
             await self._write_runs({b: d for b, d in records.items() if b != self.tr_block})
             await self.io.flush()
             await self.io.write(self.tr_block, bytes(records[self.tr_block]))
             await self.io.flush()
-        await self._write_runs(dict(self.pending))
+        await self._write_runs(contents)
         await self.io.flush()
         if spare:
             ok = self.finish(bytearray(self.block_size), codec.TRANSACTIONOK_ID, self.tr_block)
             await self.io.write(self.tr_block, bytes(ok))
             await self.io.flush()
         self.sequence += 1
-        for block, data in self.pending.items():
-            self.cache[block] = bytes(data)
+        for block, content in self.pending.items():
+            self.cache[block] = bytes(content)
         self.pending.clear()
+        self.pending_data.clear()
+        self.fresh.clear()
         self.freemap.committed()
 
 
@@ -718,25 +790,32 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
     pairs: list[tuple[int, int]] = []
     block = tr
     seen: set[int] = set()
+    data_pairs: list[tuple[int, int]] = []
     while block:
         if block in seen:
             raise ChainLoopError("journal record chain loops", block=block, field="next")
         seen.add(block)
         raw = await reader.raw(block)
-        codec.check_block(raw, block, codec.JOURNAL_HEADER_ID, reader.sfs2)
+        rid = struct.unpack_from(">I", raw, 0)[0]
+        is_data = rid == codec.JOURNAL_DATA_ID and block != tr
+        codec.check_block(raw, block, codec.JOURNAL_DATA_ID if is_data else codec.JOURNAL_HEADER_ID, reader.sfs2)
         rec = codec.JournalHeader.unpack(raw, block)
-        pairs.extend(rec.pairs)
+        (data_pairs if is_data else pairs).extend(rec.pairs)
         block = reader.check_pointer(rec.next, block, "next") if rec.next else 0
     copies: dict[int, bytes] = {}
-    for target, copy in pairs:
+    data_copies: dict[int, bytes] = {}
+    for target, copy in pairs + data_pairs:
         reader.check_pointer(target, tr, "target")
         reader.check_pointer(copy, tr, "copy")
         content = await reader.io.read(copy, 1)
+        if (target, copy) in data_pairs:
+            data_copies[target] = content
+            continue
         if not codec.checksum_ok(content, reader.sfs2) or struct.unpack_from(">I", content, 8)[0] != target:
             raise CorruptError("journal copy is damaged", block=copy, field="checksum")
         copies[target] = content
     if apply:
-        for target, content in copies.items():
+        for target, content in {**data_copies, **copies}.items():
             await reader.io.write(target, content)
         await reader.io.flush()
         ok = codec.finish_block(bytearray(reader.block_size), codec.TRANSACTIONOK_ID, tr, reader.sfs2)
@@ -750,6 +829,10 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
     reader.parsed.clear()
     reader.leaf_refs.clear()
     reader.cache.update(copies)
+    if isinstance(reader, SfsWriter):
+        reader.pending_data.update(data_copies)
+    else:
+        reader.overlay_data.update(data_copies)
     return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
 
 
