@@ -14,7 +14,6 @@ from amigafuse.blockdev.base import BlockDevice
 from amigafuse.errors import CorruptError
 from amigafuse.fs import CheckReport
 from amigafuse.fs.ffs.layout import (
-    BM_VALID,
     ST_FILE,
     ST_LINKDIR,
     ST_LINKFILE,
@@ -210,10 +209,7 @@ async def _check_dircache(vol: FfsVolume, d: int, entries, claim, report: CheckR
             bad.add(d)
 
 
-async def check_volume(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
-    """Check the FFS volume on ``device``; with ``repair``, fix what can be fixed safely.
-    Never raises for damage it can describe (it lands in ``errors``); DeviceError on I/O
-    failure."""
+async def _check_once(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
     report = CheckReport()
     try:
         vol = await open_volume(device, geometry, not repair, validate=False)
@@ -221,38 +217,46 @@ async def check_volume(device: BlockDevice, geometry: VolumeGeometry, repair: bo
         report.errors.append(f"cannot open the volume: {exc}")
         return report
     try:
-        if vol.root.bm_flag != BM_VALID and not vol.opened_invalid:
-            pass
         if vol.opened_invalid:
             report.errors.append("the bitmap-valid flag is clear (the volume was not closed cleanly)")
         if not vol.bitmap_ok:
-            report.errors.extend(vol.notes)
+            report.errors.extend(n for n in vol.notes if "bitmap" in n)
+        tree_errors_before = len(report.errors)
         used, bad_dircache = await _check_tree(vol, report)
-        tree_ok = not [e for e in report.errors if not e.startswith(("the bitmap", "bitmap", "dircache"))]
+        tree_errors = [
+            e for e in report.errors[tree_errors_before:] if "dircache" not in e
+        ]
         if vol.bitmap_ok:
-            wrong_free = [b for b in used if b >= vol.reserved and b < vol.block_count and vol.bitmap.is_free(b)]
+            wrong_free = sorted(b for b in used if vol.bitmap.in_range(b) and vol.bitmap.is_free(b))
             lost = [
                 b for b in range(vol.reserved, vol.block_count)
                 if b not in used and not vol.bitmap.is_free(b)
             ]  # fmt: skip
             if wrong_free:
-                report.errors.append(f"{len(wrong_free)} blocks in use are marked free in the bitmap (first: {sorted(wrong_free)[:5]})")
+                report.errors.append(f"{len(wrong_free)} blocks in use are marked free in the bitmap (first: {wrong_free[:5]})")
             if lost:
-                report.errors.append(f"{len(lost)} blocks are marked used but nothing uses them (first: {sorted(lost)[:5]})")
+                report.errors.append(f"{len(lost)} blocks are marked used but nothing uses them (first: {lost[:5]})")
             report.stats["free_blocks"] = vol.bitmap.free_count()
-        if repair:
-            if not tree_ok:
+        if repair and report.errors:
+            if tree_errors:
                 report.warnings.append("not repairing: the directory tree itself is damaged")
+            elif len(vol.bitmap_blocks) < vol.bitmap.pages:
+                report.warnings.append("not repairing: the bitmap blocks cannot be found")
             else:
-                fixed = await vol.repair(used, bad_dircache)
-                report.repaired.extend(fixed)
-                # what was repaired is no longer an error
-                report.errors = [
-                    e for e in report.errors
-                    if not e.startswith(("the bitmap", "bitmap", "dircache", "directory"))
-                    and "blocks in use are marked free" not in e
-                    and "marked used but nothing" not in e
-                ]  # fmt: skip
+                report.repaired.extend(await vol.repair(used, bad_dircache))
     finally:
         await vol.close()
     return report
+
+
+async def check_volume(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
+    """Check the FFS volume on ``device``; with ``repair``, fix what can be fixed safely
+    (bitmap, dircache, bitmap-valid flag) and check again: the report then holds what
+    was repaired and what is still wrong.  Damage lands in ``errors`` (never raised);
+    DeviceError on I/O failure."""
+    first = await _check_once(device, geometry, repair)
+    if not (repair and first.repaired):
+        return first
+    second = await _check_once(device, geometry, False)
+    second.repaired = first.repaired
+    return second
