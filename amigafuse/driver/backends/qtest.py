@@ -1,0 +1,776 @@
+"""The QEMU-socket backend: drive a virtio-scsi device of a QEMU process through qtest.
+
+QEMU (Debian 12's 7.2 has no qtest accelerator) runs a q35 machine under TCG with its
+CPU stopped (``-S``); we talk to its qtest server over a unix socket and act as the
+machine's firmware and driver.  Guest RAM is a file in ``/dev/shm`` that we create and
+``mmap``: the virtqueues, request headers and data buffers live there, so only config
+accesses, the queue notify and the ISR read cross the socket.
+
+Protocol (QEMU ``softmmu/qtest.c``): one command per line (``outl 0xcf8 0x80002000``,
+``inb 0xc013``, ``readl 0xe0000000``, ``writew 0xe0003000 0x2``, ``irq_intercept_in
+ioapic``), answered strictly in order by ``OK [value]`` or ``FAIL``/``ERR ...``; the
+asynchronous lines ``IRQ raise N`` / ``IRQ lower N`` may arrive between replies once
+interrupts are intercepted.
+
+Invariants:
+
+* Bytes go to the socket in the order operations are *issued*, and each issued command
+  appends exactly one entry to ``_pending`` in the same synchronous step, so the n-th
+  reply belongs to the n-th pending entry.  Nothing awaits between the two.
+* Posted writes have a ``None`` pending entry; a failure reply for one is remembered and
+  raised (as HardwareError) by the next :meth:`QtestBackend.sync`.
+* One reader task (in the nursery owned by :func:`launch_qemu`/:func:`attach_qtest`)
+  parses every line; on EOF or error it marks the backend dead and fails every pending
+  reply and interrupt waiter with DeviceGone.
+* :func:`launch_qemu` always removes the socket, the ``/dev/shm`` file and its temporary
+  directory, and never leaves the QEMU process running, also on errors and cancellation.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno as _errno
+import mmap
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+from amigafuse.driver.backends.base import Backend, BarInfo, BarKind, BarRegion, DmaArena
+from amigafuse.errors import DeviceGone, HardwareError, NotAvailable, UsageError
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+#: Where we place the virtio-scsi controller on bus 0 (device 4, function 0).
+VIRTIO_SCSI_DEVFN = 4 << 3
+#: q35 routes INTA of the device at 04.0 to IOAPIC input (GSI) 20.
+VIRTIO_SCSI_GSI = 20
+#: The DMA arena starts above the legacy holes and BIOS shadow below 1 MiB.
+ARENA_GUEST_OFFSET = 16 << 20
+
+_CONFIG_ADDRESS = 0xCF8
+_CONFIG_DATA = 0xCFC
+_SIZE_SUFFIX = {1: "b", 2: "w", 4: "l", 8: "q"}
+
+
+@dataclass(frozen=True)
+class QemuDisk:
+    """One disk image attached to the controller as a ``scsi-hd``.
+
+    ``target`` defaults to the disk's position in the list (0..7).
+    ``logical_block_size`` 4096 makes a 4K-sector disk (logical and physical).
+    ``blkdebug_errors`` injects I/O errors for tests through QEMU's blkdebug driver:
+    ``(event, sector, errno)`` triples, e.g. ``("read_aio", 2048, 5)`` fails every read
+    that touches 512-byte sector 2048 with EIO; ``blkdebug_rules`` is raw blkdebug config
+    text appended to those.  Errors are reported to the driver
+    (``rerror=report,werror=report``), which sees them as SCSI MEDIUM ERROR / sense.
+    """
+
+    path: Path | str
+    read_only: bool = False
+    logical_block_size: int = 512
+    target: int | None = None
+    blkdebug_errors: Sequence[tuple[str, int, int]] = ()
+    blkdebug_rules: str | None = None
+    serial: str | None = None
+
+    def blkdebug_config(self) -> str | None:
+        """The blkdebug config text for this disk, or None when no errors are injected."""
+        if not self.blkdebug_errors and self.blkdebug_rules is None:
+            return None
+        parts = []
+        for event, sector, errno_value in self.blkdebug_errors:
+            if not event.replace("_", "").isalnum():
+                raise UsageError(f"bad blkdebug event name {event!r}")
+            parts.append(
+                "[inject-error]\n"
+                f'event = "{event}"\n'
+                f'errno = "{int(errno_value)}"\n'
+                f'sector = "{int(sector)}"\n'
+                'once = "off"\n'
+            )
+        if self.blkdebug_rules is not None:
+            parts.append(self.blkdebug_rules)
+        return "\n".join(parts)
+
+
+def _escape_opt(value: str) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return value.replace(",", ",,")
+
+
+def qemu_command(
+    disks: Sequence[QemuDisk],
+    *,
+    socket_path: str,
+    shm_path: str,
+    ram_mib: int,
+    device: Literal["transitional", "modern"] = "transitional",
+    blkdebug_dir: str | None = None,
+    qemu_binary: str = QEMU_BINARY,
+) -> list[str]:
+    """The QEMU command line :func:`launch_qemu` runs (pure; exposed for docs and tests)."""
+    if device not in ("transitional", "modern"):
+        raise UsageError(f"device must be 'transitional' or 'modern', not {device!r}")
+    if len(disks) > 8:
+        raise UsageError(f"at most 8 disks (SCSI targets 0..7), got {len(disks)}")
+    model = "virtio-scsi-pci" if device == "transitional" else "virtio-scsi-pci-non-transitional"
+    cmd = [
+        qemu_binary,
+        "-M",
+        "q35,memory-backend=mem",
+        "-m",
+        f"{ram_mib}M",
+        "-object",
+        f"memory-backend-file,id=mem,size={ram_mib}M,mem-path={_escape_opt(shm_path)},share=on",
+        "-accel",
+        "tcg",
+        "-S",
+        "-qtest",
+        f"unix:{socket_path}",
+        "-qtest-log",
+        "/dev/null",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-device",
+        f"{model},id=scsi0,addr=04.0",
+    ]
+    used_targets: set[int] = set()
+    for index, disk in enumerate(disks):
+        target = index if disk.target is None else disk.target
+        if not 0 <= target <= 7 or target in used_targets:
+            raise UsageError(f"disk {disk.path}: SCSI target {target} is out of 0..7 or used twice")
+        used_targets.add(target)
+        if disk.logical_block_size not in (512, 1024, 2048, 4096):
+            raise UsageError(
+                f"disk {disk.path}: block size {disk.logical_block_size} is not supported"
+            )
+        path = str(Path(disk.path).resolve())
+        rules = disk.blkdebug_config()
+        if rules is not None:
+            if blkdebug_dir is None:
+                raise UsageError("blkdebug rules need a directory for their config file")
+            conf = Path(blkdebug_dir) / f"blkdebug{index}.conf"
+            conf.write_text(rules)
+            filename = f"blkdebug:{conf}:{path}"
+        else:
+            filename = path
+        drive = [
+            f"file={_escape_opt(filename)}",
+            "if=none",
+            f"id=vd{index}",
+            "format=raw",
+            "rerror=report",
+            "werror=report",
+            "cache=writeback",
+        ]
+        if disk.read_only:
+            drive.append("readonly=on")
+        hd = [
+            "scsi-hd",
+            f"drive=vd{index}",
+            "bus=scsi0.0",
+            "channel=0",
+            f"scsi-id={target}",
+            "lun=0",
+        ]
+        if disk.logical_block_size != 512:
+            hd += [
+                f"logical_block_size={disk.logical_block_size}",
+                f"physical_block_size={disk.logical_block_size}",
+            ]
+        if disk.serial:
+            hd.append(f"serial={_escape_opt(disk.serial)}")
+        cmd += ["-drive", ",".join(drive), "-device", ",".join(hd)]
+    return cmd
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class _Reply:
+    """The reply slot of one awaited command."""
+
+    __slots__ = ("_event", "done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value = 0
+        self.error: BaseException | None = None
+        self._event: trio.Event | None = None
+
+    def complete(self, value: int, error: BaseException | None) -> None:
+        self.value = value
+        self.error = error
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> int:
+        """The reply's value.  Cancellation-safe: the slot stays queued for the reader."""
+        if not self.done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _QtestRegion(BarRegion):
+    def __init__(self, backend: QtestBackend, bar: BarInfo) -> None:
+        self._backend = backend
+        self.kind = bar.kind
+        self.size_bytes = bar.size_bytes
+        self.base = bar.address
+        if bar.kind is BarKind.IO:
+            self._rd = {n: f"in{_SIZE_SUFFIX[n]} " for n in (1, 2, 4)}
+            self._wr = {n: f"out{_SIZE_SUFFIX[n]} " for n in (1, 2, 4)}
+        else:
+            self._rd = {n: f"read{_SIZE_SUFFIX[n]} " for n in (1, 2, 4, 8)}
+            self._wr = {n: f"write{_SIZE_SUFFIX[n]} " for n in (1, 2, 4, 8)}
+
+    def _op(self, table: dict[int, str], offset: int, size: int) -> str:
+        try:
+            op = table[size]
+        except KeyError:
+            raise ValueError(
+                f"{size}-byte access is not possible on an {self.kind.value} BAR"
+            ) from None
+        self._check(offset, size)
+        return f"{op}{self.base + offset:#x}"
+
+    async def read(self, offset: int, size: int) -> int:
+        return await self._backend._request(self._op(self._rd, offset, size)).wait()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._backend._post(f"{self._op(self._wr, offset, size)} {value:#x}")
+
+
+class QtestBackend(Backend):
+    """A :class:`Backend` on a connected qtest socket and mmap'ed guest RAM.
+
+    Created by :func:`launch_qemu` or :func:`attach_qtest`, which own its reader task.
+    """
+
+    assigns_bars = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ram: mmap.mmap,
+        *,
+        arena_offset: int = ARENA_GUEST_OFFSET,
+        gsi: int = VIRTIO_SCSI_GSI,
+        process: trio.Process | None = None,
+        stderr_path: Path | None = None,
+    ) -> None:
+        if arena_offset >= len(ram):
+            raise UsageError(f"guest RAM of {len(ram)} bytes is too small for the DMA arena")
+        self._sock = sock
+        self._ram = ram
+        self._ram_view = memoryview(ram)
+        self._arena = DmaArena(self._ram_view[arena_offset:], arena_offset)
+        self._gsi = gsi
+        self.process = process
+        self._stderr_path = stderr_path
+        self._pending: collections.deque[_Reply | None] = collections.deque()
+        self._outbuf = bytearray()
+        self._writer_wakeup = trio.Event()
+        self._dead_reason: str | None = None
+        self._posted_error: BaseException | None = None
+        self._irq_pending = False
+        self._irq_event = trio.Event()
+        self._irq_count = 0
+        self._intercepting = False
+        self.commands_sent = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def arena(self) -> DmaArena:
+        return self._arena
+
+    @property
+    def guest_ram(self) -> memoryview:
+        """All of guest RAM (guest physical address = index)."""
+        return self._ram_view
+
+    @property
+    def dead(self) -> bool:
+        return self._dead_reason is not None
+
+    @property
+    def interrupt_count(self) -> int:
+        return self._irq_count
+
+    def gone_error(self) -> DeviceGone:
+        reason = self._dead_reason or "the backend was closed"
+        proc = self.process
+        if proc is not None and proc.returncode is not None:
+            code = proc.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            reason = f"{reason}; QEMU ended ({how})"
+            tail = self._stderr_tail()
+            if tail:
+                reason = f"{reason}: {tail}"
+        return DeviceGone(f"QEMU device gone: {reason}")
+
+    def _stderr_tail(self) -> str:
+        if self._stderr_path is None:
+            return ""
+        try:
+            text = self._stderr_path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return " | ".join(text.splitlines()[-5:])
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead_reason is not None:
+            return
+        self._dead_reason = reason
+        err = self.gone_error()
+        while self._pending:
+            reply = self._pending.popleft()
+            if reply is not None:
+                reply.complete(0, err)
+        self._irq_event.set()
+        self._writer_wakeup.set()
+
+    # ----------------------------------------------------------------- sending
+
+    def _send(self, line: str) -> None:
+        if self._dead_reason is not None:
+            raise self.gone_error()
+        data = line.encode("ascii") + b"\n"
+        self.commands_sent += 1
+        if self._outbuf:
+            self._outbuf += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._mark_dead(f"sending to the qtest socket failed: {exc}")
+            raise self.gone_error() from exc
+        if sent < len(data):
+            self._outbuf += data[sent:]
+            self._writer_wakeup.set()
+
+    def _post(self, line: str) -> None:
+        self._send(line)
+        self._pending.append(None)
+
+    def _request(self, line: str) -> _Reply:
+        self._send(line)
+        reply = _Reply()
+        self._pending.append(reply)
+        return reply
+
+    async def _writer(self) -> None:
+        while self._dead_reason is None:
+            if not self._outbuf:
+                self._writer_wakeup = trio.Event()
+                await self._writer_wakeup.wait()
+                continue
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+                sent = self._sock.send(self._outbuf)
+            except trio.ClosedResourceError:
+                return
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._mark_dead(f"sending to the qtest socket failed: {exc}")
+                return
+            del self._outbuf[:sent]
+
+    # ----------------------------------------------------------------- receiving
+
+    async def _reader(self) -> None:
+        partial = b""
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+                chunk = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:
+                self._mark_dead(f"reading the qtest socket failed: {exc}")
+                return
+            if not chunk:
+                self._mark_dead("QEMU closed the qtest socket")
+                return
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for line in lines:
+                self._handle_line(line)
+
+    def _handle_line(self, line: bytes) -> None:
+        if line.startswith(b"IRQ "):
+            words = line.split()
+            if len(words) == 3 and words[1] == b"raise" and words[2] == str(self._gsi).encode():
+                self._irq_count += 1
+                self._irq_pending = True
+                self._irq_event.set()
+            return
+        if not line:
+            return
+        if not self._pending:
+            self._mark_dead(f"unexpected line from qtest: {line[:80]!r}")
+            return
+        reply = self._pending.popleft()
+        if line == b"OK" or line.startswith(b"OK "):
+            value = 0
+            words = line.split()
+            if len(words) > 1:
+                try:
+                    value = int(words[1], 16)
+                except ValueError:
+                    value = 0
+            if reply is not None:
+                reply.complete(value, None)
+            return
+        error = HardwareError(f"qtest command failed: {line.decode('ascii', 'replace')}")
+        if reply is not None:
+            reply.complete(0, error)
+        elif self._posted_error is None:
+            self._posted_error = error
+
+    # ----------------------------------------------------------------- Backend API
+
+    @staticmethod
+    def _config_address(devfn: int, offset: int) -> int:
+        if not 0 <= devfn <= 0xFF or not 0 <= offset <= 0xFF:
+            raise ValueError(f"config access devfn {devfn:#x} offset {offset:#x} out of range")
+        return 0x80000000 | (devfn << 8) | (offset & 0xFC)
+
+    async def config_read(self, devfn: int, offset: int, size: int) -> int:
+        if size not in (1, 2, 4) or offset % size:
+            raise ValueError(f"bad config read size {size} at {offset:#x}")
+        self._post(f"outl {_CONFIG_ADDRESS:#x} {self._config_address(devfn, offset):#x}")
+        suffix = _SIZE_SUFFIX[size]
+        return await self._request(f"in{suffix} {_CONFIG_DATA + (offset & 3):#x}").wait()
+
+    def config_write(self, devfn: int, offset: int, size: int, value: int) -> None:
+        if size not in (1, 2, 4) or offset % size:
+            raise ValueError(f"bad config write size {size} at {offset:#x}")
+        self._post(f"outl {_CONFIG_ADDRESS:#x} {self._config_address(devfn, offset):#x}")
+        self._post(f"out{_SIZE_SUFFIX[size]} {_CONFIG_DATA + (offset & 3):#x} {value:#x}")
+
+    async def config_read_block(self, devfn: int, offset: int, length: int) -> bytes:
+        if offset % 4 or length % 4:
+            raise ValueError("config_read_block needs dword-aligned offset and length")
+        replies = []
+        for off in range(offset, offset + length, 4):
+            self._post(f"outl {_CONFIG_ADDRESS:#x} {self._config_address(devfn, off):#x}")
+            replies.append(self._request(f"inl {_CONFIG_DATA:#x}"))
+        out = bytearray()
+        for reply in replies:
+            out += (await reply.wait()).to_bytes(4, "little")
+        return bytes(out)
+
+    def map_bar(self, devfn: int, bar: BarInfo) -> BarRegion:
+        if bar.address == 0:
+            raise HardwareError(f"BAR {bar.index} of {devfn:#x} was not assigned an address")
+        return _QtestRegion(self, bar)
+
+    async def sync(self) -> None:
+        await self._request("readb 0x0").wait()
+        if self._posted_error is not None:
+            error, self._posted_error = self._posted_error, None
+            raise error
+
+    async def enable_interrupts(self, devfn: int) -> None:
+        if devfn != VIRTIO_SCSI_DEVFN and self._gsi == VIRTIO_SCSI_GSI:
+            raise UsageError(
+                f"interrupt routing is only known for the device at 04.0, not {devfn:#x}"
+            )
+        if not self._intercepting:
+            await self._request("irq_intercept_in ioapic").wait()
+            self._intercepting = True
+
+    async def wait_interrupt(self) -> None:
+        while True:
+            if self._dead_reason is not None:
+                raise self.gone_error()
+            if self._irq_pending:
+                self._irq_pending = False
+                await trio.lowlevel.checkpoint()
+                return
+            self._irq_event = trio.Event()
+            await self._irq_event.wait()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._mark_dead("the backend was closed")
+        trio.lowlevel.notify_closing(self._sock)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+    def _release_memory(self) -> None:
+        self._arena.view.release()
+        self._ram_view.release()
+        with contextlib.suppress(BufferError):
+            self._ram.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _find_qemu(binary: str) -> str:
+    found = shutil.which(binary)
+    if found is None:
+        raise NotAvailable(
+            f"{binary} is not installed or not on PATH: install it with "
+            "'apt-get install qemu-system-x86'"
+        )
+    return found
+
+
+def _make_shm(ram_bytes: int, name_hint: str) -> tuple[Path, mmap.mmap]:
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        raise NotAvailable("/dev/shm is missing: the qtest backend needs a tmpfs at /dev/shm")
+    fd, name = tempfile.mkstemp(prefix=f"amigafuse-{name_hint}-", dir=shm_dir)
+    path = Path(name)
+    try:
+        os.ftruncate(fd, ram_bytes)
+        ram = mmap.mmap(fd, ram_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return path, ram
+
+
+async def _stop_process(proc: trio.Process) -> None:
+    """Terminate ``proc`` (SIGTERM, then SIGKILL after 3 s) and reap it.  Shielded."""
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(3):
+                await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def launch_qemu(
+    disks: Sequence[QemuDisk],
+    *,
+    device: Literal["transitional", "modern"] = "transitional",
+    ram_mib: int = 96,
+    qemu_binary: str = QEMU_BINARY,
+    start_timeout: float = 20.0,
+) -> AsyncIterator[QtestBackend]:
+    """Start and own a QEMU with a virtio-scsi controller at 04.0 and ``disks`` on it.
+
+    ``device`` "transitional" is ``virtio-scsi-pci`` (legacy + modern, device id 0x1004),
+    "modern" is ``virtio-scsi-pci-non-transitional`` (0x1048).  ``ram_mib`` is guest RAM;
+    the DMA arena is all of it above 16 MiB.
+
+    Raises NotAvailable when QEMU is not installed, DeviceGone (with QEMU's stderr) when
+    it fails to start or does not connect within ``start_timeout`` seconds.  On exit
+    (normal, error or cancellation) QEMU is stopped and the socket, the /dev/shm file and
+    temporary files are removed.
+    """
+    binary = _find_qemu(qemu_binary)
+    for disk in disks:
+        if not Path(disk.path).is_file():
+            raise UsageError(f"disk image {disk.path} does not exist or is not a file")
+    if ram_mib < 32:
+        raise UsageError(f"ram_mib must be at least 32, got {ram_mib}")
+    tmpdir = Path(tempfile.mkdtemp(prefix="amigafuse-qemu-"))
+    shm_path: Path | None = None
+    ram: mmap.mmap | None = None
+    listener: socket.socket | None = None
+    proc: trio.Process | None = None
+    backend: QtestBackend | None = None
+    try:
+        shm_path, ram = _make_shm(ram_mib << 20, "qemu")
+        socket_path = tmpdir / "qtest.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(socket_path))
+        listener.listen(1)
+        listener.setblocking(False)
+        cmd = qemu_command(
+            disks,
+            socket_path=str(socket_path),
+            shm_path=str(shm_path),
+            ram_mib=ram_mib,
+            device=device,
+            blkdebug_dir=str(tmpdir),
+            qemu_binary=binary,
+        )
+        stderr_path = tmpdir / "stderr.txt"
+        with open(stderr_path, "wb") as stderr_file:
+            proc = await trio.lowlevel.open_process(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr_file,
+                start_new_session=True,
+            )
+        conn = await _accept_or_fail(listener, proc, stderr_path, start_timeout)
+        listener.close()
+        listener = None
+        socket_path.unlink(missing_ok=True)
+        backend = QtestBackend(conn, ram, process=proc, stderr_path=stderr_path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend._reader)
+            nursery.start_soon(backend._writer)
+            nursery.start_soon(_watch_process, backend, proc)
+            try:
+                # The first command also waits for QEMU to finish creating the machine.
+                await backend.sync()
+                yield backend
+            finally:
+                await backend.aclose()
+                await _stop_process(proc)
+                nursery.cancel_scope.cancel()
+    finally:
+        if listener is not None:
+            listener.close()
+        if proc is not None:
+            await _stop_process(proc)
+        if backend is not None:
+            backend._release_memory()
+        elif ram is not None:
+            with contextlib.suppress(BufferError):
+                ram.close()
+        if shm_path is not None:
+            shm_path.unlink(missing_ok=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+async def _watch_process(backend: QtestBackend, proc: trio.Process) -> None:
+    await proc.wait()
+    backend._mark_dead("the QEMU process exited")
+
+
+async def _accept_or_fail(
+    listener: socket.socket, proc: trio.Process, stderr_path: Path, timeout: float
+) -> socket.socket:
+    """Accept QEMU's qtest connection; fail with its stderr if it exits or times out."""
+
+    def failure(what: str) -> DeviceGone:
+        text = stderr_path.read_text(errors="replace").strip() if stderr_path.exists() else ""
+        detail = f": {text}" if text else " (no output on stderr)"
+        return DeviceGone(f"QEMU {what}{detail}")
+
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                if proc.returncode is not None or proc.poll() is not None:
+                    raise failure(f"failed to start (exit status {proc.returncode})") from None
+                with trio.move_on_after(0.05):
+                    await trio.lowlevel.wait_readable(listener)
+                continue
+            conn.setblocking(False)
+            return conn
+    raise failure(f"did not connect to the qtest socket within {timeout:g} s")
+
+
+@contextlib.asynccontextmanager
+async def attach_qtest(
+    socket_path: str | Path,
+    shm_path: str | Path,
+    ram_size: int | None = None,
+    *,
+    gsi: int = VIRTIO_SCSI_GSI,
+) -> AsyncIterator[QtestBackend]:
+    """Drive an already running QEMU through its qtest server socket.
+
+    The user starts QEMU with the machine :func:`qemu_command` builds, except that the
+    qtest chardev is a server we connect to and RAM is a file we can map::
+
+        qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \\
+          -object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/amiga,share=on \\
+          -accel tcg -S -qtest unix:/run/amiga.sock,server=on,wait=off \\
+          -qtest-log /dev/null -display none -nodefaults \\
+          -device virtio-scsi-pci,id=scsi0,addr=04.0 \\
+          -drive file=disk.img,if=none,id=vd0,format=raw,rerror=report,werror=report \\
+          -device scsi-hd,drive=vd0,bus=scsi0.0,channel=0,scsi-id=0,lun=0
+
+    ``ram_size`` is the size of the memory backend in bytes (default: the file's size).  The controller must be at
+    04.0 (its INTA reaches IOAPIC input ``gsi`` = 20).  On exit only our connection and
+    mapping are closed; QEMU and its files belong to the user.
+    """
+    try:
+        fd = os.open(shm_path, os.O_RDWR)
+    except OSError as exc:
+        raise UsageError(f"cannot open QEMU's RAM file {shm_path}: {exc.strerror}") from exc
+    try:
+        if ram_size is None:
+            ram_size = os.fstat(fd).st_size
+        if ram_size <= ARENA_GUEST_OFFSET:
+            raise UsageError(
+                f"QEMU's RAM ({ram_size} bytes in {shm_path}) must exceed {ARENA_GUEST_OFFSET}"
+            )
+        if os.fstat(fd).st_size < ram_size:
+            raise UsageError(f"QEMU's RAM file {shm_path} is smaller than {ram_size} bytes")
+        ram = mmap.mmap(fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend: QtestBackend | None = None
+    try:
+        try:
+            await trio.to_thread.run_sync(sock.connect, str(socket_path))
+        except OSError as exc:
+            what = (
+                "nothing listens"
+                if exc.errno in (_errno.ECONNREFUSED, _errno.ENOENT)
+                else exc.strerror
+            )
+            raise DeviceGone(
+                f"cannot connect to QEMU's qtest socket {socket_path}: {what}"
+            ) from exc
+        sock.setblocking(False)
+        backend = QtestBackend(sock, ram, gsi=gsi)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend._reader)
+            nursery.start_soon(backend._writer)
+            try:
+                await backend.sync()
+                yield backend
+            finally:
+                await backend.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+        if backend is not None:
+            backend._release_memory()
+        else:
+            with contextlib.suppress(BufferError):
+                ram.close()
+
+
+#: Short name for :func:`attach_qtest`.
+attach = attach_qtest

@@ -1,0 +1,517 @@
+"""The virtio-scsi controller: a :class:`~amigafuse.driver.scsi.transport.ScsiTransport`
+over one request virtqueue (queue 2), on any backend.
+
+Design (invariants in docs/driver.md):
+
+* DMA memory: the backend's arena holds the ring, then ``queue_depth`` pre-allocated
+  slots, each with an indirect descriptor table, the request header + CDB, the response
+  + sense, and a data bounce buffer of ``max_transfer_bytes``.  A slot belongs either to
+  the free list, or to exactly one request from submission until its used entry was
+  harvested *and* its caller copied the results out (or abandoned it).  A caller
+  cancelled while its command is in flight abandons the slot; the completion path
+  returns it to the free list when the device is done with it.
+* Exactly one completion path: the task started by :func:`open_virtio_scsi` waits for
+  the interrupt, reads the ISR (deasserting INTx), harvests the used ring and wakes the
+  waiters.  No other code reads the used ring, so completions cannot be taken by the
+  wrong waiter or read twice.
+* Kick suppression: submitters publish the avail index in bursts (the first submitter
+  of a scheduling batch yields once so that the others of the batch join, then
+  publishes them all) and notify only when ``vring_need_event`` over the device's
+  ``avail_event`` says so (EVENT_IDX), or when the device did not set NO_NOTIFY.
+* Interrupt suppression: after harvesting, ``used_event`` asks for an interrupt at the
+  next completion; completions that arrive while we are not yet re-armed raise no
+  interrupt and are picked up by the re-check loop.
+* Trio: everything runs in one thread; the only awaits inside the bookkeeping are the
+  burst yield (after the slot's chain is added, so nothing is lost if the task is
+  cancelled there: the yield is shielded) and the ISR read in the completion task
+  (harvesting happens after it).  Ring state is only touched between awaits, so no lock
+  is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from amigafuse.driver.backends.base import Backend, DmaArena
+from amigafuse.driver.pci import PciFunction, configure_function, enumerate_bus
+from amigafuse.driver.scsi.transport import ScsiCommandResult
+from amigafuse.driver.virtio.device import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    bit,
+    driver_ok,
+    negotiate,
+)
+from amigafuse.driver.virtio.ring import DESC_SIZE, RingLayout, Segment, SplitRing
+from amigafuse.driver.virtio.transport import VIRTIO_PCI_VENDOR, VirtioTransport, open_transport
+from amigafuse.errors import DeviceGone, HardwareError, UsageError
+
+VIRTIO_SCSI_LEGACY_ID = 0x1004
+VIRTIO_SCSI_MODERN_ID = 0x1048
+REQUEST_QUEUE = 2  # 0 control, 1 event, 2.. requests
+
+# virtio-scsi config (virtio 1.x §5.6.4), offsets and sizes
+CONFIG_FIELDS = {
+    "num_queues": (0, 4),
+    "seg_max": (4, 4),
+    "max_sectors": (8, 4),
+    "cmd_per_lun": (12, 4),
+    "event_info_size": (16, 4),
+    "sense_size": (20, 4),
+    "cdb_size": (24, 4),
+    "max_channel": (28, 2),
+    "max_target": (30, 2),
+    "max_lun": (32, 4),
+}
+
+_RESP_HEAD = struct.Struct("<IIHBB")  # sense_len, residual, status_qualifier, status, response
+DEFAULT_MAX_TRANSFER = 1 << 20
+MAX_INDIRECT = 4
+
+
+@dataclass(frozen=True)
+class VirtioScsiConfig:
+    num_queues: int
+    seg_max: int
+    max_sectors: int
+    cmd_per_lun: int
+    event_info_size: int
+    sense_size: int
+    cdb_size: int
+    max_channel: int
+    max_target: int
+    max_lun: int
+
+
+def encode_lun(target: int, lun: int) -> bytes:
+    """virtio-scsi's 8-byte LUN field: 1, target, flat-space LUN (0x4000 | lun), zeros."""
+    if not 0 <= target <= 255:
+        raise UsageError(f"SCSI target {target} outside 0..255")
+    if not 0 <= lun < 16384:
+        raise UsageError(f"SCSI LUN {lun} outside 0..16383")
+    return bytes((1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0))
+
+
+def pack_cmd_req(target: int, lun: int, tag: int, cdb: bytes, cdb_size: int) -> bytes:
+    """struct virtio_scsi_cmd_req: lun[8], tag le64, task_attr, prio, crn, cdb[cdb_size]."""
+    if len(cdb) > cdb_size:
+        raise UsageError(f"CDB of {len(cdb)} bytes exceeds the device's cdb_size {cdb_size}")
+    return encode_lun(target, lun) + struct.pack("<QBBB", tag, 0, 0, 0) + cdb.ljust(cdb_size, b"\0")
+
+
+def cmd_req_size(cdb_size: int) -> int:
+    return 19 + cdb_size
+
+
+def resp_size(sense_size: int) -> int:
+    return _RESP_HEAD.size + sense_size
+
+
+def unpack_cmd_resp(
+    buf: bytes | memoryview, sense_size: int, data_len: int
+) -> tuple[int, int, bytes, int]:
+    """(response, status, sense, residual) from a virtio_scsi_cmd_resp, distrusting it:
+    sense_len is clamped to ``sense_size`` and residual to ``data_len``."""
+    sense_len, residual, _qualifier, status, response = _RESP_HEAD.unpack_from(buf, 0)
+    sense_len = min(sense_len, sense_size)
+    sense = bytes(buf[_RESP_HEAD.size : _RESP_HEAD.size + sense_len])
+    return response, status, sense, min(residual, data_len)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Offsets inside the arena of one request slot (pure)."""
+
+    table: int
+    request: int
+    response: int
+    data: int
+
+
+def plan_arena(
+    arena_bytes: int,
+    ring: RingLayout,
+    queue_depth: int,
+    cdb_size: int,
+    sense_size: int,
+    data_bytes: int,
+) -> list[SlotLayout]:
+    """Place the ring at offset 0 and ``queue_depth`` slots after it (pure).  Data
+    buffers are 4096-aligned.  Raises UsageError when the arena is too small."""
+    small = _align(MAX_INDIRECT * DESC_SIZE, 64) + _align(cmd_req_size(cdb_size), 64)
+    small += _align(resp_size(sense_size), 64)
+    offset = _align(ring.total_bytes, 4096)
+    smalls_start = offset
+    offset = _align(offset + small * queue_depth, 4096)
+    slots = []
+    for index in range(queue_depth):
+        base = smalls_start + small * index
+        table = base
+        request = table + _align(MAX_INDIRECT * DESC_SIZE, 64)
+        response = request + _align(cmd_req_size(cdb_size), 64)
+        slots.append(SlotLayout(table, request, response, offset + data_bytes * index))
+    need = offset + data_bytes * queue_depth
+    if need > arena_bytes:
+        raise UsageError(
+            f"DMA arena of {arena_bytes >> 20} MiB is too small for {queue_depth} requests of "
+            f"{data_bytes >> 10} KiB (needs {(need + (1 << 20) - 1) >> 20} MiB): give QEMU more RAM"
+        )
+    return slots
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+_FREE, _IN_FLIGHT, _COMPLETED, _ABANDONED = range(4)
+
+
+class _Slot:
+    __slots__ = ("error", "event", "index", "layout", "state", "written")
+
+    def __init__(self, index: int, layout: SlotLayout) -> None:
+        self.index = index
+        self.layout = layout
+        self.state = _FREE
+        self.event: trio.Event | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+
+
+@dataclass
+class ControllerStats:
+    requests: int = 0
+    kicks: int = 0
+    interrupts: int = 0
+    completions: int = 0
+
+
+class VirtioScsiController:
+    """A virtio-scsi request queue (implements ScsiTransport).  Made by
+    :func:`open_virtio_scsi`; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        transport: VirtioTransport,
+        config: VirtioScsiConfig,
+        features: int,
+        ring: SplitRing[_Slot],
+        slots: list[_Slot],
+        max_transfer_bytes: int,
+    ) -> None:
+        self.backend = backend
+        self.transport = transport
+        self.config = config
+        self.features = features
+        self._ring = ring
+        self._arena: DmaArena = backend.arena
+        self._mem = backend.arena.view
+        self._bus = backend.arena.bus_address
+        self._slots = slots
+        self._free = list(reversed(slots))
+        self._slot_lot = trio.lowlevel.ParkingLot()
+        self._max_transfer = max_transfer_bytes
+        self._indirect = bool(features & bit(VIRTIO_RING_F_INDIRECT_DESC))
+        self._burst_open = False
+        self._tag = 0
+        self._failure: BaseException | None = None
+        self.stats = ControllerStats()
+
+    # ------------------------------------------------------------- ScsiTransport
+
+    @property
+    def max_target(self) -> int:
+        return self.config.max_target
+
+    @property
+    def max_lun(self) -> int:
+        return self.config.max_lun
+
+    @property
+    def max_transfer_bytes(self) -> int:
+        return self._max_transfer
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._slots)
+
+    @property
+    def transport_kind(self) -> str:
+        return self.transport.kind
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self.backend.dead:
+            raise self.backend.gone_error()
+
+    async def execute(
+        self,
+        target: int,
+        lun: int,
+        cdb: bytes,
+        *,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_len: int = 0,
+    ) -> ScsiCommandResult:
+        """Run one SCSI command (see ScsiTransport).  Raises DeviceGone when the backend
+        died, HardwareError when the device broke the virtqueue protocol, UsageError on
+        a request this controller cannot carry."""
+        out_len = 0 if data_out is None else len(data_out)
+        if out_len and data_in_len:
+            raise UsageError("bidirectional SCSI commands are not supported")
+        if data_in_len < 0 or max(out_len, data_in_len) > self._max_transfer:
+            raise UsageError(
+                f"transfer of {max(out_len, data_in_len)} bytes exceeds the controller's "
+                f"maximum of {self._max_transfer}"
+            )
+        if target > self.config.max_target or lun > self.config.max_lun:
+            raise UsageError(
+                f"SCSI address {target}:{lun} beyond max {self.config.max_target}:{self.config.max_lun}"
+            )
+        self._tag = (self._tag + 1) & 0xFFFFFFFFFFFFFFFF
+        header = pack_cmd_req(target, lun, self._tag, cdb, self.config.cdb_size)
+        self._raise_if_failed()
+        while not self._free:
+            await self._slot_lot.park()
+            self._raise_if_failed()
+        slot = self._free.pop()
+        try:
+            self._submit(slot, header, data_out, out_len, data_in_len)
+        except BaseException:
+            slot.state = _FREE
+            self._free.append(slot)
+            self._slot_lot.unpark()
+            raise
+        if self._burst_open:
+            pass  # the burst's first submitter publishes this request with its own
+        else:
+            self._burst_open = True
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            finally:
+                self._burst_open = False
+                self._publish()
+        return await self._wait(slot, data_in_len)
+
+    def _submit(
+        self,
+        slot: _Slot,
+        header: bytes,
+        data_out: bytes | bytearray | memoryview | None,
+        out_len: int,
+        data_in_len: int,
+    ) -> None:
+        mem, bus, lay = self._mem, self._bus, slot.layout
+        mem[lay.request : lay.request + len(header)] = header
+        rsize = resp_size(self.config.sense_size)
+        mem[lay.response : lay.response + _RESP_HEAD.size] = bytes(_RESP_HEAD.size)
+        segments = [Segment(bus + lay.request, len(header))]
+        if data_out is not None and out_len:
+            mem[lay.data : lay.data + out_len] = data_out
+            segments.append(Segment(bus + lay.data, out_len))
+        segments.append(Segment(bus + lay.response, rsize, True))
+        if data_in_len:
+            segments.append(Segment(bus + lay.data, data_in_len, True))
+        if self._indirect:
+            table = mem[lay.table : lay.table + DESC_SIZE * MAX_INDIRECT]
+            self._ring.add_indirect(segments, table, bus + lay.table, slot)
+        else:
+            self._ring.add(segments, slot)
+        slot.state = _IN_FLIGHT
+        slot.event = None
+        slot.error = None
+        self.stats.requests += 1
+
+    def _publish(self) -> None:
+        if self._failure is not None or self.backend.dead:
+            return  # waiters are (or will be) failed by _fail_all
+        old, new = self._ring.publish()
+        if self._ring.kick_needed(old, new):
+            self.stats.kicks += 1
+            try:
+                self.transport.notify(REQUEST_QUEUE)
+            except DeviceGone as exc:
+                self._fail_all(exc)
+
+    async def _wait(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
+        try:
+            if slot.state == _IN_FLIGHT:
+                slot.event = trio.Event()
+                await slot.event.wait()
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            if slot.state == _IN_FLIGHT:
+                slot.state = _ABANDONED  # the completion path frees it
+            elif slot.state == _COMPLETED:
+                self._release(slot)
+            raise
+        if slot.error is not None:
+            raise slot.error
+        try:
+            lay = slot.layout
+            response, status, sense, residual = unpack_cmd_resp(
+                self._mem[lay.response : lay.response + resp_size(self.config.sense_size)],
+                self.config.sense_size,
+                data_in_len,
+            )
+            got = data_in_len - residual
+            data = bytes(self._mem[lay.data : lay.data + got]) if got else b""
+        finally:
+            self._release(slot)
+        return ScsiCommandResult(response, status, sense, data, residual)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.state = _FREE
+        slot.event = None
+        self._free.append(slot)
+        self._slot_lot.unpark()
+
+    # ------------------------------------------------------------- completion path
+
+    def _complete(self, slot: _Slot, written: int) -> None:
+        self.stats.completions += 1
+        slot.written = written
+        if slot.state == _ABANDONED:
+            self._release(slot)
+            return
+        slot.state = _COMPLETED
+        if slot.event is not None:
+            slot.event.set()
+
+    def _harvest(self) -> None:
+        ring = self._ring
+        while True:
+            for slot, written in ring.harvest():
+                self._complete(slot, written)
+            if not ring.enable_interrupts():
+                return
+
+    async def _completion_loop(self) -> None:
+        try:
+            while True:
+                await self.backend.wait_interrupt()
+                self.stats.interrupts += 1
+                await self.transport.read_isr()
+                self.backend.ack_interrupt()
+                self._harvest()
+        except (DeviceGone, HardwareError) as exc:
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        for slot in self._slots:
+            if slot.state == _IN_FLIGHT:
+                slot.error = exc
+                slot.state = _COMPLETED
+                if slot.event is not None:
+                    slot.event.set()
+        self._slot_lot.unpark_all()
+
+
+async def read_scsi_config(transport: VirtioTransport) -> VirtioScsiConfig:
+    values = {}
+    for name, (offset, size) in CONFIG_FIELDS.items():
+        values[name] = await transport.config_read(offset, size)
+    return VirtioScsiConfig(**values)
+
+
+async def find_virtio_scsi(backend: Backend) -> PciFunction:
+    """The first virtio-scsi function on bus 0; HardwareError when there is none."""
+    for function in await enumerate_bus(backend):
+        header = function.header
+        if header.vendor_id == VIRTIO_PCI_VENDOR and header.device_id in (
+            VIRTIO_SCSI_LEGACY_ID,
+            VIRTIO_SCSI_MODERN_ID,
+        ):
+            return function
+    raise HardwareError("no virtio-scsi controller (1af4:1004 or 1af4:1048) found on PCI bus 0")
+
+
+@contextlib.asynccontextmanager
+async def open_virtio_scsi(
+    backend: Backend,
+    *,
+    transport: Literal["auto", "legacy", "modern"] = "auto",
+    queue_depth: int = 16,
+    max_transfer_bytes: int = DEFAULT_MAX_TRANSFER,
+    features: int | None = None,
+) -> AsyncIterator[VirtioScsiController]:
+    """Bring up the virtio-scsi controller on ``backend`` and yield it.
+
+    Finds and configures the PCI function, picks the transport ("auto": legacy for the
+    transitional 0x1004, modern for 0x1048), negotiates INDIRECT_DESC and EVENT_IDX
+    (``features`` overrides the wanted set, for tests), sets up request queue 2 with
+    ``queue_depth`` slots of ``max_transfer_bytes`` (capped by the device's
+    max_sectors), and starts the completion task.  On exit the device is reset (so it
+    no longer touches the arena) and every request still waiting fails with DeviceGone.
+    Raises HardwareError/DeviceGone when the device misbehaves or the backend dies.
+    """
+    if not 1 <= queue_depth <= 256:
+        raise UsageError(f"queue_depth must be in 1..256, got {queue_depth}")
+    if max_transfer_bytes < 4096 or max_transfer_bytes % 4096:
+        raise UsageError(f"max_transfer_bytes must be a multiple of 4096, got {max_transfer_bytes}")
+    function = await find_virtio_scsi(backend)
+    await configure_function(backend, function)
+    vt = open_transport(backend, function, transport)
+    wanted = bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX)
+    accepted = await negotiate(vt, wanted if features is None else features)
+    config = await read_scsi_config(vt)
+    if config.cdb_size < 6 or config.cdb_size > 255 or config.sense_size > 4096:
+        raise HardwareError(f"virtio-scsi config has implausible cdb_size/sense_size: {config}")
+    device_max = config.max_sectors * 512 if config.max_sectors else max_transfer_bytes
+    max_transfer = min(max_transfer_bytes, device_max) // 4096 * 4096
+    if max_transfer < 4096:
+        raise HardwareError(f"virtio-scsi max_sectors {config.max_sectors} is below 4 KiB")
+    queue_max = await vt.queue_max_size(REQUEST_QUEUE)
+    if queue_max == 0:
+        raise HardwareError("virtio-scsi request queue 2 is not available")
+    queue_size = queue_max if vt.queue_size_fixed else min(queue_max, 256)
+    indirect = bool(accepted & bit(VIRTIO_RING_F_INDIRECT_DESC))
+    per_request = 1 if indirect else MAX_INDIRECT
+    queue_depth = min(queue_depth, queue_size // per_request)
+    layout = RingLayout.contiguous(queue_size, 4096)
+    arena = backend.arena
+    if arena.bus_address % 4096:
+        raise HardwareError(f"DMA arena at {arena.bus_address:#x} is not 4096-aligned")
+    slot_layouts = plan_arena(
+        arena.size_bytes, layout, queue_depth, config.cdb_size, config.sense_size, max_transfer
+    )
+    ring: SplitRing[_Slot] = SplitRing(
+        arena.view[: layout.total_bytes],
+        layout,
+        event_idx=bool(accepted & bit(VIRTIO_RING_F_EVENT_IDX)),
+    )
+    slots = [_Slot(i, lay) for i, lay in enumerate(slot_layouts)]
+    base = arena.bus_address
+    await vt.setup_queue(
+        REQUEST_QUEUE,
+        queue_size,
+        base + layout.desc_offset,
+        base + layout.avail_offset,
+        base + layout.used_offset,
+    )
+    await backend.enable_interrupts(function.devfn)
+    ring.enable_interrupts()
+    await driver_ok(vt)
+    controller = VirtioScsiController(backend, vt, config, accepted, ring, slots, max_transfer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(controller._completion_loop)
+        try:
+            yield controller
+        finally:
+            with trio.CancelScope(shield=True):
+                if not backend.dead:
+                    with trio.move_on_after(2), contextlib.suppress(DeviceGone, HardwareError):
+                        await vt.reset()
+            controller._fail_all(DeviceGone("the virtio-scsi controller was closed"))
+            nursery.cancel_scope.cancel()
