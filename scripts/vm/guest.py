@@ -397,8 +397,9 @@ def _drive_args(argv: _Argv, ctl_id: str, n: int, disk: Disk) -> None:
         "cache=writeback",
         "rerror=report",
         "werror=report",
-        "file.locking=off",
     ]
+    if disk.blkdebug is None:
+        opts.append("file.locking=off")  # the same image may sit on two controllers
     if disk.readonly:
         opts.append("readonly=on")
     argv.add("-drive", ",".join(opts))

@@ -399,7 +399,9 @@ class VfioBackend(Backend):
         try:
             self._container_fd = os.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotAvailable("/dev/vfio/vfio is missing: load the vfio module (modprobe vfio-pci)") from None
+            raise NotAvailable(
+                "/dev/vfio/vfio is missing: load the vfio module (modprobe vfio-pci)"
+            ) from None
         except PermissionError:
             raise NotAvailable("no permission to open /dev/vfio/vfio: run as root") from None
         version = _ioctl(self._container_fd, VFIO_GET_API_VERSION, None, "VFIO_GET_API_VERSION")
@@ -418,12 +420,18 @@ class VfioBackend(Backend):
         try:
             self._group_fd = os.open(group_path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotAvailable(f"{group_path} is missing although {self.bdf} is in IOMMU group {group}") from None
+            raise NotAvailable(
+                f"{group_path} is missing although {self.bdf} is in IOMMU group {group}"
+            ) from None
         except PermissionError:
-            raise NotAvailable(f"no permission to open {group_path}: run as root or chown it to your user") from None
+            raise NotAvailable(
+                f"no permission to open {group_path}: run as root or chown it to your user"
+            ) from None
         except OSError as exc:
             if exc.errno == _errno.EBUSY:
-                raise NotAvailable(f"{group_path} is in use by another process (another amigafuse or a VM?)") from None
+                raise NotAvailable(
+                    f"{group_path} is in use by another process (another amigafuse or a VM?)"
+                ) from None
             raise
         status = bytearray(GROUP_STATUS.size)
         GROUP_STATUS.pack_into(status, 0, GROUP_STATUS.size, 0)
@@ -441,7 +449,9 @@ class VfioBackend(Backend):
         _ioctl(self._group_fd, VFIO_GROUP_SET_CONTAINER, fd_arg, "VFIO_GROUP_SET_CONTAINER")
         _ioctl(self._container_fd, VFIO_SET_IOMMU, iommu_type, "VFIO_SET_IOMMU")
         name = bytearray(self.bdf.encode() + b"\0")
-        self._device_fd = _ioctl(self._group_fd, VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
+        self._device_fd = _ioctl(
+            self._group_fd, VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD"
+        )
         info = bytearray(DEVICE_INFO.size)
         DEVICE_INFO.pack_into(info, 0, DEVICE_INFO.size, 0, 0, 0, 0, 0)
         _ioctl(self._device_fd, VFIO_DEVICE_GET_INFO, info, "VFIO_DEVICE_GET_INFO")
@@ -480,20 +490,33 @@ class VfioBackend(Backend):
             ranges = []
         iova = choose_iova(ranges, arena_bytes, page)
         self._arena_map = mmap.mmap(
-            -1, arena_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            -1,
+            arena_bytes,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
         cbuf = (ctypes.c_char * arena_bytes).from_buffer(self._arena_map)
         vaddr = ctypes.addressof(cbuf)
         del cbuf
         dma = bytearray(DMA_MAP.size)
         DMA_MAP.pack_into(
-            dma, 0, DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE, vaddr, iova, arena_bytes
+            dma,
+            0,
+            DMA_MAP.size,
+            VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr,
+            iova,
+            arena_bytes,
         )
         try:
             _ioctl(self._container_fd, VFIO_IOMMU_MAP_DMA, dma, "VFIO_IOMMU_MAP_DMA")
         except OSError as exc:
-            hint = " (raise the locked-memory limit: ulimit -l)" if exc.errno == _errno.ENOMEM else ""
-            raise NotAvailable(f"cannot map the {arena_bytes}-byte DMA arena at IOVA {iova:#x}: {exc.strerror}{hint}") from None
+            hint = (
+                " (raise the locked-memory limit: ulimit -l)" if exc.errno == _errno.ENOMEM else ""
+            )
+            raise NotAvailable(
+                f"cannot map the {arena_bytes}-byte DMA arena at IOVA {iova:#x}: {exc.strerror}{hint}"
+            ) from None
         self._dma_mapped = True
         self._arena_iova = iova
         self._arena = DmaArena(view=memoryview(self._arena_map), bus_address=iova)
@@ -556,7 +579,8 @@ class VfioBackend(Backend):
             raise self._fail(f"read of region {region.index} at {offset:#x}", exc) from None
         if len(data) != size:
             raise self._fail(
-                f"short read of region {region.index} at {offset:#x}", OSError(_errno.EIO, "short read")
+                f"short read of region {region.index} at {offset:#x}",
+                OSError(_errno.EIO, "short read"),
             )
         return int.from_bytes(data, "little")
 
@@ -573,7 +597,8 @@ class VfioBackend(Backend):
             raise self._fail(f"write of region {region.index} at {offset:#x}", exc) from None
         if n != size:
             raise self._fail(
-                f"short write of region {region.index} at {offset:#x}", OSError(_errno.EIO, "short write")
+                f"short write of region {region.index} at {offset:#x}",
+                OSError(_errno.EIO, "short write"),
             )
 
     # ------------------------------------------------------------ Backend API
@@ -772,7 +797,9 @@ class VfioBackend(Backend):
         if self._gone is not None or self._device_fd < 0 or not self._intx_enabled:
             return
         try:
-            _ioctl(self._device_fd, VFIO_DEVICE_SET_IRQS, bytearray(self._unmask), "SET_IRQS(unmask)")
+            _ioctl(
+                self._device_fd, VFIO_DEVICE_SET_IRQS, bytearray(self._unmask), "SET_IRQS(unmask)"
+            )
         except OSError as exc:
             self._fail("unmasking INTx", exc)
 
@@ -792,7 +819,9 @@ class VfioBackend(Backend):
         if self._device_fd >= 0:
             with contextlib.suppress(OSError):
                 # Stop DMA before the memory goes away: clear bus master, then reset.
-                cmd = int.from_bytes(os.pread(self._device_fd, 2, self._config.offset + PCI_COMMAND), "little")
+                cmd = int.from_bytes(
+                    os.pread(self._device_fd, 2, self._config.offset + PCI_COMMAND), "little"
+                )
                 os.pwrite(
                     self._device_fd,
                     (cmd & ~PCI_COMMAND_MASTER).to_bytes(2, "little"),
@@ -814,7 +843,9 @@ class VfioBackend(Backend):
         self._bar_maps.clear()
         if self._dma_mapped:
             unmap = bytearray(DMA_UNMAP.size)
-            DMA_UNMAP.pack_into(unmap, 0, DMA_UNMAP.size, 0, self._arena_iova, len(self._arena_map or b""))
+            DMA_UNMAP.pack_into(
+                unmap, 0, DMA_UNMAP.size, 0, self._arena_iova, len(self._arena_map or b"")
+            )
             with contextlib.suppress(OSError):
                 _ioctl(self._container_fd, VFIO_IOMMU_UNMAP_DMA, unmap, "VFIO_IOMMU_UNMAP_DMA")
             self._dma_mapped = False
@@ -911,7 +942,9 @@ async def check_access_platform(backend: VfioBackend, transport: str = "auto") -
     config = await backend.config_read_block(backend.devfn, 0, 256)
     vendor = int.from_bytes(config[0:2], "little")
     if vendor != VIRTIO_PCI_VENDOR:
-        raise NotAvailable(f"PCI device {backend.bdf} is not a VirtIO device (vendor {vendor:#06x})")
+        raise NotAvailable(
+            f"PCI device {backend.bdf} is not a VirtIO device (vendor {vendor:#06x})"
+        )
     common = find_common_cfg(config)
     advice = (
         "in QEMU attach the controller as "
@@ -959,7 +992,7 @@ async def open_vfio(
         async with (
             open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth) as scsi,
             open_transport(
-                scsi, name=f"vfio-{getattr(scsi, 'transport_name', transport)}"
+                scsi, name=f"vfio-{getattr(scsi, 'transport_kind', transport)}"
             ) as controller,
         ):
             yield controller
