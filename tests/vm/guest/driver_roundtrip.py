@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import trio
 
 from amigafuse.driver.backends.vfio import open_vfio
 from amigafuse.errors import AmigaFuseError
+
+
+async def _check(disk: Any, lba: int, expected: bytes, got: dict[int, bool]) -> None:
+    got[lba] = await disk.read(lba, len(expected) // disk.block_size) == expected
 
 
 async def run(bdf: str, bad_lba: int | None) -> dict[str, object]:
@@ -42,14 +47,10 @@ async def run(bdf: str, bad_lba: int | None) -> dict[str, object]:
                     for lba, data in patterns.items():
                         nursery.start_soon(disk.write, lba, data)
                 await disk.flush()
-                got = {}
-
-                async def check(lba: int) -> None:
-                    got[lba] = await disk.read(lba, 8) == patterns[lba]
-
+                got: dict[int, bool] = {}
                 async with trio.open_nursery() as nursery:
                     for lba in lbas:
-                        nursery.start_soon(check, lba)
+                        nursery.start_soon(_check, disk, lba, patterns[lba], got)
                 entry["roundtrip"] = all(got.values()) and len(got) == len(lbas)
                 entry["lbas"] = lbas
             else:
