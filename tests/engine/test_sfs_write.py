@@ -116,3 +116,37 @@ async def test_objects_never_start_where_readers_stop() -> None:
     await vol.close()
     rep = await check_volume(dev, geo, False)
     assert rep.clean, rep.errors
+
+
+async def test_deleting_everything_returns_the_metadata_space() -> None:
+    from amigafuse.amiga.dostype import SFS2
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice(8192, 512)
+    geo = VolumeGeometry(dostype=SFS2)
+    await format_volume(dev, geo, "Empty")
+    base = await check_volume(dev, geo, False)
+    vol = await open_volume(dev, geo, False)
+    free0 = (await vol.statfs()).free_blocks
+    d = await vol.mkdir(vol.root_id, "d")
+    for i in range(300):
+        st = await vol.create(d.object_id, f"file_{i:03d}")
+        await vol.write(st.object_id, 0, b"q" * (i * 7))
+    await vol.sync()
+    full = await check_volume(dev, geo, False)
+    assert full.clean and full.stats["metadata_blocks"] > base.stats["metadata_blocks"] + 20
+    for i in range(300):
+        await vol.unlink(d.object_id, f"file_{i:03d}")
+    await vol.rmdir(vol.root_id, "d")
+    await vol.close()
+    rep = await check_volume(dev, geo, False)
+    assert rep.clean, rep.errors
+    assert not rep.warnings, rep.warnings
+    # Object containers, hash table, node and B-tree containers are all given back;
+    # the node tree keeps the level it grew (root index + the leaf of nodes 1..), as
+    # the handler's does.
+    assert rep.stats["metadata_blocks"] == base.stats["metadata_blocks"] + 1
+    vol = await open_volume(dev, geo, True)
+    assert (await vol.statfs()).free_blocks == free0

@@ -357,6 +357,23 @@ class SfsWriter(SfsReader):
         struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE, 0, 0, 0)
         if was_full:
             await self._mark_parent(path, len(path) - 1, False)
+        if not any(NodeContainer.unpack(bytes(buf)).objectnodes[i].data for i in range(len(nc.objectnodes))):
+            await self._free_node_container(path, len(path) - 1)
+
+    async def _free_node_container(self, path: list[NodeRef], level: int) -> None:
+        """Free an emptied node container (never the root) and clear its parent's
+        pointer; an index left with no pointers is freed the same way (as the handler
+        does in ``freecontainer``)."""
+        if level == 0:
+            return
+        self.leaf_refs.clear()
+        child = path[level]
+        await self.free_admin(child.block)
+        parent = path[level - 1]
+        buf = await self.modify(parent.block, codec.NODECONTAINER_ID)
+        struct.pack_into(">I", buf, codec.NODECONTAINER_HEADER + 4 * ((child.nodenumber - parent.nodenumber) // parent.nodes), 0)
+        if not any(NodeContainer.unpack(bytes(buf)).node):
+            await self._free_node_container(path, level - 1)
 
     # ------------------------------------------------------------------ containers
     def _fits(self, block: int, used_before_last: int, last_size: int) -> bool:
