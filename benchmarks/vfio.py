@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""VFIO benchmark: the driver through VFIO beside the QEMU-socket backend, in one guest.
+
+Usage: .venv/bin/python benchmarks/vfio.py [--mib N] [IMAGE]
+
+This machine has no VFIO, so the benchmark boots the Linux test guest
+(scripts/vm/guest.py: Debian 6.1 under TCG with a vIOMMU) with a private copy of IMAGE
+(default: a fresh 64 MiB zero image) on a modern virtio-scsi controller at 00:04.0.
+Inside the guest, in one run and on the same TCG CPU:
+
+* baseline: sequential ``pread`` of the image copy over 9p and 4 KiB random preads;
+* ``qemu``: the driver through the QEMU-socket backend (a nested QEMU in the guest,
+  ``open_qemu``) on the same image file;
+* ``vfio``: the driver through VFIO (``open_vfio``) on the controller the outer QEMU
+  provides, with BARs mmap'ed and (``vfio_pread``) with pread/pwrite BAR access.
+
+Each: sequential read and write with 64 KiB requests 16 in flight (MB/s), 4 KiB random
+reads at depth 1 and 16 (IOPS), interrupts and kicks per request.  Only ratios inside
+the one guest mean anything (TCG is ~10-50x slower than the host).  Prints one JSON
+object.  The guest-side part is this file run with ``--in-guest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+KIB = 1024
+MIB = 1024 * 1024
+DEPTH = 16
+BDF = "0000:00:04.0"
+
+
+# ----------------------------------------------------------------------------- guest side
+
+
+def pread_seq(path: Path, chunk: int, limit_bytes: int) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        offset = 0
+        while offset < limit_bytes:
+            got = os.pread(fd, chunk, offset)
+            if not got:
+                break
+            offset += len(got)
+        return offset / (time.perf_counter() - start) / 1e6
+    finally:
+        os.close(fd)
+
+
+def pread_rand(path: Path, limit_bytes: int, count: int) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng = random.Random(1)
+        offsets = [rng.randrange(limit_bytes // (4 * KIB)) * 4 * KIB for _ in range(count)]
+        start = time.perf_counter()
+        for off in offsets:
+            os.pread(fd, 4 * KIB, off)
+        return count / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+async def run_parallel(
+    jobs: list[tuple[int, int]], depth: int, op: Callable[[int, int], Awaitable[None]]
+) -> float:
+    import trio
+
+    it = iter(jobs)
+
+    async def worker() -> None:
+        for lba, count in it:
+            await op(lba, count)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(depth, len(jobs))):
+            nursery.start_soon(worker)
+    return time.perf_counter() - start
+
+
+def _int_counters(stats: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+async def bench_controller(
+    opener: Callable[[], AbstractAsyncContextManager[Any]], limit_bytes: int, rand_count: int
+) -> dict[str, Any]:
+    """The workload on disk 0 of the controller ``opener()`` yields."""
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    async with opener() as controller:
+        results["open_seconds"] = round(time.perf_counter() - start, 3)
+        disk = controller.disks[0]
+        results["transport"] = controller.transport_name
+        bs = disk.block_size
+        region_blocks = min(disk.block_count, limit_bytes // bs)
+        payload = os.urandom(64 * KIB)
+
+        async def reader(lba: int, count: int) -> None:
+            await disk.read(lba, count)
+
+        async def writer(lba: int, count: int) -> None:
+            await disk.write(lba, payload[: count * bs])
+
+        async def measure(name: str, jobs: list[tuple[int, int]], depth: int, op: Any) -> None:
+            await run_parallel(jobs[: max(1, len(jobs) // 16)], depth, op)  # warm-up
+            before = _int_counters(controller.stats)
+            seconds = await run_parallel(jobs, depth, op)
+            after = _int_counters(controller.stats)
+            nbytes = sum(c for _, c in jobs) * bs
+            entry: dict[str, Any] = {
+                "requests": len(jobs),
+                "seconds": round(seconds, 4),
+                "mb_per_s": round(nbytes / seconds / 1e6, 2),
+                "iops": round(len(jobs) / seconds),
+            }
+            for key, value in after.items():
+                if key in before:
+                    entry[f"{key}_per_request"] = round((value - before[key]) / len(jobs), 4)
+            results[name] = entry
+
+        count = 64 * KIB // bs
+        jobs = [(lba, count) for lba in range(0, region_blocks - count + 1, count)]
+        await measure(f"seq_read_64k_qd{DEPTH}", jobs, DEPTH, reader)
+        await measure(f"seq_write_64k_qd{DEPTH}", jobs, DEPTH, writer)
+        rng = random.Random(2)
+        small = max(1, 4 * KIB // bs)
+        slots = region_blocks // small
+        for depth in (1, DEPTH):
+            rjobs = [(rng.randrange(slots) * small, small) for _ in range(rand_count)]
+            await measure(f"rand_read_4k_qd{depth}", rjobs, depth, reader)
+        await disk.flush()
+    return results
+
+
+def in_guest(image: Path, limit_bytes: int, rand_count: int) -> dict[str, Any]:
+    import trio
+
+    from amigafuse.driver.backends.vfio import open_vfio
+    from amigafuse.driver.controller import DiskImage, open_qemu
+
+    out: dict[str, Any] = {
+        "baseline": {
+            "pread_seq_64k_mb_per_s": round(pread_seq(image, 64 * KIB, limit_bytes), 2),
+            "pread_rand_4k_iops": round(pread_rand(image, limit_bytes, rand_count)),
+        }
+    }
+
+    def vfio_opener(mmap_bars: bool) -> Callable[[], AbstractAsyncContextManager[Any]]:
+        return lambda: open_vfio(BDF, transport="modern", mmap_bars=mmap_bars)
+
+    def qemu_opener() -> AbstractAsyncContextManager[Any]:
+        return open_qemu([DiskImage(image)], transport="modern")
+
+    for name, opener in (
+        ("vfio", vfio_opener(True)),
+        ("vfio_pread", vfio_opener(False)),
+        ("qemu", qemu_opener),
+    ):
+        try:
+            out[name] = trio.run(bench_controller, opener, limit_bytes, rand_count)
+        except Exception as exc:  # report, and keep the other results
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image", nargs="?", type=Path, help="disk image (a private copy is used)")
+    parser.add_argument("--mib", type=int, default=32, help="MiB of the image the workload touches")
+    parser.add_argument("--rand", type=int, default=1000, help="random 4 KiB reads per depth")
+    parser.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    limit = args.mib * MIB
+    if args.in_guest:
+        print(json.dumps(in_guest(args.in_guest, limit, args.rand)))
+        return 0
+
+    from scripts.vm.guest import Controller, Disk, GuestError, guest_modprobe, run_in_guest
+
+    with tempfile.TemporaryDirectory(prefix="amigafuse-vfio-bench-") as tmp:
+        vfio_copy = Path(tmp) / "vfio.img"
+        qemu_copy = Path(tmp) / "qemu.img"
+        size = max(limit, 64 * MIB)
+        if args.image:
+            shutil.copyfile(args.image, vfio_copy)
+            size = vfio_copy.stat().st_size
+        else:
+            with open(vfio_copy, "wb") as f:
+                f.truncate(size)
+        shutil.copyfile(vfio_copy, qemu_copy)
+        script = (
+            guest_modprobe("vfio_pci", "vfio_iommu_type1")
+            + f"\n$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {BDF} >&2 || exit 90\n"
+            + f"$AMIGAFUSE_GUEST_PYTHON benchmarks/vfio.py --in-guest {qemu_copy} "
+            + f"--mib {args.mib} --rand {args.rand}\n"
+        )
+        try:
+            res = run_in_guest(
+                script,
+                controllers=[Controller(disks=(Disk(vfio_copy),))],
+                memory_mb=1024,
+                timeout=1800,
+            )
+        except GuestError as exc:
+            print(f"vfio benchmark: {exc}", file=sys.stderr)
+            return 1
+    if res.rc != 0:
+        print(f"vfio benchmark: guest failed ({res.rc}):\n{res.stderr[-4000:]}", file=sys.stderr)
+        return 1
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    result["guest_seconds"] = round(res.seconds, 1)
+    result["image"] = str(args.image) if args.image else f"zero image of {size} bytes"
+    ratios: dict[str, float] = {}
+    for key in ("seq_read_64k_qd16", "seq_write_64k_qd16", "rand_read_4k_qd1", "rand_read_4k_qd16"):
+        v, q = result.get("vfio", {}).get(key), result.get("qemu", {}).get(key)
+        if v and q:
+            ratios[f"{key}_vfio_over_qemu"] = round(v["iops"] / q["iops"], 2)
+    result["ratios"] = ratios
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
