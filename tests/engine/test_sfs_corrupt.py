@@ -112,3 +112,19 @@ async def test_both_roots_bad() -> None:
     raw[100] ^= 0xFF
     vol = await open_volume(MemoryBlockDevice(data=bytes(raw)), geo, True)
     assert any("only one valid root" in n for n in vol.info.notes)
+
+
+async def test_file_blocks_marked_free_give_corrupt_error_on_delete() -> None:
+    data, geo = image()
+    raw = bytearray(data)
+    # Mark every block free in the first bitmap block: deleting a file then finds its
+    # blocks already free.
+    blk = bytearray(raw[34 * 512 : 35 * 512])
+    blk[12:] = b"\xff" * 500
+    codec.set_checksum(blk)
+    raw[34 * 512 : 35 * 512] = blk
+    vol = await open_volume(MemoryBlockDevice(data=bytes(raw)), geo, False)
+    with pytest.raises(CorruptError):
+        await vol.unlink(vol.root_id, "old.bin")
+    # The failed operation left nothing behind: the file is still there.
+    assert (await vol.lookup(vol.root_id, "old.bin")).size == 40000

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from amigafuse.errors import NoSpace
+from amigafuse.errors import CorruptError, NoSpace
 
 _NONZERO = re.compile(rb"[^\x00]")
 
@@ -71,13 +71,17 @@ class FreeMap:
 
     # ------------------------------------------------------------------ changes
     def _set(self, start: int, count: int, free: bool) -> None:
+        """Mark blocks free or used.  CorruptError (nothing changed) when a block lies
+        outside the bitmap or already has that state (the disk's bitmap disagrees with
+        its files)."""
         for b in range(start, start + count):
             if not 0 <= b < self.total:
-                raise ValueError(f"block {b} outside the bitmap")
+                raise CorruptError(f"block {b} lies outside the bitmap", block=b, field="bitmap")
+            if bool(self.bits[b >> 3] & (0x80 >> (b & 7))) == free:
+                state = "free" if free else "in use"
+                raise CorruptError(f"block {b} is already marked {state} in the bitmap", block=b, field="bitmap")
+        for b in range(start, start + count):
             mask = 0x80 >> (b & 7)
-            was = bool(self.bits[b >> 3] & mask)
-            if was == free:
-                raise AssertionError(f"block {b} is already {'free' if free else 'used'}")
             if free:
                 self.bits[b >> 3] |= mask
             else:
@@ -124,7 +128,7 @@ class FreeMap:
         while need:
             b = self.next_free(pos)
             if b < 0:
-                raise AssertionError("free count and bitmap disagree")
+                raise CorruptError("the bitmap's free count and its bits disagree", field="bitmap")
             length = self.run_length(b, need)
             runs.append((b, length))
             self.mark_used(b, length)
