@@ -182,7 +182,7 @@ async def attach_qemu(
     """
     if transport not in ("auto", "legacy", "modern"):
         raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
-    attach = _driver_module("backends.qtest", "the QEMU (qtest) backend").attach
+    attach = _driver_module("backends.qtest", "the QEMU (qtest) backend").attach_qtest
 
     async with (
         attach(str(socket_path), str(shm_path)) as backend,
@@ -219,7 +219,7 @@ def _driver_module(name: str, what: str) -> Any:
 
 
 def _transport_name(scsi: Any, requested: str) -> str:
-    for attr in ("transport_name", "name", "kind"):
+    for attr in ("transport_kind", "transport_name", "name", "kind"):
         value = getattr(scsi, attr, None)
         if isinstance(value, str):
             return value
