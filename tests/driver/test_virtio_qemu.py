@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import random
 import struct
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from amigafuse.driver.backends.qtest import QemuDisk, attach_qtest, launch_qemu, qemu_command
 from amigafuse.driver.virtio.device import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     bit,
 )
+from amigafuse.driver.virtio.scsi import open_virtio_scsi
+from amigafuse.errors import DeviceGone, HardwareError, NotAvailable
 from tests.driver.conftest import requires_qemu
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
@@ -60,3 +68,210 @@ async def test_reads_match_image(
             result = await ctl.execute(0, 0, read10(lba, blocks), data_in_len=blocks * 512)
             assert (result.response, result.status, result.residual) == (0, 0, 0)
             assert result.data == data[lba * 512 : (lba + blocks) * 512]
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
+
+
+async def settle_unit_attention(ctl: Any, target: int = 0) -> None:
+    """The first command to a LUN after power-on answers UNIT ATTENTION: consume it."""
+    for _ in range(3):
+        result = await ctl.execute(target, 0, bytes(6), data_in_len=0)  # TEST UNIT READY
+        if result.status == 0:
+            return
+    raise AssertionError("unit attention did not clear")
+
+
+async def test_many_concurrent_requests_are_not_mixed_up(
+    transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, data = disk_image(16 * MIB)
+    expected = bytearray(data)
+    async with scsi_controller([path], transport=transport) as (_, ctl):
+        await settle_unit_attention(ctl)
+        failures: list[str] = []
+
+        async def worker(k: int) -> None:
+            rng = random.Random(k)
+            region = k * (16 * MIB // 512 // 32)  # 32 disjoint regions of 1024 blocks
+            for step in range(25):
+                lba = region + rng.randrange(0, 1024 - 64)
+                blocks = rng.choice([1, 8, 64])
+                if step % 5 == 4:
+                    payload = rng.randbytes(blocks * 512)
+                    result = await ctl.execute(0, 0, write10(lba, blocks), data_out=payload)
+                    if result.status:
+                        failures.append(f"write {lba} status {result.status}")
+                    expected[lba * 512 : (lba + blocks) * 512] = payload
+                else:
+                    result = await ctl.execute(0, 0, read10(lba, blocks), data_in_len=blocks * 512)
+                    if result.data != expected[lba * 512 : (lba + blocks) * 512]:
+                        failures.append(f"task {k} read {lba}+{blocks} got other data")
+
+        with trio.fail_after(60):  # a hang guard, not a speed assertion
+            async with trio.open_nursery() as nursery:
+                for k in range(32):
+                    nursery.start_soon(worker, k)
+        assert failures == []
+        stats = ctl.stats
+        assert stats.requests == stats.completions >= 32 * 25
+        # suppression works: fewer notifies and interrupts than requests
+        assert stats.kicks < stats.requests and stats.interrupts < stats.requests
+        assert len(ctl._free) == ctl.queue_depth
+    assert Path(path).read_bytes() == bytes(expected)
+
+
+async def test_cancelled_callers_do_not_lose_slots(
+    transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, data = disk_image(8 * MIB)
+    async with scsi_controller([path], transport=transport, queue_depth=4) as (_, ctl):
+        await settle_unit_attention(ctl)
+
+        async def read(k: int) -> None:
+            await ctl.execute(0, 0, read10(k * 256, 256), data_in_len=256 * 512)
+
+        for round_ in range(10):
+            async with trio.open_nursery() as nursery:
+                for k in range(8):
+                    nursery.start_soon(read, k)
+                await trio.sleep(0.0005 * round_)
+                nursery.cancel_scope.cancel()
+        # abandoned commands still complete and give their slots back
+        with trio.fail_after(10):
+            while ctl.stats.completions < ctl.stats.requests:
+                await trio.sleep(0.01)
+        assert len(ctl._free) == ctl.queue_depth == 4
+        for lba in (0, 5000):
+            result = await ctl.execute(0, 0, read10(lba, 16), data_in_len=16 * 512)
+            assert result.data == data[lba * 512 : (lba + 16) * 512]
+
+
+async def test_read_only_and_4k_disks(
+    transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    ro_path, _ = disk_image(MIB)
+    k4_path, k4_data = disk_image(4 * MIB)
+    disks = [
+        QemuDisk(ro_path, read_only=True),
+        QemuDisk(k4_path, logical_block_size=4096, target=3),
+    ]
+    async with scsi_controller(disks, transport=transport) as (_, ctl):
+        await settle_unit_attention(ctl, 0)
+        await settle_unit_attention(ctl, 3)
+        denied = await ctl.execute(0, 0, write10(0, 1), data_out=bytes(512))
+        assert denied.status == 2 and denied.sense[2] & 0xF == 7  # DATA PROTECT
+        capacity = await ctl.execute(3, 0, bytes([0x25]) + bytes(9), data_in_len=8)
+        last_lba, block = struct.unpack(">II", capacity.data)
+        assert (last_lba + 1, block) == (4 * MIB // 4096, 4096)
+        result = await ctl.execute(3, 0, read10(100, 3), data_in_len=3 * 4096)
+        assert result.data == k4_data[100 * 4096 : 103 * 4096]
+
+
+async def test_qemu_killed_mid_io_fails_everyone_with_device_gone(
+    transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, _ = disk_image(8 * MIB)
+    gone: list[DeviceGone] = []
+    async with scsi_controller([path], transport=transport) as (backend, ctl):
+        await settle_unit_attention(ctl)
+
+        async def hammer(k: int) -> None:
+            try:
+                while True:
+                    await ctl.execute(0, 0, read10(k * 64, 64), data_in_len=64 * 512)
+            except DeviceGone as exc:
+                gone.append(exc)
+
+        with trio.fail_after(15):  # must not hang
+            async with trio.open_nursery() as nursery:
+                for k in range(20):
+                    nursery.start_soon(hammer, k)
+                await trio.sleep(0.2)
+                backend.process.kill()
+        assert len(gone) == 20
+        assert "QEMU" in str(gone[0])
+        assert backend.dead
+        with pytest.raises(DeviceGone):
+            await ctl.execute(0, 0, read10(0, 1), data_in_len=512)
+        with pytest.raises(DeviceGone):
+            await backend.config_read(0, 0, 2)
+
+
+async def test_files_are_cleaned_up_on_exit_error_and_cancel(
+    disk_image: Callable[..., Any],
+) -> None:
+    path, _ = disk_image(MIB)
+    seen: list[tuple[Path, Path]] = []
+
+    async def run(mode: str) -> None:
+        async with launch_qemu([QemuDisk(path)]) as backend:
+            assert backend.shm_path is not None and backend.workdir is not None
+            assert backend.shm_path.exists() and backend.workdir.exists()
+            seen.append((backend.shm_path, backend.workdir))
+            proc = backend.process
+            if mode == "error":
+                raise RuntimeError("boom")
+        assert proc is not None and proc.returncode is not None
+
+    await run("normal")
+    with pytest.raises(RuntimeError):
+        await run("error")
+    with trio.move_on_after(0.3):
+        async with launch_qemu([QemuDisk(path)]) as backend:
+            assert backend.shm_path is not None and backend.workdir is not None
+            seen.append((backend.shm_path, backend.workdir))
+            await trio.sleep(30)
+    assert len(seen) == 3
+    for shm, work in seen:
+        assert not shm.exists() and not work.exists()
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name in {s.name for s, _ in seen}]
+
+
+async def test_missing_and_failing_qemu(tmp_path: Path, disk_image: Callable[..., Any]) -> None:
+    path, _ = disk_image(MIB)
+    with pytest.raises(NotAvailable, match="apt-get install qemu-system-x86"):
+        async with launch_qemu([QemuDisk(path)], qemu_binary="qemu-system-amigafuse-missing"):
+            pass
+    fake = tmp_path / "fake-qemu"
+    fake.write_text(
+        "#!/bin/sh\necho 'qemu-system-x86_64: -device foo: no such device' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    before = set(Path("/dev/shm").iterdir())
+    with pytest.raises(DeviceGone, match=r"failed to start.*no such device"):
+        async with launch_qemu([QemuDisk(path)], qemu_binary=str(fake)):
+            pass
+    assert set(Path("/dev/shm").iterdir()) <= before
+
+
+async def test_legacy_transport_refused_on_a_modern_only_device(
+    scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, _ = disk_image(MIB)
+    with pytest.raises(HardwareError, match="modern-only"):
+        async with scsi_controller([path], transport="legacy", device="modern"):
+            pass
+
+
+async def test_attach_to_a_running_qemu(tmp_path: Path, disk_image: Callable[..., Any]) -> None:
+    path, data = disk_image(2 * MIB)
+    sock = tmp_path / "qtest.sock"
+    shm = Path("/dev/shm") / f"amigafuse-test-attach-{os.getpid()}"
+    cmd = qemu_command([QemuDisk(path)], socket_path=str(sock), shm_path=str(shm), ram_mib=64)
+    cmd[cmd.index(f"unix:{sock}")] = f"unix:{sock},server=on,wait=off"
+    proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(20):
+            while not (sock.exists() and shm.exists()):
+                await trio.sleep(0.02)
+        async with attach_qtest(sock, shm) as backend, open_virtio_scsi(backend) as ctl:
+            await settle_unit_attention(ctl)
+            result = await ctl.execute(0, 0, read10(10, 4), data_in_len=2048)
+            assert result.data == data[5120 : 5120 + 2048]
+        assert proc.returncode is None  # attaching and leaving does not stop the user's QEMU
+    finally:
+        proc.kill()
+        await proc.wait()
+        shm.unlink(missing_ok=True)

@@ -297,6 +297,9 @@ class QtestBackend(Backend):
         self._intercepting = False
         self.commands_sent = 0
         self._closed = False
+        #: Informational: files that launch_qemu owns and removes (None when attached).
+        self.shm_path: Path | None = None
+        self.workdir: Path | None = None
 
     # ----------------------------------------------------------------- state
 
@@ -640,6 +643,11 @@ async def launch_qemu(
         listener = None
         socket_path.unlink(missing_ok=True)
         backend = QtestBackend(conn, ram, process=proc, stderr_path=stderr_path)
+        backend.shm_path = shm_path
+        backend.workdir = tmpdir
+        # The body's exception is re-raised outside the nursery, so callers see it
+        # as itself and not wrapped in an ExceptionGroup.
+        body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend._reader)
             nursery.start_soon(backend._writer)
@@ -648,10 +656,14 @@ async def launch_qemu(
                 # The first command also waits for QEMU to finish creating the machine.
                 await backend.sync()
                 yield backend
+            except BaseException as exc:
+                body_error = exc
             finally:
                 await backend.aclose()
                 await _stop_process(proc)
                 nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
     finally:
         if listener is not None:
             listener.close()
@@ -754,15 +766,20 @@ async def attach_qtest(
             ) from exc
         sock.setblocking(False)
         backend = QtestBackend(sock, ram, gsi=gsi)
+        body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend._reader)
             nursery.start_soon(backend._writer)
             try:
                 await backend.sync()
                 yield backend
+            except BaseException as exc:
+                body_error = exc
             finally:
                 await backend.aclose()
                 nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
     finally:
         sock.close()
         if backend is not None:

@@ -88,7 +88,9 @@ class SplitRing(Generic[T]):
     bytes the device wrote.
     """
 
-    def __init__(self, mem: memoryview, layout: RingLayout, *, event_idx: bool) -> None:
+    def __init__(
+        self, mem: memoryview, layout: RingLayout, *, event_idx: bool, start_index: int = 0
+    ) -> None:
         if len(mem) < layout.total_bytes:
             raise ValueError(f"ring memory of {len(mem)} bytes < {layout.total_bytes} needed")
         self.mem = mem
@@ -108,9 +110,14 @@ class SplitRing(Generic[T]):
         self._free: list[int] = list(range(self.size - 1, -1, -1))
         self._chains: dict[int, list[int]] = {}
         self._tokens: dict[int, T] = {}
-        self.avail_idx = 0  # next avail index we will fill (shadow of avail->idx)
-        self.published_idx = 0  # avail->idx as the device sees it
-        self.last_used_idx = 0  # next used index we will consume
+        # A device after reset starts at index 0; ``start_index`` (with the device's
+        # indices set to match) lets tests exercise the 16-bit wraparound.
+        start = start_index & 0xFFFF
+        self.avail_idx = start  # next avail index we will fill (shadow of avail->idx)
+        self.published_idx = start  # avail->idx as the device sees it
+        self.last_used_idx = start  # next used index we will consume
+        _U16.pack_into(mem, self._avail_idx_off, start)
+        _U16.pack_into(mem, self._used_idx_off, start)
         self.broken: str | None = None
 
     # ------------------------------------------------------------------ state

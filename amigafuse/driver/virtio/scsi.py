@@ -400,6 +400,10 @@ class VirtioScsiController:
             while True:
                 await self.backend.wait_interrupt()
                 self.stats.interrupts += 1
+                # Harvest before the ISR round trip, so that woken callers resubmit
+                # while it is under way; harvest again after it, for completions
+                # that came while the line was still high (they raise no new edge).
+                self._harvest()
                 await self.transport.read_isr()
                 self.backend.ack_interrupt()
                 self._harvest()
@@ -504,10 +508,14 @@ async def open_virtio_scsi(
     ring.enable_interrupts()
     await driver_ok(vt)
     controller = VirtioScsiController(backend, vt, config, accepted, ring, slots, max_transfer)
+    # The body's exception is re-raised outside the nursery (not in an ExceptionGroup).
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(controller._completion_loop)
         try:
             yield controller
+        except BaseException as exc:
+            body_error = exc
         finally:
             with trio.CancelScope(shield=True):
                 if not backend.dead:
@@ -515,3 +523,5 @@ async def open_virtio_scsi(
                         await vt.reset()
             controller._fail_all(DeviceGone("the virtio-scsi controller was closed"))
             nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
