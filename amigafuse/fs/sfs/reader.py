@@ -19,6 +19,7 @@ from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.codec import (
     BNodeContainer,
     ExtentBNode,
+    NodeContainer,
     ObjectContainer,
     ObjectNode,
     RootBlock,
@@ -64,7 +65,7 @@ class SfsReader:
         self.extent_cache: dict[int, list[tuple[int, int]]] = {}
         self.overlay_data: dict[int, bytes] = {}
         # Parsed containers; every change of a block's bytes drops its entry.
-        self.parsed: dict[int, ObjectContainer] = {}
+        self.parsed: dict[int, ObjectContainer | BNodeContainer | NodeContainer] = {}
         # Path to the leaf container of each range of object nodes; the writer drops
         # the memo whenever it changes the tree's shape (new level, new container).
         self.leaf_refs: dict[int, list[NodeRef]] = {}
@@ -143,12 +144,28 @@ class SfsReader:
     # ------------------------------------------------------------------ objects
     async def container(self, block: int) -> ObjectContainer:
         hit = self.parsed.get(block)
-        if hit is not None:
+        if isinstance(hit, ObjectContainer):
             return hit
         data = await self.block(block, codec.OBJECTCONTAINER_ID)
         oc = ObjectContainer.unpack(data, self.sfs2)
         self.parsed[block] = oc
         return oc
+
+    async def bcontainer(self, block: int) -> BNodeContainer:
+        hit = self.parsed.get(block)
+        if isinstance(hit, BNodeContainer):
+            return hit
+        bc = BNodeContainer.unpack(await self.block(block, codec.BNODECONTAINER_ID), block)
+        self.parsed[block] = bc
+        return bc
+
+    async def ncontainer(self, block: int) -> NodeContainer:
+        hit = self.parsed.get(block)
+        if isinstance(hit, NodeContainer):
+            return hit
+        nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
+        self.parsed[block] = nc
+        return nc
 
     async def locate(self, node: int) -> Located:
         """The object with node number ``node``.  NotFound / CorruptError."""
@@ -223,7 +240,7 @@ class SfsReader:
         block = self.root.extentbnoderoot
         path: list[tuple[int, BNodeContainer, int]] = []
         for _ in range(MAX_TREE_DEPTH):
-            bc = BNodeContainer.unpack(await self.block(block, codec.BNODECONTAINER_ID), block)
+            bc = await self.bcontainer(block)
             if bc.isleaf:
                 index = -1
                 lo, hi = 0, len(bc.extents) - 1

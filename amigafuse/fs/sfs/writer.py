@@ -308,7 +308,7 @@ class SfsWriter(SfsReader):
             path: list[NodeRef] = []
             restart = False
             for _depth in range(MAX_TREE_DEPTH):
-                nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
+                nc = await self.ncontainer(block)
                 path.append(NodeRef(block, nc.nodenumber, nc.nodes))
                 if nc.nodes == 1:
                     empty = [i for i, on in enumerate(nc.objectnodes) if on.data == 0]
@@ -351,7 +351,7 @@ class SfsWriter(SfsReader):
     async def delete_node(self, node: int) -> None:
         path = await self.node_path(node)
         block = path[-1].block
-        nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
+        nc = await self.ncontainer(block)
         was_full = all(on.data != 0 for on in nc.objectnodes)
         buf = await self.modify(block, codec.NODECONTAINER_ID)
         struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE, 0, 0, 0)
