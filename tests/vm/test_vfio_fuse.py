@@ -1,0 +1,70 @@
+"""amigafuse mount through VFIO and FUSE inside the guest, compared with Linux affs
+reading the same handler-written FFS partition there (through the kernel's own
+virtio_scsi driver on a second controller holding the same image)."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import pytest
+
+from scripts.vm.guest import Controller, Disk, guest_modprobe
+from tests.conftest import shared_image
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+BDF = "0000:00:04.0"
+PY = "$AMIGAFUSE_GUEST_PYTHON"
+
+
+def _resolved(tree: dict[str, list[object]]) -> dict[str, list[object]]:
+    """Soft-link targets as normalised paths from the volume root: Linux affs shows
+    ``/x`` for the volume root, amigafuse a path relative to the link."""
+    out = {}
+    for rel, (kind, size, extra) in tree.items():
+        if kind == "link":
+            target = str(extra)
+            if target.startswith("/"):
+                extra = posixpath.normpath(target.lstrip("/"))
+            else:
+                extra = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+        out[rel] = [kind, size, extra]
+    return out
+
+
+def test_vfio_fuse_mount_matches_linux_affs(guest) -> None:  # type: ignore[no-untyped-def]
+    image = shared_image("handler/ffs_dos3_v40.hdf.gz")
+    script = guest_modprobe("vfio_pci", "vfio_iommu_type1") + f"""
+{PY} -m amigafuse bind-vfio {BDF} >/dev/null || exit 90
+""" + guest_modprobe("fuse", "virtio_scsi", "sd_mod", "affs") + f"""
+mkdir -p /mnt/af /mnt/li
+{PY} -m amigafuse mount -o ro,partition=DH0 vfio:{BDF} /mnt/af || exit 91
+for i in $(seq 150); do
+  part=$(ls -d /sys/bus/pci/devices/0000:00:05.0/virtio*/host*/target*/*/block/*/*1 2>/dev/null)
+  [ -n "$part" ] && break; sleep 0.2
+done
+mount -t affs -o ro /dev/${{part##*/}} /mnt/li || exit 92
+grep -c ' /mnt/af fuse' /proc/mounts
+{PY} tests/vm/guest/tree_digest.py /mnt/af
+{PY} tests/vm/guest/tree_digest.py /mnt/li
+umount /mnt/li
+{PY} -m amigafuse umount /mnt/af || exit 93
+grep -c ' /mnt/af ' /proc/mounts
+true
+"""
+    res = guest(
+        script,
+        controllers=[
+            Controller(disks=(Disk(image, readonly=True),)),
+            Controller(disks=(Disk(image, readonly=True),), addr="05.0", modern=False),
+        ],
+        timeout=600,
+    )
+    assert res.rc == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "1"  # the FUSE mount was live
+    assert lines[-1] == "0"  # and is gone after amigafuse umount
+    ours, linux = (json.loads(line) for line in lines if line.startswith("{"))
+    assert len(ours) > 300  # the handler images hold ~390 objects
+    assert _resolved(ours) == _resolved(linux)
