@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from amigafuse.amiga.dostype import common_name, dostype_to_str
-from amigafuse.blockdev.base import BlockDevice
-from amigafuse.blockdev.file import FileBlockDevice
-from amigafuse.blockdev.window import PartitionDevice
-from amigafuse.errors import AmigaFuseError, NotAvailable, UsageError
+from amigafuse.errors import AmigaFuseError, UsageError
 from amigafuse.fs import engine_for
 from amigafuse.fuse.options import KNOWN_HELP, MountOptions, parse_options
 
@@ -81,12 +76,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if len(sources) > MAX_UNITS:
         raise UsageError(f"at most {MAX_UNITS} disks per controller; got {len(sources)}")
     options = parse_options(args.options)
-    vfio = [s for s in sources if s.startswith("vfio:")]
-    if vfio:
+    special = [s for s in sources if s.startswith(("vfio:", "qemu:"))]
+    if special:
         if len(sources) != 1:
-            raise UsageError("a vfio:BDF source is a whole controller: give it alone")
+            raise UsageError(f"{special[0]} is a whole controller: give it alone")
         if options.backend == "file":
-            raise UsageError("backend=file reads image files; a vfio:BDF source needs the driver")
+            raise UsageError(f"backend=file reads image files; {special[0]} needs the driver")
+        if not os.path.isdir(mountpoint):
+            raise UsageError(f"{mountpoint}: the mount point must be an existing directory")
         return Plan(sources, os.path.abspath(mountpoint), options,
                     args.foreground or args.debug_fuse, args.debug_fuse)
     for src in sources:
@@ -148,107 +145,66 @@ def _child(plan: Plan, ready: Callable[[], None] | None, fail: Callable[[str], N
     return 1 if problems else 0
 
 
-# --------------------------------------------------------------------------- units
-
-
-@asynccontextmanager
-async def open_units(
-    sources: list[str], options: MountOptions
-) -> AsyncIterator[list[tuple[str, BlockDevice]]]:
-    """(name, BlockDevice) per disk: one per image SOURCE, or every disk of a ``vfio:BDF``
-    controller (named ``vfio:BDF#target``)."""
-    transport: Any = options.transport or "auto"  # validated by parse_options
-    if sources and sources[0].startswith("vfio:"):
-        try:  # imported by name: the driver may be absent from a build
-            open_vfio = importlib.import_module("amigafuse.driver.backends.vfio").open_vfio
-        except (ImportError, AttributeError):
-            raise NotAvailable("the VFIO backend is not available in this build") from None
-        bdf = sources[0].removeprefix("vfio:")
-        async with open_vfio(bdf, transport=transport) as controller:
-            yield [(f"vfio:{bdf}#{getattr(d, 'target', i)}", d) for i, d in enumerate(controller.disks)]
-        return
-    if options.backend == "file":
-        devices: list[BlockDevice] = []
-        try:
-            for src in sources:
-                devices.append(FileBlockDevice(src, read_only=options.read_only))
-            yield list(zip(sources, devices, strict=True))
-        finally:
-            for dev in devices:
-                with contextlib.suppress(Exception):
-                    close = getattr(dev, "close", None)
-                    if close is not None:
-                        result = close()
-                        if hasattr(result, "__await__"):
-                            await result
-        return
-    try:
-        controller_module = importlib.import_module("amigafuse.driver.controller")
-        DiskImage, open_qemu = controller_module.DiskImage, controller_module.open_qemu
-    except (ImportError, AttributeError):
-        raise NotAvailable(
-            "the QEMU driver backend is not available in this build; "
-            "mount with -o backend=file to read the image file directly"
-        ) from None
-    images = [DiskImage(path=src, read_only=options.read_only) for src in sources]
-    async with open_qemu(images, transport=transport) as controller:
-        disks: list[BlockDevice] = list(controller.disks)
-        if len(disks) != len(sources):
-            raise NotAvailable(
-                f"the controller shows {len(disks)} disks for {len(sources)} images; "
-                "try -o backend=file"
-            )
-        yield list(zip(sources, disks, strict=True))
-
-
 # --------------------------------------------------------------------------- mounting
+
+
+def _lock_key(unit: Any, first_lba: int) -> tuple[str, str]:
+    """(file, partition) for the lock: the image itself (so another path to the same file
+    still collides) and where the partition starts."""
+    return (unit.source if unit.backend in ("file", "qemu") and not unit.source.startswith("qemu:")
+            else unit.name, f"lba{first_lba}")
 
 
 async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list[str]:
     from amigafuse.fuse.ops import AmigaOperations, MountedVolume
     from amigafuse.fuse.session import PartitionLocks, serve
-    from amigafuse.rdb.scan import scan_device
+    from amigafuse.rdb.mounter import Mounter, announce_unit
+    from amigafuse.sources import open_units
+
+    def engine_name(dostype: int) -> str | None:
+        engine = engine_for(dostype)
+        return engine.name if engine is not None else None
 
     opts = plan.options
     locks = PartitionLocks()
     volumes: list[MountedVolume] = []
+    mounter = Mounter(engine_name)
     try:
-        async with open_units(plan.sources, opts) as devices:
+        async with open_units(plan.sources, backend=opts.backend, transport=opts.transport or "auto",
+                              read_only=opts.read_only) as units:
             available: list[str] = []
             bare = False
-            for src, device in devices:
-                layout = await scan_device(device)
+            for unit in units:
+                layout, announcements = await announce_unit(mounter, unit.name, unit.device)
                 if layout.kind == "none":
-                    _say(f"{src}: no RDB and no Amiga volume found; nothing to mount from it")
+                    _say(f"{unit.name}: no RDB and no Amiga volume found; nothing to mount from it")
                     continue
                 bare = bare or layout.kind == "bare"
                 for problem in layout.problems:
                     if problem.severity == "error":
-                        _say(f"{src}: {problem.message}")
-                for part in layout.partitions:
-                    # A hostile RDB may name a device "/", "..", or with NULs: keep it showable.
-                    name = part.drive_name.replace("/", "_").replace("\0", "")
-                    if name in ("", ".", ".."):
-                        name = f"P{part.index}"
+                        _say(f"{unit.name}: {problem.message}")
+                for ann in announcements:
+                    name = ann.dos_name
                     available.append(name)
                     if opts.partition is not None and name.upper() != opts.partition.upper():
                         continue
-                    what = f"{src} {name} ({dostype_to_str(part.dostype)}, {common_name(part.dostype)})"
-                    if part.issues:
-                        _say(f"{what}: not mounted: {'; '.join(part.issues)}")
+                    dostype = ann.volume_dostype if ann.volume_dostype is not None else ann.part_dostype
+                    what = f"{unit.name} {name} ({dostype_to_str(dostype)}, {common_name(dostype)})"
+                    if not ann.mountable:
+                        _say(f"{what}: not mounted: {ann.reason}")
                         continue
-                    if part.no_automount and opts.partition is None:
-                        _say(f"{what}: marked not to be mounted automatically; use -o partition={name}")
+                    if not ann.automount and opts.partition is None:
+                        _say(f"{what}: not mounted: {ann.reason}; use -o partition={name}")
                         continue
-                    engine = engine_for(part.dostype)
-                    if engine is None:
-                        _say(f"{what}: no filesystem engine for this DosType; not shown")
-                        continue
-                    read_only = opts.read_only or device.read_only
-                    locks.acquire(src, name, exclusive=not read_only, mountpoint=plan.mountpoint)
-                    window = PartitionDevice(device, part.first_lba, part.block_count, read_only=read_only)
+                    engine = engine_for(ann.geometry.dostype)
+                    assert engine is not None  # the mounter only calls it mountable with one
+                    read_only = opts.read_only or unit.device.read_only
+                    image, key = _lock_key(unit, ann.partition.first_lba)
+                    locks.acquire(image, key, exclusive=not read_only, mountpoint=plan.mountpoint,
+                                  shown=name)
+                    window = ann.open_device(read_only=read_only)
                     try:
-                        volume = await engine.open_volume(window, part.geometry, read_only)
+                        volume = await engine.open_volume(window, ann.geometry, read_only)
                     except AmigaFuseError as exc:
                         if opts.partition is not None:
                             raise
@@ -258,16 +214,10 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                     effective_ro = read_only or volume.info.read_only
                     if effective_ro and not opts.read_only:
                         why = "; ".join(notes) or (
-                            "the image is read-only" if device.read_only else "the engine cannot write it"
+                            "the image is read-only" if unit.device.read_only else "the engine cannot write it"
                         )
                         _say(f"{what}: mounted read-only: {why}")
-                    unique = name
-                    taken = {v.name.upper() for v in volumes}
-                    n = 1
-                    while unique.upper() in taken:
-                        unique = f"{name}.{n}"
-                        n += 1
-                    volumes.append(MountedVolume(unique, volume, effective_ro, notes))
+                    volumes.append(MountedVolume(name, volume, effective_ro, notes))
             if opts.partition is not None and not volumes:
                 raise UsageError(
                     f"no mountable partition {opts.partition!r}; the disks have: "
@@ -275,15 +225,13 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                 )
             if not volumes:
                 raise UsageError("nothing to mount: no partition with a supported filesystem was found")
-            single = opts.partition is not None or (bare and len(volumes) == 1 and len(devices) == 1)
+            single = opts.partition is not None or (bare and len(volumes) == 1 and len(units) == 1)
             ops = AmigaOperations(volumes, opts, single=single, mountpoint=plan.mountpoint)
             source_name = plan.sources[0] if len(plan.sources) == 1 else ",".join(plan.sources)
             fuse_options = opts.fuse_options(source_name)
             if all(v.read_only for v in volumes):
                 fuse_options.add("ro")
-            volumes_to_close = volumes
             volumes = []  # serve() closes them from here on
-            del volumes_to_close
             return await serve(ops, plan.mountpoint, fuse_options,
                                read_ahead_kb=opts.read_ahead_kb, on_ready=ready)
     finally:

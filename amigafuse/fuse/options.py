@@ -19,11 +19,11 @@ PASSED = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime
                     "relatime", "norelatime", "strictatime", "nodiratime", "diratime",
                     "sync", "async", "dirsync"})
 BACKENDS = ("qemu", "file")
-TRANSPORTS = ("legacy", "modern")
+TRANSPORTS = ("auto", "legacy", "modern")
 
 KNOWN_HELP = (
     "ro, rw, uid=N, gid=N, umask=OCTAL, allow_other, allow_root, default_permissions, "
-    "partition=NAME, backend=qemu|file, transport=legacy|modern, fsname=NAME, "
+    "partition=NAME, backend=qemu|file, transport=auto|legacy|modern, fsname=NAME, "
     "auto_unmount, noauto_unmount, read_ahead_kb=N"
 )
 

@@ -146,7 +146,8 @@ class PartitionLocks:
         digest = hashlib.sha1(f"{ident}:{partition.upper()}".encode()).hexdigest()[:16]
         return RUN_DIR / f"{digest}.lock"
 
-    def acquire(self, image: str, partition: str, *, exclusive: bool, mountpoint: str) -> None:
+    def acquire(self, image: str, partition: str, *, exclusive: bool, mountpoint: str,
+                shown: str | None = None) -> None:
         """Raises Busy if another process holds a conflicting lock."""
         RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
         path = self.lock_path(image, partition)
@@ -160,7 +161,7 @@ class PartitionLocks:
             os.close(fd)
             how = "read-write" if not exclusive else "already"
             raise Busy(
-                f"{image} partition {partition} is {how} mounted by another amigafuse "
+                f"{image} partition {shown or partition} is {how} mounted by another amigafuse "
                 f"({holder or 'unknown process'}); unmount it first (amigafuse umount), "
                 "or mount it read-only (-o ro) when the other mount is read-only"
             ) from None
