@@ -127,3 +127,30 @@ async def test_qemu_killed_mid_io_gives_device_gone(tmp_path: Path, transport: s
             await disk.read(0, 1)
         with pytest.raises(DeviceGone):
             await disk.flush()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_injected_write_error_fails_only_that_request(tmp_path: Path, transport: str) -> None:
+    from amigafuse.driver.backends.qtest import QemuDisk, launch_qemu
+
+    img = tmp_path / "wbad.img"
+    img.write_bytes(bytes(2 * MIB))
+    bad_lba = 1000
+    device: Literal["transitional", "modern"] = (
+        "modern" if transport == "modern" else "transitional"
+    )
+    spec = QemuDisk(path=str(img), blkdebug_errors=[("write_aio", bad_lba, errno.EIO)])
+    async with (
+        launch_qemu([spec], device=device) as backend,
+        open_controller(backend, transport=transport) as ctl,  # type: ignore[arg-type]
+    ):
+        (disk,) = ctl.disks
+        with pytest.raises(MediumError) as exc:
+            await disk.write(bad_lba - 2, b"\x11" * 4 * 512)
+        assert exc.value.errno == errno.EIO and "WRITE(10)" in str(exc.value)
+        await disk.write(bad_lba + 8, b"\x22" * 512)  # a neighbour still works
+        await disk.flush()
+        assert await disk.read(bad_lba + 8, 1) == b"\x22" * 512
+    with open(img, "rb") as f:
+        f.seek((bad_lba + 8) * 512)
+        assert f.read(512) == b"\x22" * 512
