@@ -128,7 +128,7 @@ def test_qemu_command_line() -> None:
         "virtio-scsi-pci-non-transitional,id=scsi0,addr=04.0",
         "file=/img/a,,b.img",
         "readonly=on",
-        "rerror=report,werror=report",
+        "rerror=report,werror=report,cache=writeback,aio=threads",
         "scsi-id=5",
         "logical_block_size=4096,physical_block_size=4096",
         "file=blkdebug:/tmp/blkdebug1.conf:/img/c.img",

@@ -204,6 +204,23 @@ class SplitRing(Generic[T]):
         self._push_avail(head, token)
         return head
 
+    def add_indirect_table(self, table_address: int, count: int, token: T) -> int:
+        """Queue a request whose indirect table of ``count`` descriptors the caller has
+        already written at ``table_address`` (the fast path of :meth:`add_indirect`)."""
+        self._check_usable()
+        if not self._free:
+            raise ValueError("no free descriptor")
+        head = self._free.pop()
+        _DESC.pack_into(
+            self.mem, self._desc + DESC_SIZE * head, table_address, DESC_SIZE * count,
+            VRING_DESC_F_INDIRECT, 0,
+        )  # fmt: skip
+        self._chains[head] = [head]
+        _U16.pack_into(self.mem, self._avail_ring + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._tokens[head] = token
+        return head
+
     def publish(self) -> tuple[int, int]:
         """Make every added chain visible (write avail->idx).  Returns (old, new) index
         for :meth:`kick_needed`."""

@@ -173,15 +173,22 @@ _FREE, _IN_FLIGHT, _COMPLETED, _ABANDONED = range(4)
 
 
 class _Slot:
-    __slots__ = ("error", "event", "index", "layout", "state", "written")
+    __slots__ = ("error", "index", "layout", "state", "task", "written")
 
     def __init__(self, index: int, layout: SlotLayout) -> None:
         self.index = index
         self.layout = layout
         self.state = _FREE
-        self.event: trio.Event | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller sleeping on completion
         self.written = 0
         self.error: BaseException | None = None
+
+
+# Indirect tables written in one pack: (address, length, flags, next) per descriptor.
+_F_NEXT, _F_WRITE = 1, 2
+_TABLE2 = struct.Struct("<QIHH QIHH")
+_TABLE3 = struct.Struct("<QIHH QIHH QIHH")
+_RESP_CLEAR = bytes(_RESP_HEAD.size)
 
 
 @dataclass
@@ -223,6 +230,12 @@ class VirtioScsiController:
         self._tag = 0
         self._failure: BaseException | None = None
         self.stats = ControllerStats()
+        self._cdb_size = config.cdb_size
+        self._sense_size = config.sense_size
+        self._req_len = cmd_req_size(config.cdb_size)
+        self._resp_len = resp_size(config.sense_size)
+        self._header = struct.Struct(f"<8sQBBB{config.cdb_size}s")
+        self._luns: dict[tuple[int, int], bytes] = {}
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -277,22 +290,28 @@ class VirtioScsiController:
                 f"SCSI address {target}:{lun} beyond max {self.config.max_target}:{self.config.max_lun}"
             )
         self._tag = (self._tag + 1) & 0xFFFFFFFFFFFFFFFF
-        header = pack_cmd_req(target, lun, self._tag, cdb, self.config.cdb_size)
+        if len(cdb) > self._cdb_size:
+            raise UsageError(
+                f"CDB of {len(cdb)} bytes exceeds the device's cdb_size {self._cdb_size}"
+            )
+        lun_bytes = self._luns.get((target, lun))
+        if lun_bytes is None:
+            lun_bytes = self._luns[(target, lun)] = encode_lun(target, lun)
         self._raise_if_failed()
         while not self._free:
             await self._slot_lot.park()
             self._raise_if_failed()
         slot = self._free.pop()
         try:
-            self._submit(slot, header, data_out, out_len, data_in_len)
+            self._submit(slot, lun_bytes, cdb, data_out, out_len, data_in_len)
         except BaseException:
             slot.state = _FREE
             self._free.append(slot)
             self._slot_lot.unpark()
             raise
-        if self._burst_open:
-            pass  # the burst's first submitter publishes this request with its own
-        else:
+        if not self._burst_open:
+            # The first submitter of a scheduling batch lets the others of the batch
+            # add their requests, then publishes them all with (at most) one kick.
             self._burst_open = True
             try:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -304,29 +323,56 @@ class VirtioScsiController:
     def _submit(
         self,
         slot: _Slot,
-        header: bytes,
+        lun_bytes: bytes,
+        cdb: bytes,
         data_out: bytes | bytearray | memoryview | None,
         out_len: int,
         data_in_len: int,
     ) -> None:
         mem, bus, lay = self._mem, self._bus, slot.layout
-        mem[lay.request : lay.request + len(header)] = header
-        rsize = resp_size(self.config.sense_size)
-        mem[lay.response : lay.response + _RESP_HEAD.size] = bytes(_RESP_HEAD.size)
-        segments = [Segment(bus + lay.request, len(header))]
-        if data_out is not None and out_len:
-            mem[lay.data : lay.data + out_len] = data_out
-            segments.append(Segment(bus + lay.data, out_len))
-        segments.append(Segment(bus + lay.response, rsize, True))
-        if data_in_len:
-            segments.append(Segment(bus + lay.data, data_in_len, True))
+        self._header.pack_into(mem, lay.request, lun_bytes, self._tag, 0, 0, 0, cdb)
+        mem[lay.response : lay.response + _RESP_HEAD.size] = _RESP_CLEAR
+        req_addr = bus + lay.request
+        resp_addr = bus + lay.response
+        data_addr = bus + lay.data
+        req_len, resp_len = self._req_len, self._resp_len
         if self._indirect:
-            table = mem[lay.table : lay.table + DESC_SIZE * MAX_INDIRECT]
-            self._ring.add_indirect(segments, table, bus + lay.table, slot)
+            table = lay.table
+            if data_in_len:
+                _TABLE3.pack_into(
+                    mem, table,
+                    req_addr, req_len, _F_NEXT, 1,
+                    resp_addr, resp_len, _F_WRITE | _F_NEXT, 2,
+                    data_addr, data_in_len, _F_WRITE, 0,
+                )  # fmt: skip
+                count = 3
+            elif out_len:
+                assert data_out is not None
+                mem[lay.data : lay.data + out_len] = data_out
+                _TABLE3.pack_into(
+                    mem, table,
+                    req_addr, req_len, _F_NEXT, 1,
+                    data_addr, out_len, _F_NEXT, 2,
+                    resp_addr, resp_len, _F_WRITE, 0,
+                )  # fmt: skip
+                count = 3
+            else:
+                _TABLE2.pack_into(
+                    mem, table, req_addr, req_len, _F_NEXT, 1, resp_addr, resp_len, _F_WRITE, 0
+                )
+                count = 2
+            self._ring.add_indirect_table(bus + table, count, slot)
         else:
+            segments = [Segment(req_addr, req_len)]
+            if data_out is not None and out_len:
+                mem[lay.data : lay.data + out_len] = data_out
+                segments.append(Segment(data_addr, out_len))
+            segments.append(Segment(resp_addr, resp_len, True))
+            if data_in_len:
+                segments.append(Segment(data_addr, data_in_len, True))
             self._ring.add(segments, slot)
         slot.state = _IN_FLIGHT
-        slot.event = None
+        slot.task = None
         slot.error = None
         self.stats.requests += 1
 
@@ -342,25 +388,30 @@ class VirtioScsiController:
                 self._fail_all(exc)
 
     async def _wait(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
-        try:
-            if slot.state == _IN_FLIGHT:
-                slot.event = trio.Event()
-                await slot.event.wait()
-            else:
+        if slot.state == _IN_FLIGHT:
+            slot.task = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                # Cancelled before completion: the completion path will free the slot.
+                slot.task = None
+                slot.state = _ABANDONED
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            try:
                 await trio.lowlevel.checkpoint()
-        except BaseException:
-            if slot.state == _IN_FLIGHT:
-                slot.state = _ABANDONED  # the completion path frees it
-            elif slot.state == _COMPLETED:
+            except BaseException:
                 self._release(slot)
-            raise
-        if slot.error is not None:
-            raise slot.error
+                raise
+        # here the slot is _COMPLETED and ours
         try:
+            if slot.error is not None:
+                raise slot.error
             lay = slot.layout
             response, status, sense, residual = unpack_cmd_resp(
-                self._mem[lay.response : lay.response + resp_size(self.config.sense_size)],
-                self.config.sense_size,
+                self._mem[lay.response : lay.response + self._resp_len],
+                self._sense_size,
                 data_in_len,
             )
             got = data_in_len - residual
@@ -371,7 +422,7 @@ class VirtioScsiController:
 
     def _release(self, slot: _Slot) -> None:
         slot.state = _FREE
-        slot.event = None
+        slot.task = None
         self._free.append(slot)
         self._slot_lot.unpark()
 
@@ -384,8 +435,10 @@ class VirtioScsiController:
             self._release(slot)
             return
         slot.state = _COMPLETED
-        if slot.event is not None:
-            slot.event.set()
+        task = slot.task
+        if task is not None:
+            slot.task = None
+            trio.lowlevel.reschedule(task)
 
     def _harvest(self) -> None:
         ring = self._ring
@@ -417,8 +470,10 @@ class VirtioScsiController:
             if slot.state == _IN_FLIGHT:
                 slot.error = exc
                 slot.state = _COMPLETED
-                if slot.event is not None:
-                    slot.event.set()
+                task = slot.task
+                if task is not None:
+                    slot.task = None
+                    trio.lowlevel.reschedule(task)
         self._slot_lot.unpark_all()
 
 
