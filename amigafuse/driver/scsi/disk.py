@@ -385,7 +385,8 @@ class ScsiDisk(BlockDevice):
     async def read(self, lba: int, count: int) -> bytes:
         """Read ``count`` blocks at ``lba`` (BlockDevice contract).  Large requests are
         split and issued concurrently.  Raises OutOfRange before any I/O; DeviceErrors."""
-        await self._prepare()
+        if self._gone is not None or self._capacity_stale:
+            await self._prepare()
         self.check_range(lba, count)
         if count == 0:
             return b""
@@ -405,7 +406,8 @@ class ScsiDisk(BlockDevice):
     async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole blocks at ``lba`` (BlockDevice contract).  Raises WriteProtected
         for a write-protected disk and OutOfRange before any I/O; DeviceErrors."""
-        await self._prepare()
+        if self._gone is not None or self._capacity_stale:
+            await self._prepare()
         count = self.check_write(lba, data)
         if count == 0:
             return
