@@ -17,7 +17,7 @@ from amigafuse import __version__
 from amigafuse.errors import AmigaFuseError, UsageError
 
 # Subcommand modules under amigafuse.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("info", "list", "mount", "umount", "install_helper", "vfio")
+COMMANDS: tuple[str, ...] = ("info", "list", "mkdisk", "format", "check", "mount", "umount", "install_helper", "vfio")
 
 
 def build_parser() -> argparse.ArgumentParser:

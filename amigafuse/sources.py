@@ -9,6 +9,7 @@ A SOURCE is one of:
   ``-qtest unix:SOCKET`` and its RAM in the file SHM (docs/driver.md);
 * ``vfio:BDF``: every disk of a virtio-scsi PCI controller bound to vfio-pci.
 
+An image file whose mode has no write bit (0444) is opened read-only even for root.
 Image files may be combined; ``qemu:`` and ``vfio:`` stand alone.  Also the size helpers
 the commands share (``64M``, ``1G``, ``rest``).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -49,6 +51,17 @@ def _driver(name: str, what: str) -> Any:
         return importlib.import_module(f"amigafuse.driver.{name}")
     except ImportError:
         raise NotAvailable(f"{what} is not available in this build; use --backend file") from None
+
+
+def write_protected(path: str) -> bool:
+    """True when no one may write the image file (mode without any w bit).
+
+    Root's open(O_RDWR) ignores mode bits; a 0444 image is treated as a write-protected
+    disk all the same, so root cannot damage it by accident."""
+    try:
+        return os.stat(path).st_mode & 0o222 == 0
+    except OSError:
+        return False
 
 
 def _check_sources(sources: Sequence[str]) -> None:
@@ -97,7 +110,7 @@ async def open_units(
         devices: list[FileBlockDevice] = []
         try:
             for src in sources:
-                devices.append(FileBlockDevice(src, read_only=read_only))
+                devices.append(FileBlockDevice(src, read_only=read_only or write_protected(src)))
             yield [Unit(src, src, d, d.info, "file") for src, d in zip(sources, devices, strict=True)]
         finally:
             for d in devices:
@@ -105,7 +118,10 @@ async def open_units(
                     await d.aclose()
         return
     controller_mod = _driver("controller", "the QEMU backend")
-    images = [controller_mod.DiskImage(path=src, read_only=read_only) for src in sources]
+    images = [
+        controller_mod.DiskImage(path=src, read_only=read_only or write_protected(src))
+        for src in sources
+    ]
     async with controller_mod.open_qemu(images, transport=transport) as controller:
         by_target = {getattr(d, "target", i): d for i, d in enumerate(controller.disks)}
         units = []

@@ -232,3 +232,23 @@ async def announce_unit(
     layout = await scan_device(device)
     volume_types = await probe_volume_types(device, layout)
     return layout, mounter.add_unit(unit, layout, volume_types, device)
+
+
+def select_partition(anns: list[Announcement], name: str | None, source: str) -> Announcement:
+    """The announcement the user named (DOS name or PART name, case-insensitive), or the
+    only one when ``name`` is None.  Raises UsageError listing the choices otherwise."""
+    from amigafuse.errors import UsageError
+
+    choices = ", ".join(a.dos_name for a in anns) or "none"
+    if name is None:
+        if len(anns) == 1:
+            return anns[0]
+        raise UsageError(f"{source} has {len(anns)} partitions ({choices}): choose one with --partition NAME")
+    wanted = name.upper()
+    for a in anns:
+        if a.dos_name.upper() == wanted:
+            return a
+    for a in anns:
+        if a.partition.drive_name.upper() == wanted:
+            return a
+    raise UsageError(f"{source} has no partition {name!r}; it has: {choices}")
