@@ -15,7 +15,7 @@ import trio
 
 from amigafuse.driver import DiskImage, attach_qemu, open_qemu
 from amigafuse.driver.scsi import cdb as C
-from amigafuse.errors import NotAvailable, UsageError, WriteProtected
+from amigafuse.errors import IllegalRequest, NotAvailable, UsageError, WriteProtected
 
 pytestmark = [
     pytest.mark.qemu,
@@ -319,3 +319,28 @@ async def test_cancelled_requests_leave_the_disk_consistent(tmp_path: Path, tran
                     (lba + i).to_bytes(8, "big") for i in range(16)
                 ]
         assert cancelled > 0  # the scenario really happened
+
+
+async def test_pass_through_commands_on_qemu(tmp_path: Path) -> None:
+    """The CDB builders and parsers the bring-up does not use, against QEMU's answers."""
+    from amigafuse.driver.scsi import sense as S
+
+    img = tmp_path / "pt.img"
+    make_image(img, MIB, 12)
+    async with open_qemu([DiskImage(img)]) as ctl:
+        (disk,) = ctl.disks
+        luns = C.parse_report_luns((await disk.execute(C.report_luns(), data_in_len=2056)).data)
+        assert luns == (0,)
+        raw = (await disk.execute(C.request_sense(), data_in_len=252)).data
+        sense = S.parse_sense(raw)
+        assert sense is not None and sense.sense_key == S.NO_SENSE
+        header = C.parse_mode_sense_6((await disk.execute(C.mode_sense_6(), data_in_len=192)).data)
+        assert not header.write_protect
+        cap = C.parse_read_capacity_16(
+            (await disk.execute(C.read_capacity_16(), data_in_len=32)).data
+        )
+        assert cap.block_count == MIB // 512 and cap.block_length == 512
+        # An opcode QEMU's scsi-hd does not implement: ILLEGAL REQUEST, named.
+        with pytest.raises(IllegalRequest, match="ILLEGAL REQUEST"):
+            await disk.execute(bytes([0xEE]) + bytes(5))
+        assert await disk.read(0, 1)  # and the disk carries on
