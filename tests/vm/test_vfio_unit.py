@@ -178,3 +178,102 @@ def test_find_common_cfg_distrusts_the_device() -> None:
     bad_bar = _config_with_caps([(0x70, _virtio_cap(1, 7, 0))])
     with pytest.raises(DeviceError, match="BAR 7"):
         vfio.find_common_cfg(bytes(bad_bar))
+
+
+# --------------------------------------------------------------------------- interrupts
+# The interrupt path on real eventfds (the kernel's side of VFIO is not needed for it).
+
+
+def _backend_with_eventfds(req: bool = True) -> vfio.VfioBackend:
+    import os
+
+    backend = vfio.VfioBackend("0000:00:04.0")
+    backend._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    if req:
+        backend._req_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    backend._intx_enabled = True
+    return backend
+
+
+async def test_wait_interrupt_sleeps_until_the_eventfd_fires() -> None:
+    import os
+
+    import trio
+
+    backend = _backend_with_eventfds()
+    try:
+        with trio.move_on_after(0.2) as scope:
+            await backend.wait_interrupt()
+        assert scope.cancelled_caught  # nothing fired: it slept
+        async with trio.open_nursery() as nursery:
+
+            async def fire() -> None:
+                await trio.sleep(0.05)
+                os.eventfd_write(backend._irq_fd, 1)
+
+            nursery.start_soon(fire)
+            with trio.fail_after(5):
+                await backend.wait_interrupt()
+        assert backend.interrupt_count == 1
+        # Two raises before a wait coalesce into one interrupt (a level-triggered line).
+        os.eventfd_write(backend._irq_fd, 1)
+        os.eventfd_write(backend._irq_fd, 1)
+        await backend.wait_interrupt()
+        with trio.move_on_after(0.1) as scope:
+            await backend.wait_interrupt()
+        assert scope.cancelled_caught
+        assert backend.interrupt_count == 2
+    finally:
+        backend._release()
+
+
+async def test_cancelled_wait_keeps_the_interrupt_pending() -> None:
+    import os
+
+    import trio
+
+    backend = _backend_with_eventfds()
+    try:
+        os.eventfd_write(backend._irq_fd, 1)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await backend.wait_interrupt()  # consumes the counter, then is cancelled
+        assert scope.cancelled_caught
+        assert backend._irq_pending
+        with trio.fail_after(1):
+            await backend.wait_interrupt()  # the interrupt was not lost
+        assert not backend._irq_pending
+    finally:
+        backend._release()
+
+
+async def test_req_eventfd_ends_waits_with_device_gone() -> None:
+    import os
+
+    import trio
+
+    from amigafuse.errors import DeviceGone
+
+    backend = _backend_with_eventfds()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def request_device_back() -> None:
+                await trio.sleep(0.05)
+                os.eventfd_write(backend._req_fd, 1)
+
+            nursery.start_soon(request_device_back)
+            with trio.fail_after(5), pytest.raises(DeviceGone, match="asked for the device back"):
+                await backend.wait_interrupt()
+        assert backend.dead
+        with pytest.raises(DeviceGone):
+            await backend.config_read(backend.devfn, 0, 2)
+        with pytest.raises(DeviceGone):
+            backend.config_write(backend.devfn, 4, 2, 0)
+        assert await backend.config_read(0, 0, 2) == 0xFFFF  # other devfns: no device
+        backend.ack_interrupt()  # a no-op once dead, never raises
+    finally:
+        backend._release()
+    assert backend._irq_fd == -1 and backend._req_fd == -1
+    with pytest.raises(DeviceGone):
+        await backend.wait_interrupt()

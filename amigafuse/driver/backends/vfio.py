@@ -758,26 +758,29 @@ class VfioBackend(Backend):
         await trio.lowlevel.checkpoint()
 
     async def wait_interrupt(self) -> None:
+        """Sleep (no polling) until INTx fired since the previous call returned.
+
+        The eventfd counter is consumed into ``_irq_pending`` before the checkpoint that
+        may deliver a cancellation, and cleared only after it: a cancelled wait leaves
+        the interrupt pending for the next call.  Raises DeviceGone once the backend is
+        dead (REQ from the kernel, closed, failed access).
+        """
         if not self._intx_enabled:
             raise DeviceError("wait_interrupt before enable_interrupts")
         while True:
-            if self.dead:
-                raise self.gone_error()
-            if self._irq_pending:
-                self._irq_pending = False
-                await trio.lowlevel.checkpoint()
-                return
-            try:
-                os.eventfd_read(self._irq_fd)
-            except BlockingIOError:
-                pass
-            else:
-                # The counter is consumed here and remembered, so a cancellation between
-                # now and returning cannot lose the interrupt (the flag survives).
+            if not self._irq_pending:
+                if self.dead:
+                    raise self.gone_error()
+                try:
+                    os.eventfd_read(self._irq_fd)
+                except BlockingIOError:
+                    await self._wait_event()
+                    continue
                 self._irq_pending = True
                 self._interrupts += 1
-                continue
-            await self._wait_event()
+            await trio.lowlevel.checkpoint()  # Cancelled here: still pending
+            self._irq_pending = False
+            return
 
     async def _wait_event(self) -> None:
         """Sleep until the INTx or the REQ eventfd is readable (no polling)."""
