@@ -296,6 +296,10 @@ class QtestBackend(Backend):
         self._pending: collections.deque[_Reply | None] = collections.deque()
         self._outbuf = bytearray()
         self._writer_wakeup = trio.Event()
+        self._flush_scheduled = False  # the writer will send what is buffered
+        #: Posted writes wait for the next flush (or the writer, one batch later).
+        self.cork_posted_writes = True
+        self._write_blocked = False  # the socket buffer is full: only the writer sends
         self._dead_reason: str | None = None
         self._posted_error: BaseException | None = None
         self._irq_pending = False
@@ -362,31 +366,40 @@ class QtestBackend(Backend):
 
     # ----------------------------------------------------------------- sending
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str, *, flush: bool) -> None:
+        """Queue one command line.  ``flush``: send now (an awaited command); else the
+        line waits for the next flush or for the writer task, which runs in the next
+        scheduling batch, so that posted writes of one batch (a kick) share a send with
+        what follows (the ISR read)."""
         if self._dead_reason is not None:
             raise self.gone_error()
-        data = line.encode("ascii") + b"\n"
         self.commands_sent += 1
-        if self._outbuf:
-            self._outbuf += data
-            return
+        self._outbuf += line.encode("ascii") + b"\n"
+        if (flush or not self.cork_posted_writes) and not self._write_blocked:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._writer_wakeup.set()
+
+    def _flush(self) -> None:
         try:
-            sent = self._sock.send(data)
+            sent = self._sock.send(self._outbuf)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self._mark_dead(f"sending to the qtest socket failed: {exc}")
             raise self.gone_error() from exc
-        if sent < len(data):
-            self._outbuf += data[sent:]
+        del self._outbuf[:sent]
+        if self._outbuf:
+            self._write_blocked = True  # the writer task waits until writable
             self._writer_wakeup.set()
 
     def _post(self, line: str) -> None:
-        self._send(line)
+        self._send(line, flush=False)
         self._pending.append(None)
 
     def _request(self, line: str) -> _Reply:
-        self._send(line)
+        self._send(line, flush=True)
         reply = _Reply()
         self._pending.append(reply)
         return reply
@@ -394,20 +407,25 @@ class QtestBackend(Backend):
     async def _writer(self) -> None:
         while self._dead_reason is None:
             if not self._outbuf:
+                self._flush_scheduled = False
                 self._writer_wakeup = trio.Event()
                 await self._writer_wakeup.wait()
                 continue
+            self._flush_scheduled = False
             try:
-                await trio.lowlevel.wait_writable(self._sock)
+                if self._write_blocked:
+                    await trio.lowlevel.wait_writable(self._sock)
                 sent = self._sock.send(self._outbuf)
             except trio.ClosedResourceError:
                 return
             except BlockingIOError:
+                self._write_blocked = True
                 continue
             except OSError as exc:
                 self._mark_dead(f"sending to the qtest socket failed: {exc}")
                 return
             del self._outbuf[:sent]
+            self._write_blocked = bool(self._outbuf)
 
     # ----------------------------------------------------------------- receiving
 

@@ -236,6 +236,7 @@ class VirtioScsiController:
         self._resp_len = resp_size(config.sense_size)
         self._header = struct.Struct(f"<8sQBBB{config.cdb_size}s")
         self._luns: dict[tuple[int, int], bytes] = {}
+        self._isr_delay_batches = 0
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -457,6 +458,8 @@ class VirtioScsiController:
                 # while it is under way; harvest again after it, for completions
                 # that came while the line was still high (they raise no new edge).
                 self._harvest()
+                for _ in range(self._isr_delay_batches):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 await self.transport.read_isr()
                 self.backend.ack_interrupt()
                 self._harvest()
