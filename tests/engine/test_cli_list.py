@@ -105,3 +105,67 @@ def test_list_through_the_qemu_driver_matches_file_backend() -> None:
     for q, f in zip(via_qemu, via_file, strict=True):
         assert q["partitions"] == f["partitions"]
         assert q["block_count"] == f["block_count"] and q["problems"] == f["problems"]
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_list_attaches_to_a_running_qemu(tmp_path: Path) -> None:
+    """`list qemu:SOCKET,SHM` drives the controller of a QEMU the user started."""
+    import os
+    import time
+    import uuid
+
+    a590 = shared_image("real/a590_WD93028XA_6parts.hdd.gz")
+    shm = Path("/dev/shm") / f"amigafuse-test-{uuid.uuid4().hex}"
+    sock = tmp_path / "qtest.sock"
+    cmd = [
+        "qemu-system-x86_64", "-M", "q35,memory-backend=mem", "-m", "64M",
+        "-object", f"memory-backend-file,id=mem,size=64M,mem-path={shm},share=on",
+        "-accel", "tcg", "-S", "-qtest", f"unix:{sock},server=on,wait=off",
+        "-qtest-log", "/dev/null", "-display", "none", "-nodefaults",
+        "-device", "virtio-scsi-pci,id=scsi0,addr=04.0",
+        "-drive", f"file={a590},if=none,id=vd0,format=raw,readonly=on",
+        "-device", "scsi-hd,drive=vd0,bus=scsi0.0,channel=0,scsi-id=0,lun=0",
+    ]  # fmt: skip
+    qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (sock.exists() and shm.exists()) and time.monotonic() < deadline:
+            assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
+            time.sleep(0.05)
+        (unit,) = list_json(f"qemu:{sock},{shm}")
+        assert unit["name"].startswith("qemu:") and unit["vendor"] == "QEMU"
+        assert [p["dos_name"] for p in unit["partitions"]] == [
+            "OFS", "OFS INTL", "OFS DirCache", "FFS", "FFS INTL", "FFS DirCache"
+        ]  # fmt: skip
+        assert qemu.poll() is None  # detaching leaves the user's QEMU running
+    finally:
+        qemu.terminate()
+        try:
+            qemu.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+            qemu.wait()
+        if shm.exists():
+            os.unlink(shm)
+
+
+def test_list_hostile_rdb_reports_and_exits_cleanly(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from amigafuse.rdb.blocks import PartitionBlock
+    from amigafuse.rdb.writer import PartitionSpec, plan_disk
+
+    plan = plan_disk(4 << 20, [PartitionSpec("DH0", 0x444F5303, 1 << 20), PartitionSpec("DH1", 0x444F5303, None)])
+    img = bytearray(4 << 20)
+    for lba, data in plan.blocks:
+        img[lba * 512 : lba * 512 + 512] = data
+    part = PartitionBlock.unpack(bytes(img[1024:1536]))  # DH1's PART at block 2
+    img[1024:1536] = replace(part, pb_Next=1).seal().pack()  # ... points back to DH0
+    path = tmp_path / "loop.hdf"
+    path.write_bytes(img)
+    for backend in ("file", "qemu") if shutil.which("qemu-system-x86_64") else ("file",):
+        out = amigafuse("list", "--backend", backend, str(path))
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert "error: pb_Next points back to block 1: the partition list loops" in out.stdout
+        assert "no: no filesystem" in out.stdout  # unformatted partitions are not mountable
