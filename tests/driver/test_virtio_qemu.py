@@ -275,3 +275,53 @@ async def test_attach_to_a_running_qemu(tmp_path: Path, disk_image: Callable[...
         proc.kill()
         await proc.wait()
         shm.unlink(missing_ok=True)
+
+
+async def test_without_indirect_and_event_idx(
+    transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    """Direct descriptor chains and the legacy NO_NOTIFY/NO_INTERRUPT flags."""
+    path, data = disk_image(4 * MIB)
+    async with scsi_controller([path], transport=transport, features=0) as (_, ctl):
+        want = bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX)
+        assert ctl.features & want == 0
+        assert ctl.queue_depth == 16  # 16 chains of up to 4 descriptors fit the ring
+        await settle_unit_attention(ctl)
+        wrong: list[int] = []
+
+        async def reader(k: int) -> None:
+            for step in range(20):
+                lba = (k * 37 + step * 11) % (4 * MIB // 512 - 8)
+                result = await ctl.execute(0, 0, read10(lba, 8), data_in_len=4096)
+                if result.data != data[lba * 512 : lba * 512 + 4096]:
+                    wrong.append(lba)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for k in range(24):
+                    nursery.start_soon(reader, k)
+        assert wrong == []
+        assert ctl.stats.completions == ctl.stats.requests
+
+
+@pytest.mark.parametrize(
+    "errno_value,sense_key,asc_ascq",
+    [(5, 0xB, (0x00, 0x06)), (61, 0x3, (0x11, 0x00))],  # EIO: ABORTED; ENODATA: MEDIUM ERROR
+)
+async def test_injected_error_is_reported_in_sense(
+    transport: str,
+    scsi_controller: Callable[..., Any],
+    disk_image: Callable[..., Any],
+    errno_value: int,
+    sense_key: int,
+    asc_ascq: tuple[int, int],
+) -> None:
+    path, data = disk_image(2 * MIB)
+    disk = QemuDisk(path, blkdebug_errors=[("read_aio", 100, errno_value)])
+    async with scsi_controller([disk], transport=transport) as (_, ctl):
+        await settle_unit_attention(ctl)
+        bad = await ctl.execute(0, 0, read10(96, 8), data_in_len=4096)
+        assert bad.response == 0 and bad.status == 2
+        assert bad.sense[2] & 0xF == sense_key and (bad.sense[12], bad.sense[13]) == asc_ascq
+        good = await ctl.execute(0, 0, read10(0, 8), data_in_len=4096)
+        assert good.status == 0 and good.data == data[:4096]
