@@ -126,3 +126,24 @@ def test_bad_requests_say_what_is_wrong(specs: list[PartitionSpec], message: str
 def test_version_from_code() -> None:
     assert version_from_code(b"xx$VER: SmartFilesystem 1.277 (26.3.2006)\0") == (1 << 16) | 277
     assert version_from_code(b"no version here") == 0
+
+
+async def test_4k_sector_disk_round_trip() -> None:
+    """A disk with 4096-byte logical blocks: RDB blocks, pointers and DosEnvec sizes in
+    4096-byte units; the scan gives 4096-byte filesystem blocks."""
+    from amigafuse.rdb.writer import choose_geometry
+
+    size = 64 * MiB
+    geo = choose_geometry(size, block_size=4096)
+    code = b"\x00\x00\x03\xf3" + bytes(9000)
+    plan = plan_disk(size, [PartitionSpec("DH0", DOS3, 16 * MiB), PartitionSpec("DH1", SFS0, None)],
+                     HandlerSpec(SFS0, code), geometry=geo)  # fmt: skip
+    dev = MemoryBlockDevice(size // 4096, block_size=4096)
+    await write_rdb(dev, plan)
+    layout = await scan_device(dev)
+    assert not layout.problems and layout.rdb_block_bytes == 4096
+    p0, p1 = layout.partitions
+    assert p0.geometry.fs_block_size == 4096 and p0.geometry.size_block_bytes == 4096
+    assert p0.first_lba == 2 * geo.cyl_blocks and p0.size_bytes >= 16 * MiB
+    assert p1.last_byte + 1 == geo.cylinders * geo.cyl_bytes
+    assert layout.filesystems[0].code == code
