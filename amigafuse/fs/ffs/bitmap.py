@@ -85,6 +85,45 @@ class Bitmap:
             self._bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
         self.dirty_pages.add(k // self.bits_per_block)
 
+    def mark_blocks(self, blocks: list[int], free: bool) -> None:
+        """Mark many blocks; runs of consecutive blocks are set a byte at a time."""
+        i = 0
+        n = len(blocks)
+        while i < n:
+            start = blocks[i]
+            j = i + 1
+            while j < n and blocks[j] == blocks[j - 1] + 1:
+                j += 1
+            self.mark_range(start, j - i, free)
+            i = j
+
+    def mark_range(self, start: int, count: int, free: bool) -> None:
+        if count <= 0:
+            return
+        if not (self.in_range(start) and self.in_range(start + count - 1)):
+            raise ValueError(f"blocks {start}..{start + count - 1} are outside the bitmap")
+        k = start - self.reserved
+        end = k + count
+        while k < end and k & 7:
+            self._set_bit(k, free)
+            k += 1
+        nbytes = (end - k) >> 3
+        if nbytes:
+            self._bits[k >> 3 : (k >> 3) + nbytes] = (b"\xff" if free else b"\0") * nbytes
+            k += nbytes * 8
+        while k < end:
+            self._set_bit(k, free)
+            k += 1
+        self.dirty_pages.update(
+            range((start - self.reserved) // self.bits_per_block, (end - 1) // self.bits_per_block + 1)
+        )
+
+    def _set_bit(self, k: int, free: bool) -> None:
+        if free:
+            self._bits[k >> 3] |= 1 << (k & 7)
+        else:
+            self._bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
+
     def find_free(self, goal: int, count: int) -> list[int]:
         """Up to ``count`` free blocks, searching forward from ``goal`` and wrapping.
         Prefers whole free bytes (runs of 8) so large files stay contiguous.  Does not

@@ -14,9 +14,30 @@ entries.  This module is pure: no I/O, no trio.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 from amigafuse.amiga.dates import DateStamp
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """``dataclasses.replace`` for our frozen codecs, without re-running ``__init__``
+    (the write paths call it hundreds of thousands of times).  Unknown names raise."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+    bad = changes.keys() - names
+    if bad:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(bad)}")
+    new = object.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
+
 
 # Primary block types (first long) and secondary types (last long).
 T_HEADER = 2
@@ -385,17 +406,17 @@ class EntryBlock:
         """Set name and inline comment (LNFS: with ``comment_block`` when not inline)."""
         if self.lnfs:
             field = bytes([len(name)]) + name + bytes([len(comment)]) + comment
-            return replace(
+            return evolve(
                 self, comment_area=field.ljust(LNFS_NAME_COMMENT_BYTES, b"\0"), comment_block=comment_block
             )
-        return replace(
+        return evolve(
             self,
             name_area=make_bcpl(name, 32),
             comment_area=make_bcpl(comment, 92),
         )
 
     def with_date(self, date: DateStamp) -> EntryBlock:
-        return replace(self, days=date.days, mins=date.minutes, ticks=date.ticks)
+        return evolve(self, days=date.days, mins=date.minutes, ticks=date.ticks)
 
     @classmethod
     def new(

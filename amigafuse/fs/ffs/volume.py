@@ -17,6 +17,7 @@ Invariants
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -78,7 +79,8 @@ log = logging.getLogger(__name__)
 ENTRY_TYPES = (ST_USERDIR, ST_FILE, ST_SOFTLINK, ST_LINKFILE, ST_LINKDIR)
 META_CACHE_LIMIT = 1 << 16  # decoded blocks kept; clean ones are dropped beyond this
 BLOCKLIST_CACHE_LIMIT = 4096
-MAX_RUN_BLOCKS = 2048  # longest single device request when coalescing data blocks
+MAX_RUN_BLOCKS = 2048
+INDEX_LIMIT = 1 << 18  # directory-index names kept  # longest single device request when coalescing data blocks
 
 
 def root_block_for(reserved: int, block_count: int) -> int:
@@ -113,6 +115,10 @@ class FfsVolumeBase:
         self._meta: dict[int, Any] = {root_block: root}
         self._dirty: set[int] = set()
         self._blists: dict[int, tuple[list[int], list[int]]] = {}
+        # per file: extents (first index, first block, count) of its data blocks
+        self._extents: dict[int, list[tuple[int, int, int]]] = {}
+        # per directory whose every entry we have seen: upper-case name -> header block
+        self._index: dict[int, dict[bytes, int]] = {}
         self._id2b: dict[int, int] = {}
         self._b2id: dict[int, int] = {}
         self._next_fresh_id = 1 << 40
@@ -146,6 +152,9 @@ class FfsVolumeBase:
                     break
         if len(self._blists) > BLOCKLIST_CACHE_LIMIT:
             self._blists.clear()
+            self._extents.clear()
+        if sum(len(i) for i in self._index.values()) > INDEX_LIMIT:
+            self._index.clear()
 
     async def _read_checked(self, block: int, owner: int | None, field: str) -> bytes:
         self._check_ptr(block, owner, field)
@@ -281,7 +290,16 @@ class FfsVolumeBase:
             block = e.hash_chain
         return out
 
+    def _key(self, name: bytes) -> bytes:
+        return upper_name(name, self.intl)
+
     async def _find(self, dir_block: int, name: bytes) -> tuple[int, EntryBlock] | None:
+        index = self._index.get(dir_block)
+        if index is not None:
+            hit = index.get(self._key(name))
+            if hit is None:
+                return None
+            return hit, await self._entry(hit, dir_block, "hash_chain")
         table = await self._dir_table(dir_block)
         slot = hash_name(name, self.intl, self.block_size)
         for block, e in await self._chain(dir_block, table[slot]):
@@ -294,14 +312,18 @@ class FfsVolumeBase:
         (logged, and noted) so the rest stays readable."""
         table = await self._dir_table(dir_block)
         out: list[tuple[int, EntryBlock]] = []
+        complete = True
         for head in table:
             if not head:
                 continue
             try:
                 out.extend(await self._chain(dir_block, head))
             except CorruptError as exc:
+                complete = False
                 log.warning("directory %d: %s", dir_block, exc)
                 self._note(f"damaged directory entry skipped: {exc}")
+        if complete:
+            self._index[dir_block] = {self._key(e.name): b for b, e in out}
         if self.dircache:
             try:
                 order = {h: i for i, h in enumerate(await self._dircache_headers(dir_block))}
@@ -430,7 +452,8 @@ class FfsVolumeBase:
         n = self.ht_size
         if e.high_seq > n:
             raise CorruptError(f"high_seq {e.high_seq} exceeds the table size {n}", block=block, field="high_seq")
-        data = [e.table[n - 1 - i] for i in range(e.high_seq)]
+        data = list(e.table[n - e.high_seq :])
+        data.reverse()
         exts: list[int] = []
         ext = e.extension
         seen: set[int] = set()
@@ -439,13 +462,30 @@ class FfsVolumeBase:
                 raise ChainLoopError("extension chain loops", block=ext, field="extension")
             seen.add(ext)
             x = await self._ext(ext, block)
-            data.extend(x.table[n - 1 - i] for i in range(x.high_seq))
+            more = list(x.table[n - x.high_seq :])
+            more.reverse()
+            data.extend(more)
             exts.append(ext)
             ext = x.extension
-        for i, d in enumerate(data):
-            self._check_ptr(d, block, f"data block {i}")
+        if data and (min(data) < self.reserved or max(data) >= self.block_count):
+            for i, d in enumerate(data):
+                self._check_ptr(d, block, f"data block {i}")
         self._blists[block] = (data, exts)
+        self._extents.pop(block, None)
         return data, exts
+
+    async def _file_extents(self, block: int, e: EntryBlock) -> list[tuple[int, int, int]]:
+        """(first index, first block, count) runs of the file's data blocks."""
+        ext = self._extents.get(block)
+        if ext is None:
+            data, _ = await self._block_lists(block, e)
+            ext = []
+            index = 0
+            for start, count in runs(data):
+                ext.append((index, start, count))
+                index += count
+            self._extents[block] = ext
+        return ext
 
     async def _read_blocks(self, blocks: list[int]) -> list[bytes]:
         """The contents of ``blocks``, read in as few device requests as possible."""
@@ -472,11 +512,17 @@ class FfsVolumeBase:
         wanted = data[first : last + 1]
         if self.ffs:
             pieces: list[bytes] = []
-            bs = self.block_size
-            for start, count in runs(wanted):
-                pieces.append(await self.io.read(start, count))
-            _ = bs
-            buf = b"".join(pieces)
+            extents = await self._file_extents(block, e)
+            k = bisect.bisect_right(extents, (first, 1 << 62, 0)) - 1
+            index = first
+            while index <= last:
+                ex_first, ex_block, ex_count = extents[k]
+                skip_blocks = index - ex_first
+                take = min(ex_count - skip_blocks, last + 1 - index)
+                pieces.append(await self.io.read(ex_block + skip_blocks, take))
+                index += take
+                k += 1
+            buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         else:
             raws = await self._read_blocks(wanted)
             parts = []
@@ -491,6 +537,8 @@ class FfsVolumeBase:
                 parts.append(d.data)
             buf = b"".join(parts)
         skip = offset - first * self.payload
+        if skip == 0 and len(buf) == end - offset:
+            return buf
         return buf[skip : skip + (end - offset)]
 
     # ================================================================== public reads

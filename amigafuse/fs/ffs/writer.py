@@ -19,7 +19,6 @@ Bitmap-valid protocol
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
@@ -57,6 +56,7 @@ from amigafuse.fs.ffs.layout import (
     FileExtBlock,
     OfsDataBlock,
     RootBlock,
+    evolve,
     hash_name,
     lnfs_comment_fits,
     make_bcpl,
@@ -105,8 +105,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         found = self.bitmap.find_free(goal, count)
         if len(found) < count:
             raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free, {count} needed)")
-        for b in found:
-            self.bitmap.mark(b, False)
+        self.bitmap.mark_blocks(found, False)
         return found
 
     def _free(self, blocks: list[int]) -> None:
@@ -116,6 +115,8 @@ class FfsVolume(FfsVolumeBase, Volume):
             self._meta.pop(b, None)
             self._dirty.discard(b)
             self._blists.pop(b, None)
+            self._extents.pop(b, None)
+            self._index.pop(b, None)
 
     def _new_id(self, block: int) -> None:
         """Give the new object at ``block`` an id no live object has."""
@@ -134,11 +135,11 @@ class FfsVolume(FfsVolumeBase, Volume):
     def _touch(self) -> None:
         """Note a change of the volume (root v_ date)."""
         t = now()
-        self._set(self.root_block, replace(self.root, v_days=t.days, v_mins=t.minutes, v_ticks=t.ticks))
+        self._set(self.root_block, evolve(self.root, v_days=t.days, v_mins=t.minutes, v_ticks=t.ticks))
 
     def _set_dir_date(self, dir_block: int, t: DateStamp) -> None:
         if dir_block == self.root_block:
-            self._set(dir_block, replace(self.root, r_days=t.days, r_mins=t.minutes, r_ticks=t.ticks))
+            self._set(dir_block, evolve(self.root, r_days=t.days, r_mins=t.minutes, r_ticks=t.ticks))
         else:
             self._set(dir_block, self._ce(dir_block).with_date(t))
             self._dc_refresh(dir_block)
@@ -153,15 +154,24 @@ class FfsVolume(FfsVolumeBase, Volume):
         table = list(self._table_of(dir_block))
         table[slot] = value
         if dir_block == self.root_block:
-            self._set(dir_block, replace(self.root, ht=tuple(table)))
+            self._set(dir_block, evolve(self.root, ht=tuple(table)))
         else:
-            self._set(dir_block, replace(self._ce(dir_block), table=tuple(table)))
+            self._set(dir_block, evolve(self._ce(dir_block), table=tuple(table)))
 
     async def _load_dir(self, dir_block: int, name: bytes) -> None:
         """Load the directory, the hash chain of ``name``, the dircache chain, and what
         changing the directory's own date needs (its parent's dircache)."""
         table = await self._dir_table(dir_block)
-        await self._chain(dir_block, table[hash_name(name, self.intl, self.block_size)])
+        head = table[hash_name(name, self.intl, self.block_size)]
+        # most often every block of the chain is cached already: check without awaiting
+        b = head
+        for _ in range(self.block_count):
+            obj = self._meta.get(b)
+            if not b or not isinstance(obj, EntryBlock):
+                break
+            b = obj.hash_chain
+        if b:
+            await self._chain(dir_block, head)
         if self.dircache:
             await self._dircache_chain(dir_block)
             if dir_block != self.root_block:
@@ -185,9 +195,12 @@ class FfsVolume(FfsVolumeBase, Volume):
             if b < block:
                 prev = b
         nxt = next((b for b in chain if b > block), 0)
-        self._set(block, replace(e, hash_chain=nxt, parent=dir_block))
+        self._set(block, evolve(e, hash_chain=nxt, parent=dir_block))
+        index = self._index.get(dir_block)
+        if index is not None:
+            index[self._key(e.name)] = block
         if prev:
-            self._set(prev, replace(self._ce(prev), hash_chain=block))
+            self._set(prev, evolve(self._ce(prev), hash_chain=block))
         else:
             self._set_slot(dir_block, slot, block)
 
@@ -196,13 +209,18 @@ class FfsVolume(FfsVolumeBase, Volume):
         slot = hash_name(e.name, self.intl, self.block_size)
         chain = self._chain_cached(dir_block, slot)
         i = chain.index(block)
+        index = self._index.get(dir_block)
+        if index is not None:
+            index.pop(self._key(e.name), None)
         if i == 0:
             self._set_slot(dir_block, slot, e.hash_chain)
         else:
-            self._set(chain[i - 1], replace(self._ce(chain[i - 1]), hash_chain=e.hash_chain))
-        self._set(block, replace(e, hash_chain=0))
+            self._set(chain[i - 1], evolve(self._ce(chain[i - 1]), hash_chain=e.hash_chain))
+        self._set(block, evolve(e, hash_chain=0))
 
     async def _lookup_entry(self, dir_block: int, raw: bytes) -> tuple[int, EntryBlock] | None:
+        if dir_block not in self._index:
+            await self._entries(dir_block)  # builds the name index
         await self._load_dir(dir_block, raw)
         return await self._find(dir_block, raw)
 
@@ -253,11 +271,11 @@ class FfsVolume(FfsVolumeBase, Volume):
         if blocks:
             last = self._c(blocks[-1])
             assert isinstance(last, DirCacheBlock)
-            self._set(blocks[-1], replace(last, next_dirc=new))
+            self._set(blocks[-1], evolve(last, next_dirc=new))
         elif dir_block == self.root_block:
-            self._set(dir_block, replace(self.root, extension=new))
+            self._set(dir_block, evolve(self.root, extension=new))
         else:
-            self._set(dir_block, replace(self._ce(dir_block), extension=new))
+            self._set(dir_block, evolve(self._ce(dir_block), extension=new))
 
     def _dc_remove(self, dir_block: int, header: int) -> None:
         if not self.dircache:
@@ -273,7 +291,7 @@ class FfsVolume(FfsVolumeBase, Volume):
                 prev = self._c(blocks[i - 1])
                 cur = self._c(b)
                 assert isinstance(prev, DirCacheBlock) and isinstance(cur, DirCacheBlock)
-                self._set(blocks[i - 1], replace(prev, next_dirc=cur.next_dirc))
+                self._set(blocks[i - 1], evolve(prev, next_dirc=cur.next_dirc))
                 self._free([b])
             else:
                 self._dc_write(b, dir_block, keep)
@@ -367,14 +385,16 @@ class FfsVolume(FfsVolumeBase, Volume):
             name=raw, date=t, protect=protection,
         )  # fmt: skip
         if table is not None:
-            e = replace(e, table=table)
+            e = evolve(e, table=table)
         if real_entry:
             real = self._ce(real_entry)
-            e = replace(e, real_entry=real_entry, next_link=real.next_link)
-            self._set(real_entry, replace(real, next_link=block))
+            e = evolve(e, real_entry=real_entry, next_link=real.next_link)
+            self._set(real_entry, evolve(real, next_link=block))
         if need == 2:
             self._set(blocks[1], DirCacheBlock.build(self.block_size, blocks[1], block, 0, []))
-            e = replace(e, extension=blocks[1])
+            e = evolve(e, extension=blocks[1])
+        if sec_type == ST_USERDIR:
+            self._index[block] = {}
         self._new_id(block)
         self._set(block, e)
         self._insert(dir_block, block)
@@ -508,13 +528,12 @@ class FfsVolume(FfsVolumeBase, Volume):
                 await self.io.write(start, bytes(out[pos * bs : (pos + count) * bs]))
                 pos += count
         # ---- metadata, no awaits below
-        for b in fresh:
-            self.bitmap.mark(b, False)
+        self.bitmap.mark_blocks(fresh, False)
         t = now()
         if add or add_ext:
             self._set_tables(block, full, exts + new_exts, changed_from=old_count)
         e = self._ce(block)
-        self._set(block, replace(e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE).with_date(t))
+        self._set(block, evolve(e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE).with_date(t))
         self._dc_refresh(block)
         self._touch()
 
@@ -531,15 +550,16 @@ class FfsVolume(FfsVolumeBase, Volume):
             nxt = exts[k] if k < len(exts) else 0
             if k == 0:
                 e = self._ce(block)
-                self._set(block, replace(
+                self._set(block, evolve(
                     e, table=table, high_seq=len(chunk), first_data=data[0] if data else 0, extension=nxt,
                 ))  # fmt: skip
             else:
                 xb = exts[k - 1]
                 old = self._meta.get(xb)
                 base = old if isinstance(old, FileExtBlock) else FileExtBlock.new(self.block_size, xb, block)
-                self._set(xb, replace(base, table=table, high_seq=len(chunk), parent=block, extension=nxt, header_key=xb))
+                self._set(xb, evolve(base, table=table, high_seq=len(chunk), parent=block, extension=nxt, header_key=xb))
         self._blists[block] = (list(data), list(exts))
+        self._extents.pop(block, None)
 
     async def truncate(self, object_id: int, size: int) -> None:
         if size < 0:
@@ -576,7 +596,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             raw = (await self._read_blocks([dlist[keep - 1]]))[0]
             d = OfsDataBlock.unpack(raw)
             valid = size - (keep - 1) * self.payload
-            last_piece = replace(d, next_data=0, data_size=valid,
+            last_piece = evolve(d, next_data=0, data_size=valid,
                                  data=d.data[:valid].ljust(self.payload, b"\0")).packed_with_checksum()
             await self.io.write(dlist[keep - 1], last_piece)
         # ---- no awaits below
@@ -587,13 +607,13 @@ class FfsVolume(FfsVolumeBase, Volume):
         # the last kept table must end the chain
         e = self._ce(block)
         if not exts:
-            self._set(block, replace(e, extension=0))
+            self._set(block, evolve(e, extension=0))
         else:
             x = self._c(exts[-1])
             assert isinstance(x, FileExtBlock)
-            self._set(exts[-1], replace(x, extension=0))
+            self._set(exts[-1], evolve(x, extension=0))
         e = self._ce(block)
-        self._set(block, replace(e, byte_size=size, protect=e.protect & ~FIBF_ARCHIVE).with_date(now()))
+        self._set(block, evolve(e, byte_size=size, protect=e.protect & ~FIBF_ARCHIVE).with_date(now()))
         self._dc_refresh(block)
         self._touch()
 
@@ -640,7 +660,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             out = bytearray()
             for i in range(count):
                 d = OfsDataBlock.unpack(raw[i * bs : (i + 1) * bs])
-                out += replace(d, header_key=new_owner).packed_with_checksum()
+                out += evolve(d, header_key=new_owner).packed_with_checksum()
             await self.io.write(start, bytes(out))
 
     def _delete_entry(self, dir_block: int, block: int) -> None:
@@ -655,7 +675,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             while True:
                 pe = self._ce(prev)
                 if pe.next_link == block:
-                    self._set(prev, replace(pe, next_link=e.next_link))
+                    self._set(prev, evolve(pe, next_link=e.next_link))
                     if prev == e.real_entry:
                         pass
                     break
@@ -687,7 +707,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         link_dir = le.parent
         comment = e.inline_comment
         cblock = e.comment_block
-        moved = replace(
+        moved = evolve(
             e, header_key=new, name_area=le.name_area, hash_chain=le.hash_chain, parent=link_dir,
             next_link=le.next_link, real_entry=0,
         )  # fmt: skip
@@ -697,25 +717,28 @@ class FfsVolume(FfsVolumeBase, Volume):
             if cblock:
                 c = self._c(cblock)
                 assert isinstance(c, CommentBlock)
-                self._set(cblock, replace(c, owner=new))
+                self._set(cblock, evolve(c, owner=new))
         # the other links now point at the new header
         nxt = le.next_link
         while nxt:
             x = self._ce(nxt)
-            self._set(nxt, replace(x, real_entry=new))
+            self._set(nxt, evolve(x, real_entry=new))
             nxt = x.next_link
         if e.sec_type == ST_FILE:
             dlist, exts = self._blists.pop(block)
+            self._extents.pop(block, None)
             for xb in exts:
                 xe = self._c(xb)
                 assert isinstance(xe, FileExtBlock)
-                self._set(xb, replace(xe, parent=new))
+                self._set(xb, evolve(xe, parent=new))
             self._blists[new] = (dlist, exts)
-        elif self.dircache:
+        else:
+            self._index[new] = self._index.pop(block, {})
+        if e.sec_type == ST_USERDIR and self.dircache:
             for db in self._dc_blocks(new):
                 d = self._c(db)
                 assert isinstance(d, DirCacheBlock)
-                self._set(db, replace(d, parent=new))
+                self._set(db, evolve(d, parent=new))
         # ids: the object keeps its id
         oid = self._id_for(block)
         self._b2id.pop(block, None)
@@ -825,7 +848,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             self._remove(sdir, block)
             self._dc_remove(sdir, block)
             self._set_name_comment(block, draw, comment)
-            self._set(block, replace(self._ce(block), parent=ddir))
+            self._set(block, evolve(self._ce(block), parent=ddir))
             self._insert(ddir, block)
             self._dc_add(ddir, block)
             self._set_dir_date(sdir, t)
@@ -843,7 +866,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             if block == self.root_block:
                 if attrs.date is not None:
                     d = attrs.date
-                    self._set(block, replace(self.root, r_days=d.days, r_mins=d.minutes, r_ticks=d.ticks))
+                    self._set(block, evolve(self.root, r_days=d.days, r_mins=d.minutes, r_ticks=d.ticks))
                     self._touch()
                 if attrs.protection not in (None, 0) or attrs.comment:
                     raise InvalidArgument("the root directory has no protection bits or comment on FFS")
@@ -861,13 +884,13 @@ class FfsVolume(FfsVolumeBase, Volume):
                 self._set_name_comment(block, e.name, new_comment)
             e = self._ce(block)
             if attrs.protection is not None:
-                e = replace(e, protect=attrs.protection & 0xFFFFFFFF)
+                e = evolve(e, protect=attrs.protection & 0xFFFFFFFF)
             if attrs.date is not None:
                 e = e.with_date(attrs.date)
             if attrs.uid is not None:
-                e = replace(e, uid=attrs.uid & 0xFFFF)
+                e = evolve(e, uid=attrs.uid & 0xFFFF)
             if attrs.gid is not None:
-                e = replace(e, gid=attrs.gid & 0xFFFF)
+                e = evolve(e, gid=attrs.gid & 0xFFFF)
             self._set(block, e)
             self._dc_refresh(block)
             self._touch()
@@ -878,7 +901,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         async with self._lock:
             self._writable()
             raw = encode_label(label)
-            self._set(self.root_block, replace(self.root, name_area=make_bcpl(raw, 32)))
+            self._set(self.root_block, evolve(self.root, name_area=make_bcpl(raw, 32)))
             self._touch()
 
     # ================================================================== write-back
@@ -923,14 +946,14 @@ class FfsVolume(FfsVolumeBase, Volume):
                 return
             if not self.read_only:
                 await self._write_back()
-                self._set(self.root_block, replace(self.root, bm_flag=BM_VALID))
+                self._set(self.root_block, evolve(self.root, bm_flag=BM_VALID))
                 await self._write_back()
                 await self.io.flush()
             self._closed = True
 
     async def _mark_mounted(self) -> None:
         """Clear the bitmap-valid flag on the disk while we are mounted read-write."""
-        self._set(self.root_block, replace(self.root, bm_flag=BM_INVALID))
+        self._set(self.root_block, evolve(self.root, bm_flag=BM_INVALID))
         await self._write_back()
         await self.io.flush()
 
@@ -972,9 +995,9 @@ class FfsVolume(FfsVolumeBase, Volume):
             nxt = blocks[i + 1] if i + 1 < len(blocks) else 0
             self._set(b, DirCacheBlock.build(self.block_size, b, dir_block, nxt, g))
         if dir_block == self.root_block:
-            self._set(dir_block, replace(self.root, extension=blocks[0]))
+            self._set(dir_block, evolve(self.root, extension=blocks[0]))
         else:
-            self._set(dir_block, replace(self._ce(dir_block), extension=blocks[0]))
+            self._set(dir_block, evolve(self._ce(dir_block), extension=blocks[0]))
 
     async def repair(self, used: set[int], bad_dircache: set[int]) -> list[str]:
         """Fix what ``check`` found and can fix safely; returns what was done."""
