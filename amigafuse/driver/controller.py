@@ -107,10 +107,13 @@ def check_images(images: Sequence[DiskImage]) -> list[DiskImage]:
             )
         if stat.S_ISREG(st.st_mode) and st.st_size < image.logical_block_size:
             raise UsageError(f"{path}: the image is smaller than one block ({st.st_size} bytes)")
-        if stat.S_ISREG(st.st_mode) and st.st_size % image.logical_block_size:
+        if stat.S_ISREG(st.st_mode) and st.st_size % 512:
+            # QEMU would round the disk up and show the tail padded with zeros (and a
+            # write there would grow the file).  A partial 4 KiB block of whole 512-byte
+            # sectors is fine: a 4K-sector disk leaves it out, as the file backend does.
             raise UsageError(
-                f"{path}: size {st.st_size} is not a multiple of the "
-                f"{image.logical_block_size}-byte block size"
+                f"{path}: size {st.st_size} is not a multiple of 512 bytes; truncate it "
+                "(truncate -s -N) or read it with -o backend=file"
             )
         mode = os.R_OK if image.read_only else os.R_OK | os.W_OK
         if not os.access(path, mode):

@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -277,9 +278,23 @@ async def test_clear_errors_before_launch(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="512 or 4096"):
         async with open_qemu([DiskImage(img, logical_block_size=1024)]):
             pass
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(bytes(100))
+    with pytest.raises(UsageError, match="smaller than one block"):
+        async with open_qemu([DiskImage(tiny)]):
+            pass
+
+
+async def test_partial_4k_block_is_left_out(tmp_path: Path) -> None:
+    img = tmp_path / "odd4k.img"
+    original = make_image(img, MIB + 1024, 13)
+    async with open_qemu([DiskImage(img, logical_block_size=4096)]) as ctl:
+        (disk,) = ctl.disks
+        assert disk.block_count == MIB // 4096
+        assert await disk.read(disk.block_count - 1, 1) == original[MIB - 4096 : MIB]
     odd = tmp_path / "odd.img"
-    odd.write_bytes(bytes(1000))
-    with pytest.raises(UsageError, match="multiple"):
+    odd.write_bytes(bytes(MIB + 300))
+    with pytest.raises(UsageError, match="not a multiple of 512"):
         async with open_qemu([DiskImage(odd)]):
             pass
 
@@ -344,3 +359,28 @@ async def test_pass_through_commands_on_qemu(tmp_path: Path) -> None:
         with pytest.raises(IllegalRequest, match="ILLEGAL REQUEST"):
             await disk.execute(bytes([0xEE]) + bytes(5))
         assert await disk.read(0, 1)  # and the disk carries on
+
+
+@pytest.mark.parametrize(
+    "relpath", ["handler/ffs_dos3_v40.hdf.gz", "real/a590_WD93028XA_6parts.hdd.gz"]
+)
+async def test_real_amiga_disks_read_identically(image_copy: Any, relpath: str) -> None:
+    """Whole real Amiga disk images (RDB first) read through the driver byte for byte."""
+    import hashlib
+
+    img = image_copy(relpath)
+    size = img.stat().st_size
+    async with open_qemu([DiskImage(img, read_only=True)]) as ctl:
+        (disk,) = ctl.disks
+        assert disk.size_bytes == size
+        digest = hashlib.sha256()
+        for lba in range(0, disk.block_count, 4096):
+            digest.update(await disk.read(lba, min(4096, disk.block_count - lba)))
+    with open(img, "rb") as f:
+        assert digest.hexdigest() == hashlib.sha256(f.read(size)).hexdigest()
+    rdb_found = False
+    with open(img, "rb") as f:
+        for block in range(16):
+            f.seek(block * 512)
+            rdb_found = rdb_found or f.read(4) == b"RDSK"
+    assert rdb_found  # these are RDB disks, the case the driver exists for

@@ -28,7 +28,10 @@ def test_check_images(tmp_path: Path) -> None:
     cases.append(([DiskImage(small)], "smaller than one block"))
     odd = tmp_path / "odd.img"
     odd.write_bytes(bytes(4096 + 512))
-    cases.append(([DiskImage(odd, logical_block_size=4096)], "not a multiple"))
+    assert check_images([DiskImage(odd, logical_block_size=4096)])  # the tail is left out
+    odd512 = tmp_path / "odd512.img"
+    odd512.write_bytes(bytes(4096 + 100))
+    cases.append(([DiskImage(odd512)], "not a multiple of 512"))
     for images, words in cases:
         with pytest.raises(UsageError, match=words):
             check_images(images)
