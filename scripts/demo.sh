@@ -87,6 +87,9 @@ for p in "$MNT"/DH0 "$MNT"/DH1; do
 done
 [ -n "$part" ] || { echo "demo: no writable partition" >&2; exit 1; }
 run "${AF[@]}" umount "$MNT"
+if "${AF[@]}" check --help >/dev/null 2>&1; then
+  for p in DH0 DH1; do run "${AF[@]}" check --backend "$backend" --partition "$p" "$IMG" || true; done
+fi
 
 say "3. Mount it again through the VirtIO SCSI driver (backend=$backend) and look"
 run "${AF[@]}" mount -o "backend=$backend" "$IMG" "$MNT"
