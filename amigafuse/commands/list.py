@@ -92,8 +92,17 @@ def fs_json(fs: FileSystemHandler) -> dict[str, Any]:
     }
 
 
-def ann_json(a: Announcement) -> dict[str, Any]:
+def rdb_handler_for(a: Announcement, lay: DiskLayout) -> FileSystemHandler | None:
+    """The handler stored in the RDB for the partition's DosType (PART's or volume's)."""
+    for fs in lay.filesystems:
+        if fs.dostype in (a.part_dostype, a.volume_dostype):
+            return fs
+    return None
+
+
+def ann_json(a: Announcement, lay: DiskLayout) -> dict[str, Any]:
     p = a.partition
+    handler = rdb_handler_for(a, lay)
     return {
         "dos_name": a.dos_name,
         "drive_name": p.drive_name,
@@ -120,6 +129,7 @@ def ann_json(a: Announcement) -> dict[str, Any]:
         "prealloc": p.geometry.prealloc,
         "max_transfer": p.geometry.max_transfer,
         "mask": p.geometry.mask,
+        "rdb_handler": None if handler is None else fs_json(handler),
         "engine": a.engine,
         "mountable": a.mountable,
         "automount": a.automount,
@@ -140,7 +150,7 @@ def unit_json(u: Unit, lay: DiskLayout, anns: list[Announcement]) -> dict[str, A
         "size_bytes": lay.size_bytes,
         "read_only": u.device.read_only,
         "layout": lay.kind,
-        "partitions": [ann_json(a) for a in anns],
+        "partitions": [ann_json(a, lay) for a in anns],
         "filesystems": [fs_json(f) for f in lay.filesystems],
         "problems": [
             {"severity": p.severity, "message": p.message, "block": p.block, "field": p.field}
@@ -211,6 +221,12 @@ def print_unit(u: Unit, lay: DiskLayout, anns: list[Announcement]) -> None:
             f"{format_size(p.size_bytes):>10}  {f'{p.first_byte}..{p.last_byte}':<25} "
             f"{p.boot_pri:>4}  {flags:<18} {mount}"
         )
+        handler = rdb_handler_for(a, lay)
+        if handler is not None:
+            print(
+                f"  {'':<14} handler in the RDB for it: {dostype_to_str(handler.dostype)} "
+                f"version {handler.version}" + (f" ({handler.ver_string})" if handler.ver_string else "")
+            )
     for fs in lay.filesystems:
         ver = f", $VER: {fs.ver_string}" if fs.ver_string else ""
         state = "" if fs.complete else " (INCOMPLETE)"

@@ -95,6 +95,9 @@ def test_mkdisk_with_handler_and_bad_specs(tmp_path: Path) -> None:
     r = amigafuse("list", "--backend", "file", str(img))
     assert "filesystem handler in the RDB: DOS\\1 (FFS) version 47.4" in r.stdout
     assert "$VER: FastFileSystem 47.4 (1.1.2020)" in r.stdout
+    assert "handler in the RDB for it: DOS\\1 version 47.4 (FastFileSystem 47.4 (1.1.2020))" in r.stdout
+    (unit,) = json.loads(amigafuse("list", "--json", "--backend", "file", str(img)).stdout)
+    assert unit["partitions"][0]["rdb_handler"]["version"] == "47.4"
     for bad, msg in [
         ("DH0:FFS", "NAME:TYPE:SIZE"),
         ("DH0:XFS:1M", "unknown filesystem type"),
