@@ -17,7 +17,11 @@ Invariants:
   case (case-insensitive lookups) when the object is removed or renamed.
 * Concurrency: handlers run as concurrent trio tasks.  Table updates happen between
   awaits (no await inside a read-modify-write of the table), so they need no lock; the
-  engine serialises its own work (fs.api contract).
+  engine serialises its own work (fs.api contract).  The kernel serialises requests
+  that change one directory (it holds the directory's lock), so the lookups unlink,
+  rmdir and rename make before changing a name see the state the change applies to;
+  what they find is used only to invalidate other-case aliases, so a race costs at most
+  a stale alias until ENTRY_TIMEOUT, never a wrong result.
 """
 
 from __future__ import annotations
