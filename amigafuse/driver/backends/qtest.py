@@ -307,6 +307,7 @@ class QtestBackend(Backend):
         self._irq_count = 0
         self._intercepting = False
         self.commands_sent = 0
+        self.sends = 0  # send() calls: commands_sent / sends is the batching factor
         self._closed = False
         #: Informational: files that launch_qemu owns and removes (None when attached).
         self.shm_path: Path | None = None
@@ -382,6 +383,7 @@ class QtestBackend(Backend):
             self._writer_wakeup.set()
 
     def _flush(self) -> None:
+        self.sends += 1
         try:
             sent = self._sock.send(self._outbuf)
         except BlockingIOError:
@@ -415,6 +417,7 @@ class QtestBackend(Backend):
             try:
                 if self._write_blocked:
                     await trio.lowlevel.wait_writable(self._sock)
+                self.sends += 1
                 sent = self._sock.send(self._outbuf)
             except trio.ClosedResourceError:
                 return

@@ -236,7 +236,7 @@ class VirtioScsiController:
         self._resp_len = resp_size(config.sense_size)
         self._header = struct.Struct(f"<8sQBBB{config.cdb_size}s")
         self._luns: dict[tuple[int, int], bytes] = {}
-        self._isr_delay_batches = 0
+        self._merge_kick_with_isr = True
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -425,7 +425,8 @@ class VirtioScsiController:
         slot.state = _FREE
         slot.task = None
         self._free.append(slot)
-        self._slot_lot.unpark()
+        if self._slot_lot:
+            self._slot_lot.unpark()
 
     # ------------------------------------------------------------- completion path
 
@@ -458,8 +459,12 @@ class VirtioScsiController:
                 # while it is under way; harvest again after it, for completions
                 # that came while the line was still high (they raise no new edge).
                 self._harvest()
-                for _ in range(self._isr_delay_batches):
+                if self._merge_kick_with_isr:
+                    # Let the callers just woken resubmit (they run in the next batch),
+                    # publish what they queued: the kick, a posted write, then leaves in
+                    # the same send as the ISR read.
                     await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._publish()
                 await self.transport.read_isr()
                 self.backend.ack_interrupt()
                 self._harvest()
