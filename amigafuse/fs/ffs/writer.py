@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 
+import trio
+
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
@@ -764,9 +766,14 @@ class FfsVolume(FfsVolumeBase, Volume):
             if e.sec_type == ST_LINKDIR:
                 pass  # removing a link to a directory removes just the link
             await self._load_for_delete(block, e)
-            if e.next_link and e.sec_type == ST_FILE:
-                await self._ofs_rehome(block, e.next_link)
-            self._delete_entry(dir_block, block)
+            if e.next_link and e.sec_type == ST_FILE and not self.ffs:
+                # the OFS data blocks are rewritten to name the promoted link: once
+                # started, this must finish together with the metadata change
+                with trio.CancelScope(shield=True):
+                    await self._ofs_rehome(block, e.next_link)
+                    self._delete_entry(dir_block, block)
+            else:
+                self._delete_entry(dir_block, block)
             await self._autosync()
 
     async def rmdir(self, dir_id: int, name: str) -> None:
@@ -832,9 +839,12 @@ class FfsVolume(FfsVolumeBase, Volume):
                 if de.sec_type == ST_USERDIR and any(de.table):
                     raise DirectoryNotEmpty(f"{dst_name!r} is not empty")
                 await self._load_for_delete(dblock, de)
-                if de.next_link and de.sec_type == ST_FILE:
-                    await self._ofs_rehome(dblock, de.next_link)
-                self._delete_entry(ddir, dblock)
+                if de.next_link and de.sec_type == ST_FILE and not self.ffs:
+                    with trio.CancelScope(shield=True):
+                        await self._ofs_rehome(dblock, de.next_link)
+                        self._delete_entry(ddir, dblock)
+                else:
+                    self._delete_entry(ddir, dblock)
                 # reload: deleting may have changed cached chains (still loaded)
             await self._load_dir(ddir, draw)
             await self._load_dir(sdir, sraw)
@@ -868,8 +878,9 @@ class FfsVolume(FfsVolumeBase, Volume):
                     d = attrs.date
                     self._set(block, evolve(self.root, r_days=d.days, r_mins=d.minutes, r_ticks=d.ticks))
                     self._touch()
-                if attrs.protection not in (None, 0) or attrs.comment:
-                    raise InvalidArgument("the root directory has no protection bits or comment on FFS")
+                if attrs.comment:
+                    raise InvalidArgument("the root directory of an FFS volume cannot hold a comment")
+                # the root has no protection bits or owner on FFS: those are ignored
                 return self._root_stat()
             await self._exists(block)
             e = await self._entry(block)
@@ -941,15 +952,18 @@ class FfsVolume(FfsVolumeBase, Volume):
             await self.io.flush()
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._closed:
-                return
-            if not self.read_only:
-                await self._write_back()
-                self._set(self.root_block, evolve(self.root, bm_flag=BM_VALID))
-                await self._write_back()
-                await self.io.flush()
-            self._closed = True
+        """Write everything, set the bitmap-valid flag, flush.  Shielded from
+        cancellation: a close that started finishes (or fails with DeviceError)."""
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if self._closed:
+                    return
+                if not self.read_only:
+                    await self._write_back()
+                    self._set(self.root_block, evolve(self.root, bm_flag=BM_VALID))
+                    await self._write_back()
+                    await self.io.flush()
+                self._closed = True
 
     async def _mark_mounted(self) -> None:
         """Clear the bitmap-valid flag on the disk while we are mounted read-write."""
