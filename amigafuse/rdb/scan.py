@@ -523,12 +523,13 @@ class _Scan:
                     msg = f"partition {p.drive_name!r} overlaps partition {q.drive_name!r}"
                     self.problem("error", msg, p.part_block, "de_LowCyl")
                     issues.append(msg)
-            hit = sorted(
-                b for b in self.rdb_blocks | {self.rdsk_block}
-                if p.first_byte <= b * self.unit <= p.last_byte
-            )  # fmt: skip
+            rdb_bytes = {b * self.unit for b in self.rdb_blocks} | {self.rdsk_block * self.block_size}
+            hit = sorted(off for off in rdb_bytes if p.first_byte <= off <= p.last_byte)
             if hit:
-                msg = f"partition {p.drive_name!r} covers RDB block {hit[0]}; writing it would destroy the RDB"
+                msg = (
+                    f"partition {p.drive_name!r} covers the RDB block at byte {hit[0]}; "
+                    "writing it would destroy the RDB"
+                )
                 self.problem("error", msg, p.part_block, "de_LowCyl")
                 issues.append(msg)
             result.append(p if issues == list(p.issues) else _with_issues(p, issues))
@@ -540,8 +541,7 @@ class _Scan:
         if found is None:
             return self.bare()
         rdsk_block, rdsk, _ = found
-        self.rdsk_block = rdsk_block
-        self.rdb_blocks.add(rdsk_block)
+        self.rdsk_block = rdsk_block  # in device blocks; rdb_blocks are in RDB units
         bb = rdsk.rdb_BlockBytes
         if bb != self.block_size:
             if _power_of_two(bb) and self.block_size < bb <= 65536:
