@@ -14,7 +14,7 @@ Measures, in one run:
 Writes go to a private copy of IMAGE (in the same directory as --scratch-dir, default
 /dev/shm when it has room, else the system temp dir): the image is never modified.
 Each workload runs ``--repeat`` passes after a warm-up; the best pass is reported (the
-baseline is best of 3 too) with the median beside it: on a shared, loaded machine the
+baseline is the best of 7 passes) with the median beside it: on a shared, loaded machine the
 best pass says what the code can do, the median what it did.  Results are printed as
 JSON with ``--json`` (one object), else as a table.
 """
@@ -54,7 +54,7 @@ def pread_sequential(path: Path, chunk: int, limit_bytes: int) -> float:
     fd = os.open(path, os.O_RDONLY)
     try:
         best = 0.0
-        for _ in range(3):
+        for _ in range(7):
             start = time.perf_counter()
             offset = 0
             while offset < limit_bytes:
