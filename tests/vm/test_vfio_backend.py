@@ -100,7 +100,9 @@ def test_open_errors_say_what_to_do(guest, tmp_path: Path) -> None:  # type: ign
         f"{PY} -c 'import sys, trio, pathlib; from amigafuse.driver.backends.vfio import open_vfio_backend as o\n"
         "async def m(b):\n"
         "    async with o(b, arena_bytes=1 << 20):\n"
-        "        pathlib.Path(\"/run/held\").touch(); await trio.sleep(3)\n"
+        "        pathlib.Path(\"/run/held\").touch()\n"
+        "        with trio.move_on_after(120):\n"
+        "            while not pathlib.Path(\"/run/done\").exists(): await trio.sleep(0.05)\n"
         "trio.run(m, sys.argv[1])' "
     )
     checker = (
@@ -120,6 +122,7 @@ echo "== open"; {opener} {BDF}
 {holder} {BDF} &
 while [ ! -e /run/held ]; do sleep 0.1; done
 echo "== twice"; {opener} {BDF}
+touch /run/done
 wait
 {PY} -m amigafuse bind-vfio 0000:00:1f.3 >/dev/null
 echo "== viable"; {opener} 0000:00:1f.3
@@ -130,6 +133,10 @@ echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
 echo "== transitional"; {checker} 0000:00:05.0 auto
 echo "== legacy"; {checker} {BDF} legacy
 echo "== modern"; {checker} {BDF} auto
+chmod 666 /dev/vfio/vfio
+echo "== user"; {PY} -m amigafuse bind-vfio --user nobody {BDF}; stat -c %U /dev/vfio/$(basename $(readlink /sys/bus/pci/devices/{BDF}/iommu_group))
+echo "== memlock"; (ulimit -l 64; setpriv --reuid=65534 --regid=65534 --clear-groups {opener} {BDF})
+echo "== nonroot"; (ulimit -l unlimited; setpriv --reuid=65534 --regid=65534 --clear-groups {opener} {BDF})
 """
     res = guest(
         script,
@@ -158,3 +165,9 @@ echo "== modern"; {checker} {BDF} auto
     assert "iommu_platform=on" in steps["transitional"]
     assert steps["legacy"].startswith("NotAvailable | the legacy VirtIO transport cannot be used through VFIO")
     assert steps["modern"] == "ok"
+    # --user hands the group to a user, who can then drive the device without root,
+    # given a locked-memory limit that covers the DMA arena.
+    assert steps["user"].splitlines()[-1] == "nobody"
+    assert steps["memlock"].startswith("NotAvailable | cannot map the 1048576-byte DMA arena")
+    assert "ulimit -l" in steps["memlock"]
+    assert steps["nonroot"] == "opened"
