@@ -239,11 +239,12 @@ async def test_missing_and_failing_qemu(tmp_path: Path, disk_image: Callable[...
         "#!/bin/sh\necho 'qemu-system-x86_64: -device foo: no such device' >&2\nexit 1\n"
     )
     fake.chmod(0o755)
-    before = set(Path("/dev/shm").iterdir())
+    ours = f"amigafuse-qemu-{os.getpid()}-"  # our process's RAM files
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(ours)]
     with pytest.raises(DeviceGone, match=r"failed to start.*no such device"):
         async with launch_qemu([QemuDisk(path)], qemu_binary=str(fake)):
             pass
-    assert set(Path("/dev/shm").iterdir()) <= before
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(ours)]
 
 
 async def test_legacy_transport_refused_on_a_modern_only_device(
@@ -325,3 +326,19 @@ async def test_injected_error_is_reported_in_sense(
         assert bad.sense[2] & 0xF == sense_key and (bad.sense[12], bad.sense[13]) == asc_ascq
         good = await ctl.execute(0, 0, read10(0, 8), data_in_len=4096)
         assert good.status == 0 and good.data == data[:4096]
+
+
+async def test_qtest_protocol_errors_surface(disk_image: Callable[..., Any]) -> None:
+    path, _ = disk_image(MIB)
+    async with launch_qemu([QemuDisk(path)]) as backend:
+        # a failing posted command is reported by the next sync, in order
+        backend._post("no_such_qtest_command 1")
+        with pytest.raises(HardwareError, match="qtest command failed"):
+            await backend.sync()
+        await backend.sync()  # reported once; the connection stays usable
+        # pipelined config reads come back in order
+        block = await backend.config_read_block(4 << 3, 0, 64)
+        assert block[:4] == bytes([0xF4, 0x1A, 0x04, 0x10])  # 1af4:1004 at 04.0
+        assert await backend.config_read(4 << 3, 2, 2) == 0x1004
+        assert await backend.config_read(31 << 3 | 7, 0, 2) == 0xFFFF  # nothing there
+        assert backend.sends <= backend.commands_sent

@@ -582,7 +582,7 @@ def _make_shm(ram_bytes: int, name_hint: str) -> tuple[Path, mmap.mmap]:
     shm_dir = Path("/dev/shm")
     if not shm_dir.is_dir():
         raise NotAvailable("/dev/shm is missing: the qtest backend needs a tmpfs at /dev/shm")
-    fd, name = tempfile.mkstemp(prefix=f"amigafuse-{name_hint}-", dir=shm_dir)
+    fd, name = tempfile.mkstemp(prefix=f"amigafuse-{name_hint}-{os.getpid()}-", dir=shm_dir)
     path = Path(name)
     try:
         os.ftruncate(fd, ram_bytes)
