@@ -153,3 +153,37 @@ async def test_deleting_everything_returns_the_metadata_space() -> None:
     # as the handler keeps them ("extra code need to be added here" in its sources).
     kept = free0 - (await vol.statfs()).free_blocks
     assert kept % 32 == 0 and 0 <= kept <= 64
+
+
+@pytest.mark.parametrize("case_sensitive", [False, True])
+async def test_name_rules_with_and_without_the_name_index(case_sensitive: bool) -> None:
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.errors import Exists, NotFound
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice(4096, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "Case", case_sensitive=case_sensitive)
+    vol = await open_volume(dev, geo, False)
+    await vol.create(vol.root_id, "Äpfel.TXT")
+    if case_sensitive:
+        await vol.create(vol.root_id, "äpfel.txt")
+    else:
+        with pytest.raises(Exists):
+            await vol.create(vol.root_id, "äPFEL.txt")
+    await vol.rename(vol.root_id, "Äpfel.TXT", vol.root_id, "Birne")
+    await vol.close()
+    for _ in range(2):  # before and after readdir has indexed the directory
+        vol = await open_volume(dev, geo, True)
+        for _ in range(2):
+            assert (await vol.lookup(vol.root_id, "BIRNE" if not case_sensitive else "Birne")).name == "Birne"
+            with pytest.raises(NotFound):
+                await vol.lookup(vol.root_id, "Äpfel.TXT")
+            if case_sensitive:
+                with pytest.raises(NotFound):
+                    await vol.lookup(vol.root_id, "birne")
+                assert (await vol.lookup(vol.root_id, "äpfel.txt")).name == "äpfel.txt"
+            await vol.readdir(vol.root_id)
+    assert (await check_volume(dev, geo, False)).clean

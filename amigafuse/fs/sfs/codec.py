@@ -433,6 +433,9 @@ def upperchar(c: int) -> int:
     return c
 
 
+UPPER_TABLE = bytes(upperchar(c) for c in range(256))
+
+
 def name_hash(name: bytes, case_sensitive: bool) -> int:
     """The handler's 16-bit name hash (FFS international hash)."""
     value = len(name) & 0xFFFF

@@ -69,6 +69,8 @@ class SfsReader:
         # Path to the leaf container of each range of object nodes; the writer drops
         # the memo whenever it changes the tree's shape (new level, new container).
         self.leaf_refs: dict[int, list[NodeRef]] = {}
+        # Directory node -> {name key -> object node}, for directories scanned whole.
+        self.dir_index: dict[int, dict[bytes, int]] = {}
 
     # ------------------------------------------------------------------ blocks
     def check_pointer(self, block: int, where: int, field: str) -> int:
@@ -134,9 +136,7 @@ class SfsReader:
 
     async def object_node(self, node: int) -> ObjectNode:
         ref = (await self.node_path(node))[-1]
-        data = await self.raw(ref.block)
-        off = codec.NODECONTAINER_HEADER + (node - ref.nodenumber) * codec.OBJECTNODE_SIZE
-        on = ObjectNode(*struct.unpack_from(ObjectNode.FORMAT, data, off))
+        on = (await self.ncontainer(ref.block)).objectnodes[node - ref.nodenumber]
         if on.data == 0:
             raise NotFound(f"object node {node} is not in use")
         return on
@@ -210,8 +210,21 @@ class SfsReader:
                 offset += obj.packed_size
         return out
 
+    def name_key(self, name: bytes) -> bytes:
+        return name if self.case_sensitive else name.translate(codec.UPPER_TABLE)
+
+    def index_dir(self, dir_node: int, entries: list[Located]) -> None:
+        """Remember a directory's names (built from a full scan; writers keep it)."""
+        self.dir_index[dir_node] = {self.name_key(loc.obj.name): loc.obj.objectnode for loc in entries}
+
     async def find_in_dir(self, dir_obj: SfsObject, name: bytes) -> Located | None:
-        """The entry ``name`` of a directory (through its hash table when it has one)."""
+        """The entry ``name`` of a directory: from the in-memory name index when the
+        directory has been scanned, else through its hash table (or a scan when it
+        has none)."""
+        index = self.dir_index.get(dir_obj.objectnode)
+        if index is not None:
+            node = index.get(self.name_key(name))
+            return None if node is None else await self.locate(node)
         if dir_obj.hashtable == 0:
             for loc in await self.dir_entries(dir_obj):
                 if codec.names_equal(loc.obj.name, name, self.case_sensitive):

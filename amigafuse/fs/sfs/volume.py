@@ -260,7 +260,9 @@ class SfsVolume(Volume):
         async with self._lock:
             d = await self._dir(dir_id)
             out = []
-            for loc in await self.r.dir_entries(d.obj):
+            entries = await self.r.dir_entries(d.obj)
+            self.r.index_dir(dir_id, entries)
+            for loc in entries:
                 if loc.obj.bits & codec.OTYPE_HIDDEN and not self.show_recycled:
                     continue
                 out.append(await self._stat_of(loc.obj))
@@ -332,6 +334,8 @@ class SfsVolume(Volume):
         w = self._writer()
         raw = encode_name(name)
         d = await self._dir(dir_id)
+        if dir_id not in w.dir_index:
+            w.index_dir(dir_id, await w.dir_entries(d.obj))
         if await w.find_in_dir(d.obj, raw) is not None:
             raise Exists(f"{name!r} already exists")
         obj = SfsObject(0, 0, 0, protection ^ PROTECTION_INVERT, 0, 0, now_seconds(), bits, raw, b"", w.sfs2)

@@ -37,9 +37,11 @@ from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import (
     AdminSpaceContainer,
     BNode,
+    BNodeContainer,
     ExtentBNode,
     NodeContainer,
     ObjectContainer,
+    ObjectNode,
     SfsObject,
 )
 from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, NodeRef, SfsReader
@@ -105,6 +107,7 @@ class SfsWriter(SfsReader):
         self.extent_cache.clear()
         self.parsed.clear()
         self.leaf_refs.clear()
+        self.dir_index.clear()
 
     def end(self) -> None:
         self.undo = None
@@ -255,15 +258,24 @@ class SfsWriter(SfsReader):
     async def set_node(self, node: int, *, data: int | None = None, next: int | None = None,
                        hash16: int | None = None) -> None:  # fmt: skip
         ref = (await self.node_path(node))[-1]
-        buf = await self.modify(ref.block, codec.NODECONTAINER_ID)
-        off = codec.NODECONTAINER_HEADER + (node - ref.nodenumber) * codec.OBJECTNODE_SIZE
-        old = struct.unpack_from(">IIH", buf, off)
-        struct.pack_into(
-            ">IIH", buf, off,
-            old[0] if data is None else data,
-            old[1] if next is None else next,
-            old[2] if hash16 is None else hash16,
-        )  # fmt: skip
+        nc = await self.ncontainer(ref.block)
+        i = node - ref.nodenumber
+        old = nc.objectnodes[i]
+        new = ObjectNode(
+            old.data if data is None else data,
+            old.next if next is None else next,
+            old.hash16 if hash16 is None else hash16,
+        )
+        await self._put_objectnode(ref.block, nc, i, new)
+
+    async def _put_objectnode(self, block: int, nc: NodeContainer, i: int, on: ObjectNode) -> None:
+        """Store object node ``i`` of leaf ``block`` and keep its parsed form."""
+        buf = await self.modify(block, codec.NODECONTAINER_ID)
+        struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + i * codec.OBJECTNODE_SIZE, on.data, on.next, on.hash16)
+        ons = nc.objectnodes
+        self.parsed[block] = NodeContainer(
+            nc.id, 0, nc.ownblock, nc.nodenumber, nc.nodes, nc.node, (*ons[:i], on, *ons[i + 1 :]), nc.tail
+        )
 
     @staticmethod
     def _index_full(nc: NodeContainer) -> bool:
@@ -319,8 +331,7 @@ class SfsWriter(SfsReader):
                         restart = True
                         break
                     i = empty[0]
-                    buf = await self.modify(block, codec.NODECONTAINER_ID)
-                    struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + i * codec.OBJECTNODE_SIZE, data, 0, 0)
+                    await self._put_objectnode(block, nc, i, ObjectNode(data, 0, 0))
                     if len(empty) == 1:
                         await self._mark_parent(path, len(path) - 1, True)
                     return nc.nodenumber + i
@@ -353,11 +364,10 @@ class SfsWriter(SfsReader):
         block = path[-1].block
         nc = await self.ncontainer(block)
         was_full = all(on.data != 0 for on in nc.objectnodes)
-        buf = await self.modify(block, codec.NODECONTAINER_ID)
-        struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + (node - nc.nodenumber) * codec.OBJECTNODE_SIZE, 0, 0, 0)
+        await self._put_objectnode(block, nc, node - nc.nodenumber, ObjectNode(0, 0, 0))
         if was_full:
             await self._mark_parent(path, len(path) - 1, False)
-        if not any(NodeContainer.unpack(bytes(buf)).objectnodes[i].data for i in range(len(nc.objectnodes))):
+        if not any(on.data for on in (await self.ncontainer(block)).objectnodes):
             await self._free_node_container(path, len(path) - 1)
 
     async def _free_node_container(self, path: list[NodeRef], level: int) -> None:
@@ -397,6 +407,11 @@ class SfsWriter(SfsReader):
             self.block_size, block, oc.parent, oc.next, oc.previous, objects, trailer, self.sfs2
         )
         self.put(block, buf)
+        used = codec.objects_used_bytes(objects)
+        self.parsed[block] = ObjectContainer(
+            codec.OBJECTCONTAINER_ID, 0, block, oc.parent, oc.next, oc.previous, tuple(objects),
+            bytes(buf[used:]), self.sfs2, used,
+        )  # fmt: skip
 
     async def _set_container_link(self, block: int, *, next: int | None = None, previous: int | None = None) -> None:
         buf = await self.modify(block, codec.OBJECTCONTAINER_ID)
@@ -422,6 +437,9 @@ class SfsWriter(SfsReader):
 
     async def _place(self, dir_node: int, obj: SfsObject) -> int:
         """Put ``obj`` into a container of directory ``dir_node``; the container block."""
+        index = self.dir_index.get(dir_node)
+        if index is not None:
+            index[self.name_key(obj.name)] = obj.objectnode
         dloc = await self.locate(dir_node)
         d = dloc.obj
         block = d.firstdirblock
@@ -448,6 +466,9 @@ class SfsWriter(SfsReader):
 
     async def _remove_from_container(self, loc: Located) -> None:
         oc = await self.container(loc.container)
+        index = self.dir_index.get(oc.parent)
+        if index is not None and index.get(self.name_key(loc.obj.name)) == loc.obj.objectnode:
+            del index[self.name_key(loc.obj.name)]
         objects = [o for o in oc.objects if o.objectnode != loc.obj.objectnode]
         if objects or loc.container == self.root.rootobjectcontainer:
             await self._write_container(loc.container, oc, objects)
@@ -515,6 +536,7 @@ class SfsWriter(SfsReader):
         return node
 
     async def remove_object(self, loc: Located) -> None:
+        self.dir_index.pop(loc.obj.objectnode, None)  # its node number may be reused
         oc = await self.container(loc.container)
         d = (await self.locate(oc.parent)).obj
         await self.hash_remove(d, loc.obj.objectnode, loc.obj.name)
@@ -535,6 +557,14 @@ class SfsWriter(SfsReader):
         else:
             buf = codec.build_bnode_container(self.block_size, block, False, self.sfs2, entries, [])  # type: ignore[arg-type]
         self.put(block, buf)
+        # Keep the parsed form (what a re-parse would give; the checksum comes at commit).
+        nodesize = buf[15]
+        self.parsed[block] = BNodeContainer(
+            codec.BNODECONTAINER_ID, 0, block, len(entries), 1 if isleaf else 0, nodesize,
+            () if isleaf else tuple(entries),  # type: ignore[arg-type]
+            tuple(entries) if isleaf else (),  # type: ignore[arg-type]
+            bytes(buf[codec.BNODECONTAINER_HEADER + len(entries) * nodesize :]),
+        )  # fmt: skip
 
     async def _put_bnode(self, path: list[list[object]], level: int, entries: list[object]) -> None:
         block = int(path[level][0])  # type: ignore[call-overload]
@@ -841,10 +871,12 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
         reader.cache.clear()
         reader.parsed.clear()
         reader.leaf_refs.clear()
+        reader.dir_index.clear()
         return f"an unfinished amigafuse transaction ({len(copies)} blocks) was replayed"
     reader.cache.clear()
     reader.parsed.clear()
     reader.leaf_refs.clear()
+    reader.dir_index.clear()
     reader.cache.update(copies)
     if isinstance(reader, SfsWriter):
         reader.pending_data.update(data_copies)
@@ -892,6 +924,7 @@ async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
     reader.cache.clear()
     reader.parsed.clear()
     reader.leaf_refs.clear()
+    reader.dir_index.clear()
     if apply:
         for target, content in sorted(rebuilt.items()):
             await reader.io.write(target, content)
