@@ -26,8 +26,11 @@ name or None).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+
+import trio
 
 from amigafuse.amiga.dostype import common_name, dostype_to_str
 from amigafuse.amiga.geometry import VolumeGeometry
@@ -252,3 +255,103 @@ def select_partition(anns: list[Announcement], name: str | None, source: str) ->
         if a.partition.drive_name.upper() == wanted:
             return a
     raise UsageError(f"{source} has no partition {name!r}; it has: {choices}")
+
+
+# --------------------------------------------------------------------------- service
+
+
+@dataclass(frozen=True)
+class UnitFailed:
+    """A unit whose first blocks could not be read: nothing is announced for it."""
+
+    unit: str
+    error: Exception
+
+
+MounterEvent = Announcement | Withdrawal | UnitFailed
+
+
+class MounterService:
+    """Announcements as units come and go, scanned concurrently, named deterministically.
+
+    Use :func:`open_mounter`.  :meth:`unit_found` starts scanning a unit in the
+    service's nursery and returns at once; :meth:`unit_lost` withdraws one.  Events
+    (Announcement, Withdrawal, UnitFailed) arrive on :attr:`events` in this order: a
+    unit's announcements come together, in RDB order, and units are announced in the
+    order they were found whatever order their scans finish in — so names do not
+    depend on timing.  Invariant: ``_turn[n]`` is set once unit n has been announced
+    (or failed); unit n+1 waits for it before calling the pure ``add_unit``.
+    """
+
+    def __init__(
+        self,
+        mounter: Mounter,
+        nursery: trio.Nursery,
+        send: trio.MemorySendChannel[MounterEvent],
+        receive: trio.MemoryReceiveChannel[MounterEvent],
+    ) -> None:
+        self.mounter = mounter
+        self._nursery = nursery
+        self._send = send
+        self.events = receive
+        self._turns: list[trio.Event] = []
+        self._generation: dict[str, int] = {}  # bumped by unit_found and unit_lost
+
+    def unit_found(self, unit: str, device: BlockDevice) -> None:
+        """Scan ``unit`` in the background; its events follow those of earlier units."""
+        prev = self._turns[-1] if self._turns else None
+        mine = trio.Event()
+        self._turns.append(mine)
+        generation = self._generation.get(unit, 0) + 1
+        self._generation[unit] = generation
+        self._nursery.start_soon(self._scan, unit, device, prev, mine, generation)
+
+    async def _scan(
+        self,
+        unit: str,
+        device: BlockDevice,
+        prev: trio.Event | None,
+        mine: trio.Event,
+        generation: int,
+    ) -> None:
+        try:
+            try:
+                layout = await scan_device(device)
+                volume_types = await probe_volume_types(device, layout)
+                failure: Exception | None = None
+            except DeviceError as exc:
+                failure = exc
+            if prev is not None:
+                await prev.wait()
+            if self._generation.get(unit) != generation:  # lost or found again meanwhile
+                return
+            if unit in self.mounter.units:  # found again without being lost first
+                for w in self.mounter.remove_unit(unit):
+                    await self._send.send(w)
+            if failure is not None:
+                await self._send.send(UnitFailed(unit, failure))
+                return
+            # No await between add_unit and the sends' ordering: events of one unit
+            # are sent before the next unit's turn begins.
+            for ann in self.mounter.add_unit(unit, layout, volume_types, device):
+                await self._send.send(ann)
+        finally:
+            mine.set()
+
+    async def unit_lost(self, unit: str) -> None:
+        """Withdraw ``unit``'s announcements (none if it was never announced)."""
+        self._generation[unit] = self._generation.get(unit, 0) + 1
+        for w in self.mounter.remove_unit(unit):
+            await self._send.send(w)
+
+
+@asynccontextmanager
+async def open_mounter(
+    engine_lookup: EngineLookup, *, buffer: int = 256
+) -> AsyncIterator[MounterService]:
+    """``async with open_mounter(lookup) as service:`` — a :class:`MounterService` whose
+    scans run in a nursery owned by this context manager.  Leaving it waits for scans
+    in progress (cancel the enclosing scope to abandon them) and closes ``events``."""
+    send, receive = trio.open_memory_channel[MounterEvent](buffer)
+    async with send, trio.open_nursery() as nursery:
+        yield MounterService(Mounter(engine_lookup), nursery, send, receive)
