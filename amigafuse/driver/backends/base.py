@@ -153,6 +153,10 @@ class Backend(abc.ABC):
     async def sync(self) -> None:
         """Return once every operation issued before the call has been performed."""
 
+    def flush_posted(self) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Hint: start performing buffered posted writes now rather than batching them
+        with later operations (a latency-critical kick).  Never blocks."""
+
     # --------------------------------------------------------------- interrupts
 
     @abc.abstractmethod

@@ -396,6 +396,10 @@ class QtestBackend(Backend):
             self._write_blocked = True  # the writer task waits until writable
             self._writer_wakeup.set()
 
+    def flush_posted(self) -> None:
+        if self._outbuf and not self._write_blocked and self._dead_reason is None:
+            self._flush()
+
     def _post(self, line: str) -> None:
         self._send(line, flush=False)
         self._pending.append(None)

@@ -237,6 +237,7 @@ class VirtioScsiController:
         self._header = struct.Struct(f"<8sQBBB{config.cdb_size}s")
         self._luns: dict[tuple[int, int], bytes] = {}
         self._merge_kick_with_isr = True
+        self._cycle_publish_pending = False
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -319,6 +320,9 @@ class VirtioScsiController:
             finally:
                 self._burst_open = False
                 self._publish()
+                if not self._cycle_publish_pending:
+                    # Nobody is about to send an ISR read that would carry the kick.
+                    self.backend.flush_posted()
         return await self._wait(slot, data_in_len)
 
     def _submit(
@@ -463,7 +467,11 @@ class VirtioScsiController:
                     # Let the callers just woken resubmit (they run in the next batch),
                     # publish what they queued: the kick, a posted write, then leaves in
                     # the same send as the ISR read.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._cycle_publish_pending = True
+                    try:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    finally:
+                        self._cycle_publish_pending = False
                     self._publish()
                 await self.transport.read_isr()
                 self.backend.ack_interrupt()
