@@ -144,3 +144,19 @@ def test_mkdisk_format_check_through_the_qemu_driver(tmp_path: Path) -> None:
     assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
     r = xdftool(str(img), "open", "part=DH0", "+", "info")
     assert r.returncode == 0, r.stderr
+
+
+def test_format_and_check_a_bare_floppy(tmp_path: Path) -> None:
+    from tests.conftest import shared_image
+
+    adf = tmp_path / "f.adf"
+    adf.write_bytes(shared_image("real/dos1.adf").read_bytes())
+    r = amigafuse("format", str(adf), "--backend", "file", "--type", "FFS+INTL", "--label", "Fresh")
+    assert r.returncode == 0, r.stderr
+    assert adf.read_bytes()[:4] == b"DOS\x03"
+    r = xdftool(str(adf), "info")
+    assert r.returncode == 0 and "1756" in r.stdout, r.stdout + r.stderr  # 1760 - boot, root, bitmap
+    r = amigafuse("check", str(adf))  # through the QEMU driver when available
+    if not HAS_QEMU:
+        r = amigafuse("check", str(adf), "--backend", "file")
+    assert r.returncode == 0 and "checking DF0: DOS\\3" in r.stdout, r.stdout + r.stderr
