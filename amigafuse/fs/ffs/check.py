@@ -13,6 +13,7 @@ from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
 from amigafuse.errors import CorruptError
 from amigafuse.fs import CheckReport
+from amigafuse.fs.ffs.bitmap import Bitmap
 from amigafuse.fs.ffs.layout import (
     ST_FILE,
     ST_LINKDIR,
@@ -209,6 +210,28 @@ async def _check_dircache(vol: FfsVolume, d: int, entries, claim, report: CheckR
             bad.add(d)
 
 
+def bitmap_differences(bitmap: Bitmap, used: set[int]) -> tuple[list[int], list[int]]:
+    """(blocks in use but marked free, blocks marked used but unused), compared a whole
+    bitmap at a time."""
+    expected = Bitmap(bitmap.reserved, bitmap.count, bitmap.longs_per_block * 4 + 4)
+    expected.set_all(True)
+    expected.mark_blocks(sorted(b for b in used if bitmap.in_range(b)), False)
+    mask = (1 << bitmap.count) - 1
+    have = int.from_bytes(bitmap.copy_bits(), "little") & mask
+    want = int.from_bytes(expected.copy_bits(), "little") & mask
+    if have == want:
+        return [], []
+    diff = have ^ want
+    wrong_free: list[int] = []
+    lost: list[int] = []
+    while diff and len(wrong_free) + len(lost) < 10_000:
+        low = diff & -diff
+        k = low.bit_length() - 1
+        (wrong_free if have & low else lost).append(k + bitmap.reserved)
+        diff ^= low
+    return wrong_free, lost
+
+
 async def _check_once(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
     report = CheckReport()
     try:
@@ -227,11 +250,7 @@ async def _check_once(device: BlockDevice, geometry: VolumeGeometry, repair: boo
             e for e in report.errors[tree_errors_before:] if "dircache" not in e
         ]
         if vol.bitmap_ok:
-            wrong_free = sorted(b for b in used if vol.bitmap.in_range(b) and vol.bitmap.is_free(b))
-            lost = [
-                b for b in range(vol.reserved, vol.block_count)
-                if b not in used and not vol.bitmap.is_free(b)
-            ]  # fmt: skip
+            wrong_free, lost = bitmap_differences(vol.bitmap, used)
             if wrong_free:
                 report.errors.append(f"{len(wrong_free)} blocks in use are marked free in the bitmap (first: {wrong_free[:5]})")
             if lost:
