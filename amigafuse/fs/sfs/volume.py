@@ -328,7 +328,10 @@ class SfsVolume(Volume):
     async def _touch(self, node: int) -> None:
         w = self._writer()
         obj = (await w.locate(node)).obj
-        await w.update_object(node, replace(obj, datemodified=now_seconds(), protection=obj.protection & ~FIBF_ARCHIVE))
+        now = now_seconds()
+        if obj.datemodified == now and not obj.protection & FIBF_ARCHIVE:
+            return  # nothing would change (dates are whole seconds)
+        await w.update_object(node, replace(obj, datemodified=now, protection=obj.protection & ~FIBF_ARCHIVE))
 
     async def _new_entry(self, dir_id: int, name: str, bits: int, protection: int) -> tuple[int, SfsObject]:
         w = self._writer()

@@ -398,7 +398,11 @@ class SfsWriter(SfsReader):
             return self.block_size - codec.ROOTINFO_SIZE
         return self.block_size
 
-    async def _write_container(self, block: int, oc: ObjectContainer, objects: list[SfsObject]) -> None:
+    async def _write_container(
+        self, block: int, oc: ObjectContainer, objects: list[SfsObject], used: int | None = None
+    ) -> None:
+        """Rewrite a container with ``objects`` (``used``: their bytes with the header,
+        when the caller knows them)."""
         trailer = b""
         if block == self.root.rootobjectcontainer:
             cur = await self.raw(block)
@@ -407,7 +411,8 @@ class SfsWriter(SfsReader):
             self.block_size, block, oc.parent, oc.next, oc.previous, objects, trailer, self.sfs2
         )
         self.put(block, buf)
-        used = codec.objects_used_bytes(objects)
+        if used is None:
+            used = codec.objects_used_bytes(objects)
         self.parsed[block] = ObjectContainer(
             codec.OBJECTCONTAINER_ID, 0, block, oc.parent, oc.next, oc.previous, tuple(objects),
             bytes(buf[used:]), self.sfs2, used,
@@ -426,9 +431,11 @@ class SfsWriter(SfsReader):
         loc = await self.locate(node)
         oc = await self.container(loc.container)
         objects = [new if o.objectnode == node else o for o in oc.objects]
-        used = codec.objects_used_bytes(objects)
-        if self._fits(loc.container, used - objects[-1].packed_size, objects[-1].packed_size):
-            await self._write_container(loc.container, oc, objects)
+        new_size = new.packed_size
+        used = oc.used - loc.obj.packed_size + new_size
+        last = new_size if objects[-1] is new else objects[-1].packed_size
+        if self._fits(loc.container, used - last, last):
+            await self._write_container(loc.container, oc, objects, used)
             return
         await self._remove_from_container(loc)
         parent = oc.parent
@@ -443,14 +450,15 @@ class SfsWriter(SfsReader):
         dloc = await self.locate(dir_node)
         d = dloc.obj
         block = d.firstdirblock
+        size = obj.packed_size
         seen: set[int] = set()
         while block:
             if block in seen:
                 raise ChainLoopError("directory container chain loops", block=block, field="next")
             seen.add(block)
             oc = await self.container(block)
-            if self._fits(block, oc.used, obj.packed_size):
-                await self._write_container(block, oc, [*oc.objects, obj])
+            if self._fits(block, oc.used, size):
+                await self._write_container(block, oc, [*oc.objects, obj], oc.used + size)
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
         new = await self.alloc_admin()
@@ -471,7 +479,7 @@ class SfsWriter(SfsReader):
             del index[self.name_key(loc.obj.name)]
         objects = [o for o in oc.objects if o.objectnode != loc.obj.objectnode]
         if objects or loc.container == self.root.rootobjectcontainer:
-            await self._write_container(loc.container, oc, objects)
+            await self._write_container(loc.container, oc, objects, oc.used - loc.obj.packed_size)
             return
         # The container is empty: unlink it from the directory's chain and free it.
         if oc.previous:
