@@ -19,6 +19,13 @@ class FileBlockDevice(BlockDevice):
     def __init__(self, path: str, *, block_size: int = 512, read_only: bool = False) -> None:
         self.path = path
         self._block_size = block_size
+        # Root ignores mode bits: an image nobody may write (mode 0444, like the shared
+        # test images) is opened read-only even for root, as a write-protected disk.
+        try:
+            if not read_only and not os.stat(path).st_mode & 0o222:
+                read_only = True
+        except OSError:
+            pass  # the open below reports it
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
             self._fd = os.open(path, flags | os.O_CLOEXEC)

@@ -44,6 +44,18 @@ async def test_file_device(tmp_path: Path) -> None:
     await ro.aclose()
 
 
+async def test_file_without_write_bits_opens_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    path.write_bytes(bytes(1024))
+    path.chmod(0o444)
+    dev = FileBlockDevice(str(path))  # root would be allowed to write: we refuse anyway
+    assert dev.read_only
+    with pytest.raises(WriteProtected):
+        await dev.write(0, b"\xff" * 512)
+    await dev.aclose()
+    assert path.read_bytes() == bytes(1024)
+
+
 async def test_partition_window_confines_writes() -> None:
     dev = MemoryBlockDevice(100, 512)
     part = PartitionDevice(dev, 10, 20)
