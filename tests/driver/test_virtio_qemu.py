@@ -6,6 +6,7 @@ import os
 import random
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from typing import Any
 import pytest
 import trio
 
-from amigafuse.driver.backends.qtest import QemuDisk, attach_qtest, launch_qemu, qemu_command
+from amigafuse.driver.backends.qtest import (
+    ARENA_GUEST_OFFSET,
+    QemuDisk,
+    QtestBackend,
+    attach_qtest,
+    launch_qemu,
+    qemu_command,
+)
 from amigafuse.driver.virtio.device import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -203,30 +211,76 @@ async def test_files_are_cleaned_up_on_exit_error_and_cancel(
     disk_image: Callable[..., Any],
 ) -> None:
     path, _ = disk_image(MIB)
-    seen: list[tuple[Path, Path]] = []
+    procs: list[trio.Process] = []
 
-    async def run(mode: str) -> None:
-        async with launch_qemu([QemuDisk(path)]) as backend:
-            assert backend.shm_path is not None and backend.workdir is not None
-            assert backend.shm_path.exists() and backend.workdir.exists()
-            seen.append((backend.shm_path, backend.workdir))
-            proc = backend.process
-            if mode == "error":
-                raise RuntimeError("boom")
-        assert proc is not None and proc.returncode is not None
+    async def check_running(backend: QtestBackend) -> None:
+        # QEMU has its RAM mapped: the files are already gone, the mapping works
+        assert backend.shm_path is not None and backend.workdir is not None
+        assert not backend.shm_path.exists() and not backend.workdir.exists()
+        backend.guest_ram[ARENA_GUEST_OFFSET : ARENA_GUEST_OFFSET + 4] = b"\xde\xad\xbe\xef"
+        assert await backend.config_read(4 << 3, 0, 2) == 0x1AF4
+        assert backend.process is not None and backend.process.returncode is None
+        procs.append(backend.process)
 
-    await run("normal")
-    with pytest.raises(RuntimeError):
-        await run("error")
-    with trio.move_on_after(0.3):
+    async with launch_qemu([QemuDisk(path)]) as backend:
+        await check_running(backend)
+    with pytest.raises(RuntimeError, match="boom"):
         async with launch_qemu([QemuDisk(path)]) as backend:
-            assert backend.shm_path is not None and backend.workdir is not None
-            seen.append((backend.shm_path, backend.workdir))
+            await check_running(backend)
+            raise RuntimeError("boom")
+    with trio.CancelScope() as scope:
+        async with launch_qemu([QemuDisk(path)]) as backend:
+            await check_running(backend)
+            scope.cancel()
             await trio.sleep(30)
-    assert len(seen) == 3
-    for shm, work in seen:
-        assert not shm.exists() and not work.exists()
-    assert not [p for p in Path("/dev/shm").iterdir() if p.name in {s.name for s, _ in seen}]
+    assert scope.cancelled_caught
+    assert len(procs) == 3 and all(p.returncode is not None for p in procs)
+    ours = f"amigafuse-qemu-{os.getpid()}-"
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(ours)]
+
+
+async def test_killed_driver_leaves_no_qemu_behind(
+    tmp_path: Path, disk_image: Callable[..., Any]
+) -> None:
+    path, _ = disk_image(MIB)
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, trio\n"
+        "from amigafuse.driver.backends.qtest import QemuDisk, launch_qemu\n"
+        "async def main():\n"
+        f"    async with launch_qemu([QemuDisk({str(path)!r})]) as b:\n"
+        "        print(b.process.pid, flush=True)\n"
+        "        await trio.sleep(60)\n"
+        "trio.run(main)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, cwd=str(repo)
+    )
+    assert proc.stdout is not None
+    with trio.fail_after(30):
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(100)
+            assert chunk, "the driver process ended early"
+            line += chunk
+    qemu_pid = int(line)
+    os.kill(qemu_pid, 0)  # running
+    proc.kill()  # SIGKILL: no cleanup code of ours runs
+    await proc.wait()
+    await proc.stdout.aclose()
+    with trio.fail_after(10):
+        while Path(f"/proc/{qemu_pid}").exists() and "Z" not in _proc_state(qemu_pid):
+            await trio.sleep(0.05)
+    shm = f"amigafuse-qemu-{proc.pid}-"
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(shm)]
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
 
 
 async def test_missing_and_failing_qemu(tmp_path: Path, disk_image: Callable[..., Any]) -> None:

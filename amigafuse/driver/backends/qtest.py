@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno as _errno
 import mmap
 import os
@@ -282,7 +283,7 @@ class QtestBackend(Backend):
         arena_offset: int = ARENA_GUEST_OFFSET,
         gsi: int = VIRTIO_SCSI_GSI,
         process: trio.Process | None = None,
-        stderr_path: Path | None = None,
+        stderr_fd: int | None = None,
     ) -> None:
         if arena_offset >= len(ram):
             raise UsageError(f"guest RAM of {len(ram)} bytes is too small for the DMA arena")
@@ -292,7 +293,7 @@ class QtestBackend(Backend):
         self._arena = DmaArena(self._ram_view[arena_offset:], arena_offset)
         self._gsi = gsi
         self.process = process
-        self._stderr_path = stderr_path
+        self._stderr_fd = stderr_fd  # QEMU's stderr (an unlinked file), ours to read
         self._pending: collections.deque[_Reply | None] = collections.deque()
         self._outbuf = bytearray()
         self._writer_wakeup = trio.Event()
@@ -345,12 +346,14 @@ class QtestBackend(Backend):
         return DeviceGone(f"QEMU device gone: {reason}")
 
     def _stderr_tail(self) -> str:
-        if self._stderr_path is None:
+        if self._stderr_fd is None:
             return ""
         try:
-            text = self._stderr_path.read_text(errors="replace").strip()
+            size = os.fstat(self._stderr_fd).st_size
+            raw = os.pread(self._stderr_fd, 4096, max(0, size - 4096))
         except OSError:
             return ""
+        text = raw.decode(errors="replace").strip()
         return " | ".join(text.splitlines()[-5:])
 
     def _mark_dead(self, reason: str) -> None:
@@ -572,6 +575,13 @@ class QtestBackend(Backend):
 # --------------------------------------------------------------------------- processes
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child before exec: SIGKILL it when we die (PR_SET_PDEATHSIG), so a
+    killed amigafuse leaves no QEMU behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _find_qemu(binary: str) -> str:
     found = shutil.which(binary)
     if found is None:
@@ -676,6 +686,7 @@ async def launch_qemu(
     listener: socket.socket | None = None
     proc: trio.Process | None = None
     backend: QtestBackend | None = None
+    stderr_fd: int | None = None
     try:
         shm_path, ram = _make_shm(ram_mib << 20, "qemu")
         socket_path = tmpdir / "qtest.sock"
@@ -700,13 +711,15 @@ async def launch_qemu(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
-                start_new_session=True,
+                start_new_session=True,  # a Ctrl-C reaches us, and we stop QEMU in order
+                preexec_fn=_die_with_parent,
             )
+        stderr_fd = os.open(stderr_path, os.O_RDONLY)
         conn = await _accept_or_fail(listener, proc, stderr_path, start_timeout)
         listener.close()
         listener = None
         socket_path.unlink(missing_ok=True)
-        backend = QtestBackend(conn, ram, process=proc, stderr_path=stderr_path)
+        backend = QtestBackend(conn, ram, process=proc, stderr_fd=stderr_fd)
         backend.shm_path = shm_path
         backend.workdir = tmpdir
         # The body's exception is re-raised outside the nursery, so callers see it
@@ -717,8 +730,12 @@ async def launch_qemu(
             nursery.start_soon(backend._writer)
             nursery.start_soon(_watch_process, backend, proc)
             try:
-                # The first command also waits for QEMU to finish creating the machine.
+                # The first reply also means QEMU has created the machine: it has the RAM
+                # file mapped and the blkdebug configs read.  Remove every file now, so
+                # that nothing is left behind even if we are killed.
                 await backend.sync()
+                shm_path.unlink(missing_ok=True)
+                shutil.rmtree(tmpdir, ignore_errors=True)
                 yield backend
             except BaseException as exc:
                 body_error = exc
@@ -741,6 +758,8 @@ async def launch_qemu(
         if shm_path is not None:
             shm_path.unlink(missing_ok=True)
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if stderr_fd is not None:
+            os.close(stderr_fd)
 
 
 async def _watch_process(backend: QtestBackend, proc: trio.Process) -> None:
