@@ -146,3 +146,20 @@ async def test_invalid_bitmap_is_validated_on_open() -> None:
     assert any("rebuilt" in n for n in vol2.info.notes)
     await vol2.close()
     assert (await ENGINE.check_volume(dev, geo, False)).clean
+
+
+async def test_deleted_ids_are_notfound_and_repair_on_read_only_device_says_so() -> None:
+    dev, geo = await fresh(0x444F5301)
+    vol = await open_volume(dev, geo, False)
+    f = await vol.create(vol.root_id, "gone")
+    await vol.unlink(vol.root_id, "gone")
+    g = await vol.create(vol.root_id, "big")
+    await vol.write(g.object_id, 0, b"d" * 50_000)  # may reuse the freed header as data
+    with pytest.raises(NotFound):
+        await vol.getattr(f.object_id)
+    await vol.sync()  # leaves the flag clear: an error the checker reports
+    ro = MemoryBlockDevice(data=bytes(dev.data), read_only=True)
+    report = await ENGINE.check_volume(ro, geo, True)
+    assert report.errors and any("read-only" in w for w in report.warnings)
+    fixed = await ENGINE.check_volume(dev, geo, True)
+    assert fixed.clean and fixed.repaired

@@ -257,7 +257,9 @@ async def _check_once(device: BlockDevice, geometry: VolumeGeometry, repair: boo
                 report.errors.append(f"{len(lost)} blocks are marked used but nothing uses them (first: {lost[:5]})")
             report.stats["free_blocks"] = vol.bitmap.free_count()
         if repair and report.errors:
-            if tree_errors:
+            if vol.read_only:
+                report.warnings.append("not repairing: the device is read-only")
+            elif tree_errors:
                 report.warnings.append("not repairing: the directory tree itself is damaged")
             elif len(vol.bitmap_blocks) < vol.bitmap.pages:
                 report.warnings.append("not repairing: the bitmap blocks cannot be found")

@@ -122,6 +122,7 @@ class FfsVolumeBase:
         self._id2b: dict[int, int] = {}
         self._b2id: dict[int, int] = {}
         self._next_fresh_id = 1 << 40
+        self._gone: set[int] = set()  # header blocks whose object was deleted this session
         self._lock = trio.Lock()
         self._closed = False
 
@@ -272,6 +273,8 @@ class FfsVolumeBase:
     async def _exists(self, block: int) -> None:
         if block == self.root_block:
             return
+        if block in self._gone:
+            raise NotFound(f"object {self._id_for(block)} no longer exists")
         if not (self.reserved <= block < self.block_count):
             raise NotFound(f"object {block} does not exist")
         if self.bitmap_ok and self.bitmap.is_free(block):

@@ -122,8 +122,10 @@ class FfsVolume(FfsVolumeBase, Volume):
 
     def _new_id(self, block: int) -> None:
         """Give the new object at ``block`` an id no live object has."""
+        reused = block in self._gone  # its old id must not come back to life
+        self._gone.discard(block)
         self._b2id.pop(block, None)
-        if block in self._id2b:
+        if reused or block in self._id2b:
             fresh = self._next_fresh_id
             self._next_fresh_id += 1
             self._b2id[block] = fresh
@@ -697,6 +699,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             if self.lnfs and e.comment_block:
                 extra.append(e.comment_block)
             self._forget_id(block)
+            self._gone.add(block)
             self._free([block, *extra])
         self._set_dir_date(dir_block, t)
         self._touch()
