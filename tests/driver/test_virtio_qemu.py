@@ -29,7 +29,7 @@ from amigafuse.driver.virtio.device import (
     bit,
 )
 from amigafuse.driver.virtio.scsi import open_virtio_scsi
-from amigafuse.errors import DeviceGone, HardwareError, NotAvailable
+from amigafuse.errors import DeviceGone, HardwareError, NotAvailable, UsageError
 from tests.driver.conftest import requires_qemu
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
@@ -396,3 +396,14 @@ async def test_qtest_protocol_errors_surface(disk_image: Callable[..., Any]) -> 
         assert await backend.config_read(4 << 3, 2, 2) == 0x1004
         assert await backend.config_read(31 << 3 | 7, 0, 2) == 0xFFFF  # nothing there
         assert backend.sends <= backend.commands_sent
+
+
+async def test_attach_without_qemu_says_so(tmp_path: Path) -> None:
+    shm = tmp_path / "ram"
+    shm.write_bytes(bytes(32 << 20))
+    with pytest.raises(DeviceGone, match="nothing listens"):
+        async with attach_qtest(tmp_path / "no.sock", shm):
+            pass
+    with pytest.raises(UsageError, match="cannot open QEMU's RAM file"):
+        async with attach_qtest(tmp_path / "no.sock", tmp_path / "missing"):
+            pass

@@ -276,12 +276,12 @@ class RingMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.ring is not None)
     @rule(
         count=st.integers(1, 4),
-        indirect=st.booleans(),
+        indirect=st.sampled_from(["direct", "indirect", "prepared"]),
         lengths=st.lists(st.integers(1, 1 << 20), min_size=4, max_size=4),
     )
-    def submit(self, count: int, indirect: bool, lengths: list[int]) -> None:
+    def submit(self, count: int, indirect: str, lengths: list[int]) -> None:
         assert self.ring is not None
-        need = 1 if indirect else count
+        need = 1 if indirect != "direct" else count
         assume(self.ring.num_free >= need)
         token = self.next_token
         self.next_token += 1
@@ -289,12 +289,24 @@ class RingMachine(RuleBasedStateMachine):
             Segment(0x100000 + 0x1000 * i, lengths[i], i >= count // 2 and i > 0)
             for i in range(count)
         ]
-        if indirect:
+        if indirect == "indirect":
             addr = self.table_base + 0x100 * (token % 256)
-            assume(all(addr != 0x20000 + 0x100 * (t % 256) for t in self.expected))
+            assume(all(addr != self.table_base + 0x100 * (t % 256) for t in self.expected))
             head = self.ring.add_indirect(
                 segs, memoryview(self.bus)[addr : addr + 0x100], addr, token
             )
+        elif indirect == "prepared":  # the caller writes the table itself
+            addr = self.table_base + 0x100 * (token % 256)
+            assume(all(addr != self.table_base + 0x100 * (t % 256) for t in self.expected))
+            for i, seg in enumerate(segs):
+                flags = (VRING_DESC_F_WRITE if seg.device_writes else 0) | (
+                    VRING_DESC_F_NEXT if i + 1 < count else 0
+                )
+                nxt = i + 1 if i + 1 < count else 0
+                struct.pack_into(
+                    "<QIHH", self.bus, addr + DESC_SIZE * i, seg.address, seg.length, flags, nxt
+                )
+            head = self.ring.add_indirect_table(addr, count, token)
         else:
             head = self.ring.add(segs, token)
         assert head not in self.submitted_heads.values()

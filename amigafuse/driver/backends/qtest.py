@@ -481,7 +481,12 @@ class QtestBackend(Backend):
                 try:
                     value = int(words[1], 16)
                 except ValueError:
-                    value = 0
+                    error = HardwareError(f"malformed qtest reply {line[:80]!r}")
+                    if reply is not None:
+                        reply.complete(0, error)
+                    elif self._posted_error is None:
+                        self._posted_error = error
+                    return
             if reply is not None:
                 reply.complete(value, None)
             return
