@@ -187,3 +187,40 @@ async def test_name_rules_with_and_without_the_name_index(case_sensitive: bool) 
                 assert (await vol.lookup(vol.root_id, "äpfel.txt")).name == "äpfel.txt"
             await vol.readdir(vol.root_id)
     assert (await check_volume(dev, geo, False)).clean
+
+
+async def test_full_container_hint_changes_nothing_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 'containers are full' hint only spares the handler's whole-chain scan: the
+    same operations give byte-identical volumes with and without it."""
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import format_volume, volume, writer
+
+    monkeypatch.setattr(writer, "now_seconds", lambda: 1_000_000)
+    monkeypatch.setattr(volume, "now_seconds", lambda: 1_000_000)
+    monkeypatch.setattr(format_volume.__globals__["time"], "time", lambda: 1_252_460_800.0)
+
+    class Forget(dict[int, int]):
+        def __setitem__(self, key: int, value: int) -> None:
+            pass
+
+    images = []
+    for use_hint in (True, False):
+        dev = MemoryBlockDevice(8192, 512)
+        geo = VolumeGeometry(dostype=SFS0)
+        await format_volume(dev, geo, "Same")
+        vol = await open_volume(dev, geo, False)
+        if not use_hint:
+            vol.r.full_for = Forget()  # type: ignore[attr-defined]
+        d = await vol.mkdir(vol.root_id, "d")
+        for i in range(200):
+            await vol.create(d.object_id, f"f{i:03d}" + "x" * (i % 37))
+            if i % 7 == 3:
+                await vol.unlink(d.object_id, f"f{i - 2:03d}" + "x" * ((i - 2) % 37))
+            if i % 11 == 5:
+                st = await vol.lookup(d.object_id, f"f{i:03d}" + "x" * (i % 37))
+                await vol.setattr(st.object_id, SetAttrs(comment="c" * (i % 60)))
+        await vol.close()
+        images.append(bytes(dev.data))
+    assert images[0] == images[1]

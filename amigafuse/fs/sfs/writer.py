@@ -79,6 +79,10 @@ class SfsWriter(SfsReader):
         self.pending_data: dict[int, bytes] = {}
         self.fresh: set[int] = set()
         self.undo_data: dict[int, bytes | None] = {}
+        # Directory -> object size: every container but the first lacks room for
+        # objects this large (spares the handler's whole-chain scan; dropped whenever
+        # a container of the directory gains room).
+        self.full_for: dict[int, int] = {}
         self.max_extent = 0xFFFF
         self.tr_block = root.rootobjectcontainer + 2
         self.sequence = 1
@@ -108,6 +112,7 @@ class SfsWriter(SfsReader):
         self.parsed.clear()
         self.leaf_refs.clear()
         self.dir_index.clear()
+        self.full_for.clear()
 
     def end(self) -> None:
         self.undo = None
@@ -432,6 +437,8 @@ class SfsWriter(SfsReader):
         oc = await self.container(loc.container)
         objects = [new if o.objectnode == node else o for o in oc.objects]
         new_size = new.packed_size
+        if new_size < loc.obj.packed_size:
+            self.full_for.pop(oc.parent, None)
         used = oc.used - loc.obj.packed_size + new_size
         last = new_size if objects[-1] is new else objects[-1].packed_size
         if self._fits(loc.container, used - last, last):
@@ -451,6 +458,7 @@ class SfsWriter(SfsReader):
         d = dloc.obj
         block = d.firstdirblock
         size = obj.packed_size
+        hint = self.full_for.get(dir_node)
         seen: set[int] = set()
         while block:
             if block in seen:
@@ -461,6 +469,11 @@ class SfsWriter(SfsReader):
                 await self._write_container(block, oc, [*oc.objects, obj], oc.used + size)
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
+            if hint is not None and size >= hint:
+                block = 0  # every container after the first is known to be too full
+        # No room anywhere: the containers after the new one are all too full for
+        # objects of this size (the scan above, or the hint, says so).
+        self.full_for[dir_node] = max(size, hint) if hint is not None and size >= hint else size
         new = await self.alloc_admin()
         first = d.firstdirblock
         self.put(
@@ -477,6 +490,7 @@ class SfsWriter(SfsReader):
         index = self.dir_index.get(oc.parent)
         if index is not None and index.get(self.name_key(loc.obj.name)) == loc.obj.objectnode:
             del index[self.name_key(loc.obj.name)]
+        self.full_for.pop(oc.parent, None)
         objects = [o for o in oc.objects if o.objectnode != loc.obj.objectnode]
         if objects or loc.container == self.root.rootobjectcontainer:
             await self._write_container(loc.container, oc, objects, oc.used - loc.obj.packed_size)
@@ -545,6 +559,7 @@ class SfsWriter(SfsReader):
 
     async def remove_object(self, loc: Located) -> None:
         self.dir_index.pop(loc.obj.objectnode, None)  # its node number may be reused
+        self.full_for.pop(loc.obj.objectnode, None)
         oc = await self.container(loc.container)
         d = (await self.locate(oc.parent)).obj
         await self.hash_remove(d, loc.obj.objectnode, loc.obj.name)
