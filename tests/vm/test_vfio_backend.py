@@ -133,6 +133,7 @@ echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
 echo "== transitional"; {checker} 0000:00:05.0 auto
 echo "== legacy"; {checker} {BDF} legacy
 echo "== modern"; {checker} {BDF} auto
+echo "== iobar"; {PY} tests/vm/guest/io_bar_probe.py 0000:00:05.0
 chmod 666 /dev/vfio/vfio
 echo "== user"; {PY} -m amigafuse bind-vfio --user nobody {BDF}; stat -c %U /dev/vfio/$(basename $(readlink /sys/bus/pci/devices/{BDF}/iommu_group))
 echo "== memlock"; (ulimit -l 64; setpriv --reuid=65534 --regid=65534 --clear-groups {opener} {BDF})
@@ -165,6 +166,12 @@ echo "== nonroot"; (ulimit -l unlimited; setpriv --reuid=65534 --regid=65534 --c
     assert "iommu_platform=on" in steps["transitional"]
     assert steps["legacy"].startswith("NotAvailable | the legacy VirtIO transport cannot be used through VFIO")
     assert steps["modern"] == "ok"
+    # I/O-port BARs work through the region (pread/pwrite): the legacy register block.
+    iobar = json.loads(steps["iobar"])
+    assert iobar["kind"] == "io" and iobar["region"] == "_VfioBar" and iobar["size"] >= 0x14
+    assert iobar["queue_sizes"][:3] == [256, 256, 256] and iobar["queue_sizes"][3] == 0  # QEMU 7.2 virtqueue_size
+    assert iobar["status_ack"] == 1
+    assert iobar["features"] & (1 << 28)  # VIRTIO_RING_F_INDIRECT_DESC offered
     # --user hands the group to a user, who can then drive the device without root,
     # given a locked-memory limit that covers the DMA arena.
     assert steps["user"].splitlines()[-1] == "nobody"
