@@ -435,8 +435,17 @@ class SfsWriter(SfsReader):
         of its directory when it no longer fits."""
         loc = await self.locate(node)
         oc = await self.container(loc.container)
-        objects = [new if o.objectnode == node else o for o in oc.objects]
         new_size = new.packed_size
+        if new_size == loc.obj.packed_size:
+            # Same size: patch the object's bytes in place.
+            buf = await self.modify(loc.container, codec.OBJECTCONTAINER_ID)
+            buf[loc.offset : loc.offset + new_size] = new.pack()
+            self.parsed[loc.container] = ObjectContainer(
+                oc.id, 0, oc.ownblock, oc.parent, oc.next, oc.previous,
+                tuple(new if o.objectnode == node else o for o in oc.objects), oc.tail, oc.sfs2, oc.used,
+            )  # fmt: skip
+            return
+        objects = [new if o.objectnode == node else o for o in oc.objects]
         if new_size < loc.obj.packed_size:
             self.full_for.pop(oc.parent, None)
         used = oc.used - loc.obj.packed_size + new_size
