@@ -25,14 +25,18 @@ def test_list_and_unbind_while_in_use(guest) -> None:  # type: ignore[no-untyped
     script = guest_modprobe("vfio_pci", "vfio_iommu_type1") + f"""
 {PY} -m amigafuse bind-vfio {BDF} >/dev/null || exit 90
 echo "== list"; {PY} -m amigafuse list --json vfio:{BDF}; echo "rc=$?"
-{PY} tests/vm/guest/hold_and_read.py {BDF} /run/ready > /run/hold.json &
-for i in $(seq 300); do [ -e /run/ready ] && break; sleep 0.1; done
+{PY} tests/vm/guest/hold_and_read.py {BDF} /run/hold.ready > /run/hold.json &
+holder=$!
+for i in $(seq 300); do [ -e /run/hold.ready ] && break; sleep 0.1; done
 sleep 1
 echo "== unbind"
 timeout 60 sh -c 'echo {BDF} > /sys/bus/pci/drivers/vfio-pci/unbind'; echo "rc=$?"
+echo "driver=$(readlink /sys/bus/pci/devices/{BDF}/driver)"
+for i in $(seq 100); do [ -s /run/hold.json ] && break; sleep 0.1; done
+cat /run/hold.json; kill -0 $holder && echo "holder-alive=1"
+touch /run/hold.done
 wait
 cat /run/hold.json
-echo "driver=$(readlink /sys/bus/pci/devices/{BDF}/driver)"
 echo "== reopen"; {PY} tests/vm/guest/driver_roundtrip.py {BDF}; echo "rc=$?"
 """
     res = guest(
@@ -59,11 +63,14 @@ echo "== reopen"; {PY} tests/vm/guest/driver_roundtrip.py {BDF}; echo "rc=$?"
     # DeviceGone promptly, releases the device, and the unbind completes (no hang).
     lines = steps["unbind"].splitlines()
     assert lines[0] == "rc=0"
-    hold = json.loads(lines[1])
+    assert lines[1] == "driver="
+    hold = json.loads(lines[2])
     assert hold["error"] == "DeviceGone"
     assert "asked for the device back" in hold["message"]
-    assert hold["reads"] > 0
-    assert lines[2] == "driver="
+    # The unbind completed while the holder still had the controller open (idle).
+    assert lines[3] == "holder-alive=1"
+    final = json.loads(lines[-1])
+    assert final["reads"] > 0 and "close_error" not in final
     # Unbound now: opening says how to bind it again.
     reopen = steps["reopen"].splitlines()
     assert reopen[-1] == "rc=3"

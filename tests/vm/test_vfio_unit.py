@@ -277,3 +277,47 @@ async def test_req_eventfd_ends_waits_with_device_gone() -> None:
     assert backend._irq_fd == -1 and backend._req_fd == -1
     with pytest.raises(DeviceGone):
         await backend.wait_interrupt()
+
+
+async def test_closing_wakes_a_sleeping_wait_with_device_gone() -> None:
+    import trio
+
+    from amigafuse.errors import DeviceGone
+
+    backend = _backend_with_eventfds(req=False)
+    result: list[str] = []
+
+    async def waiter() -> None:
+        try:
+            await backend.wait_interrupt()
+        except DeviceGone as exc:
+            result.append(str(exc))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(0.05)
+            await backend.aclose()
+    assert result == ["VFIO device 0000:00:04.0 is closed"]
+
+
+async def test_req_releases_the_device_at_once() -> None:
+    import os
+
+    import trio
+
+    from amigafuse.errors import DeviceGone
+
+    backend = _backend_with_eventfds()
+    try:
+        os.eventfd_write(backend._req_fd, 1)
+        # Noticed by any check (here: another task asking whether the backend is dead),
+        # the REQ closes every fd at once, even though the owner has not closed it.
+        assert backend.dead
+        assert backend._irq_fd == -1 and backend._req_fd == -1 and backend._closed
+        with pytest.raises(DeviceGone, match="asked for the device back"):
+            await backend.wait_interrupt()
+        with trio.fail_after(1), pytest.raises(DeviceGone, match="asked for the device back"):
+            await backend.sync()
+    finally:
+        backend._release()

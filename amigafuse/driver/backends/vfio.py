@@ -628,6 +628,10 @@ class VfioBackend(Backend):
             self._gone = DeviceGone(
                 f"VFIO device {self.bdf}: the kernel asked for the device back (unbind or removal)"
             )
+            # Give it back at once (reset, unmap, close), even if our owner keeps the
+            # backend open (an idle mount): the kernel's unbind waits for that.  Every
+            # later operation raises the DeviceGone above; the arena memory stays valid.
+            self._release()
 
     def _check_devfn(self, devfn: int) -> bool:
         return devfn == self.devfn
@@ -783,18 +787,30 @@ class VfioBackend(Backend):
             return
 
     async def _wait_event(self) -> None:
-        """Sleep until the INTx or the REQ eventfd is readable (no polling)."""
-        if self._req_fd < 0:
-            await trio.lowlevel.wait_readable(self._irq_fd)
+        """Sleep until the INTx or the REQ eventfd is readable (no polling), or until the
+        backend closes them (then the caller sees ``dead``)."""
+        irq_fd, req_fd = self._irq_fd, self._req_fd
+        if irq_fd < 0:
+            await trio.lowlevel.checkpoint()
             return
-        async with trio.open_nursery() as nursery:
+        try:
+            if req_fd < 0:
+                await trio.lowlevel.wait_readable(irq_fd)
+                return
+            async with trio.open_nursery() as nursery:
 
-            async def watch(fd: int) -> None:
-                await trio.lowlevel.wait_readable(fd)
-                nursery.cancel_scope.cancel()
+                async def watch(fd: int) -> None:
+                    await trio.lowlevel.wait_readable(fd)
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch, self._irq_fd)
-            nursery.start_soon(watch, self._req_fd)
+                nursery.start_soon(watch, irq_fd)
+                nursery.start_soon(watch, req_fd)
+        except trio.ClosedResourceError:
+            return  # _release closed the fds under us: the loop reports DeviceGone
+        except BaseExceptionGroup as group:
+            _rest = group.split(trio.ClosedResourceError)[1]
+            if _rest is not None:
+                raise _rest from None
 
     def ack_interrupt(self) -> None:
         if self._gone is not None or self._device_fd < 0 or not self._intx_enabled:
@@ -855,6 +871,10 @@ class VfioBackend(Backend):
         for name in ("_irq_fd", "_req_fd", "_device_fd", "_group_fd", "_container_fd"):
             fd = getattr(self, name)
             if fd >= 0:
+                if name in ("_irq_fd", "_req_fd"):
+                    # A task may be sleeping on it in wait_interrupt: wake it first.
+                    with contextlib.suppress(RuntimeError):
+                        trio.lowlevel.notify_closing(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, name, -1)
