@@ -238,7 +238,38 @@ class AmitoolsBench(Bench):
         return int(self._run(work))
 
 
+class SfsBench(FfsBench):
+    """amigafuse's SFS engine, SFS\\0, 512-byte blocks: the same steps as FfsBench."""
+
+    name = "sfs"
+
+    def geometry(self) -> VolumeGeometry:
+        from amigafuse.amiga.dostype import SFS0
+
+        return VolumeGeometry(dostype=SFS0, fs_block_size=512, fs_block_count=IMAGE_BYTES // 512, reserved=0)
+
+    def prepare(self) -> None:
+        from amigafuse.fs.sfs import format_volume
+
+        with open(self.image, "wb") as f:
+            f.truncate(IMAGE_BYTES)
+
+        async def run() -> None:
+            dev = FileBlockDevice(str(self.image))
+            await format_volume(dev, self.geometry(), "Bench")
+            await dev.aclose()
+
+        trio.run(run)
+
+    async def _open(self, read_only: bool = False) -> tuple[Any, FileBlockDevice]:
+        from amigafuse.fs.sfs import open_volume
+
+        dev = FileBlockDevice(str(self.image), read_only=read_only)
+        return await open_volume(dev, self.geometry(), read_only), dev
+
+
 BENCHES: dict[str, type[Bench]] = {"ffs": FfsBench, "amitools": AmitoolsBench}
+BENCHES["sfs"] = SfsBench
 
 
 def drop_cache_of(path: Path) -> None:
@@ -271,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--engines", default=",".join(BENCHES), help="comma-separated: " + ",".join(BENCHES))
     ap.add_argument("--files", type=int, default=5000, help="small files to create and list")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    ap.add_argument("--dir", default=shm, help="work directory (default: /dev/shm, so fsync and the disk do not dominate)")
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="amigafuse-fsbench-", dir=args.dir))
     data = big_data()
@@ -313,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         for eng, secs in engines.items():
             if eng != "amitools" and ref:
                 compare.setdefault(eng, {})[op] = {"speedup_vs_amitools": round(ref / secs, 2), "faster": secs < ref}
+    # SFS rows against the FFS rows of the same run (target: within 1.5x on every row).
+    for op, engines in by_op.items():
+        if "sfs" in engines and engines.get("ffs"):
+            ratio = engines["sfs"] / engines["ffs"]
+            compare.setdefault("sfs", {}).setdefault(op, {}).update(
+                {"time_vs_ffs": round(ratio, 2), "within_1_5x_of_ffs": ratio <= 1.5}
+            )
     for r in rows:
         if r["op"] == "read 64 MiB file" and baseline:
             r["fraction_of_raw_read"] = round(r["MBps"] / baseline["MBps"], 3)

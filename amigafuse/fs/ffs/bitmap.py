@@ -161,5 +161,31 @@ class Bitmap:
                 break
         return out
 
+    def find_free_run_end(self, goal: int, count: int, exclude: set[int]) -> list[int]:
+        """Up to ``count`` free blocks taken from the *end* of the run of free blocks at
+        or after ``goal`` (highest first), not in ``exclude``; falls back to
+        :meth:`find_free` when there is no such run.  Does not mark them."""
+        if count <= 0:
+            return []
+        k0 = max(goal - self.reserved, 0)
+        if k0 >= self.count:
+            k0 = 0
+        out: list[int] = []
+        m = _NONZERO.search(self._bits, k0 >> 3)
+        if m is not None:
+            run = _FULL.match(self._bits, m.start())
+            if run is not None and run.end() - run.start() >= 2:
+                k = min(run.end() * 8, self.count) - 1
+                low = run.start() * 8
+                while k >= low and len(out) < count:
+                    b = k + self.reserved
+                    if b not in exclude and self.is_free(b):
+                        out.append(b)
+                    k -= 1
+        if len(out) < count:
+            more = [b for b in self.find_free(goal, count + len(exclude) + len(out)) if b not in exclude and b not in out]
+            out.extend(more[: count - len(out)])
+        return out
+
     def copy_bits(self) -> bytes:
         return bytes(self._bits)

@@ -18,8 +18,9 @@ Invariants
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import trio
@@ -182,13 +183,36 @@ class FfsVolumeBase:
         self._remember(block, e)
         return e
 
-    async def _ext(self, block: int, owner: int) -> FileExtBlock:
+    async def _ext(self, block: int, owner: int, prefetch: int = 0) -> FileExtBlock:
+        """Extension block ``block`` of file ``owner``.  ``prefetch`` > 0 (< 0) also reads
+        that many following (preceding) blocks in the same request and keeps those that
+        are extension blocks of the same file (our writer puts them side by side)."""
         obj = self._meta.get(block)
         if isinstance(obj, FileExtBlock):
             return obj
         if obj is not None:
             raise CorruptError("expected a file extension block", block=block, field="extension")
-        data = await self._read_checked(block, owner, "extension")
+        if prefetch:
+            lo = block if prefetch > 0 else max(self.reserved, block + prefetch)
+            hi = min(self.block_count, block + prefetch + 1) if prefetch > 0 else block + 1
+            self._check_ptr(block, owner, "extension")
+            raw = await self.io.read(lo, hi - lo)
+            bs = self.block_size
+            for i in range(hi - lo):
+                b = lo + i
+                if b == block or b in self._meta:
+                    continue
+                piece = raw[i * bs : (i + 1) * bs]
+                if piece[:4] != b"\0\0\0\x10" or not verify_checksum(piece):
+                    continue
+                x = FileExtBlock.unpack(piece)
+                if x.header_key == b and x.parent == owner and x.high_seq <= self.ht_size:
+                    self._remember(b, x)
+            data = raw[(block - lo) * bs : (block - lo + 1) * bs]
+            if not verify_checksum(data):
+                raise ChecksumError("block checksum does not verify", block=block, field="chksum")
+        else:
+            data = await self._read_checked(block, owner, "extension")
         x = FileExtBlock.unpack(data)
         if x.type != T_LIST or x.header_key != block or x.high_seq > self.ht_size:
             raise CorruptError("bad file extension block", block=block, field="type/header_key/high_seq")
@@ -220,6 +244,19 @@ class FfsVolumeBase:
             raise CorruptError("bad comment block", block=block, field="type/header_key")
         self._remember(block, c)
         return c
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The volume lock.  Taken without a trip through the scheduler when it is free
+        (reads from the page cache are shorter than a reschedule); waits otherwise."""
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # ================================================================== ids
     def _id_for(self, block: int) -> int:
@@ -460,11 +497,15 @@ class FfsVolumeBase:
         exts: list[int] = []
         ext = e.extension
         seen: set[int] = set()
+        prev = 0
         while ext:
             if ext in seen or len(seen) > self.block_count // n + 2:
                 raise ChainLoopError("extension chain loops", block=ext, field="extension")
             seen.add(ext)
-            x = await self._ext(ext, block)
+            left = -(-(e.byte_size - len(data) * self.payload) // (self.payload * n))
+            step = ext - prev if prev and abs(ext - prev) == 1 else 0
+            x = await self._ext(ext, block, step * min(max(left - 1, 0), 64))
+            prev = ext
             more = list(x.table[n - x.high_seq :])
             more.reverse()
             data.extend(more)
@@ -484,7 +525,7 @@ class FfsVolumeBase:
             data, _ = await self._block_lists(block, e)
             ext = []
             index = 0
-            for start, count in runs(data):
+            for start, count in runs(data, limit=1 << 30):
                 ext.append((index, start, count))
                 index += count
             self._extents[block] = ext
@@ -559,7 +600,7 @@ class FfsVolumeBase:
         return self.root_block
 
     async def getattr(self, object_id: int) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             block = self._block_for(object_id)
             if block == self.root_block:
@@ -571,7 +612,7 @@ class FfsVolumeBase:
             return await self._stat_real(block, e, e.name)
 
     async def lookup(self, dir_id: int, name: str) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             raw = self.encode_name(name)
             dir_block = await self._real_dir(dir_id)
@@ -581,7 +622,7 @@ class FfsVolumeBase:
             return await self._stat(*found)
 
     async def readdir(self, dir_id: int) -> list[Stat]:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             dir_block = await self._real_dir(dir_id)
             out = []
@@ -596,13 +637,13 @@ class FfsVolumeBase:
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             block, e = await self._file(object_id)
             return await self._read_file(block, e, offset, length)
 
     async def readlink(self, object_id: int) -> str:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             block = self._block_for(object_id)
             if block == self.root_block:
@@ -710,13 +751,14 @@ class FfsVolumeBase:
         return used
 
 
-def runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
-    """Coalesce block numbers into (start, count) runs of consecutive blocks."""
+def runs(blocks: Iterable[int], limit: int = MAX_RUN_BLOCKS) -> list[tuple[int, int]]:
+    """Coalesce block numbers into (start, count) runs of consecutive blocks, each at
+    most ``limit`` long."""
     out: list[tuple[int, int]] = []
     start = -2
     count = 0
     for b in blocks:
-        if b == start + count and count < MAX_RUN_BLOCKS:
+        if b == start + count and count < limit:
             count += 1
         else:
             if count:

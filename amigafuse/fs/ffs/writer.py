@@ -408,7 +408,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         return block
 
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             block = await self._new_entry(dir_id, name, ST_FILE, protection)
             result = await self._stat_real(block, self._ce(block), self._ce(block).name)
@@ -416,7 +416,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             return result
 
     async def mkdir(self, dir_id: int, name: str) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             block = await self._new_entry(dir_id, name, ST_USERDIR)
             result = await self._stat_real(block, self._ce(block), self._ce(block).name)
@@ -424,7 +424,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             return result
 
     async def symlink(self, dir_id: int, name: str, target: str) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             try:
                 raw = target.encode("latin-1")
@@ -436,7 +436,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             return await self._stat_real(block, self._ce(block), self._ce(block).name)
 
     async def link(self, object_id: int, dir_id: int, name: str) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             target = self._block_for(object_id)
             if target == self.root_block:
@@ -458,7 +458,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             raise InvalidArgument("negative offset")
         if offset + len(data) > MAX_FILE_SIZE:
             raise FileTooLarge("FFS files hold at most 4 GiB - 1 bytes")
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             block, e = await self._file(object_id)
@@ -494,11 +494,13 @@ class FfsVolume(FfsVolumeBase, Volume):
         ext_need = max(0, -(-(max(need, old_count) - n) // n))
         add_ext = max(0, ext_need - len(exts))
         goal = dlist[-1] + 1 if dlist else block
-        fresh = self.bitmap.find_free(goal, add + add_ext)
-        if len(fresh) < add + add_ext:
+        new_data = self.bitmap.find_free(goal, add)
+        # extension blocks go to the far end of the free run the data grows into, so a
+        # file written in pieces keeps its data contiguous (one request per read)
+        new_exts = self.bitmap.find_free_run_end(new_data[-1] + 1 if new_data else goal, add_ext, set(new_data))
+        fresh = new_data + new_exts
+        if len(new_data) < add or len(new_exts) < add_ext:
             raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free)")
-        new_data = fresh[:add]
-        new_exts = fresh[add:]
         full = dlist + new_data
         # old contents of partly overwritten blocks
         buf = bytearray((last - first + 1) * p)
@@ -570,7 +572,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             raise InvalidArgument("negative size")
         if size > MAX_FILE_SIZE:
             raise FileTooLarge("FFS files hold at most 4 GiB - 1 bytes")
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             block, e = await self._file(object_id)
@@ -755,7 +757,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         self._dc_refresh(new)
 
     async def unlink(self, dir_id: int, name: str) -> None:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             raw = self.encode_name(name)
@@ -780,7 +782,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             await self._autosync()
 
     async def rmdir(self, dir_id: int, name: str) -> None:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             raw = self.encode_name(name)
@@ -801,7 +803,7 @@ class FfsVolume(FfsVolumeBase, Volume):
 
     # ================================================================== rename
     async def rename(self, src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> None:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             sraw = self.encode_name(src_name)
@@ -872,7 +874,7 @@ class FfsVolume(FfsVolumeBase, Volume):
 
     # ================================================================== attributes
     async def setattr(self, object_id: int, attrs: SetAttrs) -> Stat:
-        async with self._lock:
+        async with self._locked():
             self._maybe_evict()
             self._writable()
             block = self._block_for(object_id)
@@ -912,7 +914,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             return await self._stat_real(block, self._ce(block), self._ce(block).name)
 
     async def set_label(self, label: str) -> None:
-        async with self._lock:
+        async with self._locked():
             self._writable()
             raw = encode_label(label)
             self._set(self.root_block, evolve(self.root, name_area=make_bcpl(raw, 32)))
@@ -948,7 +950,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         raise AssertionError(f"cannot pack {type(obj).__name__}")
 
     async def sync(self) -> None:
-        async with self._lock:
+        async with self._locked():
             if self.read_only or self._closed:
                 return
             await self._write_back()
@@ -958,7 +960,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         """Write everything, set the bitmap-valid flag, flush.  Shielded from
         cancellation: a close that started finishes (or fails with DeviceError)."""
         with trio.CancelScope(shield=True):
-            async with self._lock:
+            async with self._locked():
                 if self._closed:
                     return
                 if not self.read_only:
@@ -1018,7 +1020,7 @@ class FfsVolume(FfsVolumeBase, Volume):
 
     async def repair(self, used: set[int], bad_dircache: set[int]) -> list[str]:
         """Fix what ``check`` found and can fix safely; returns what was done."""
-        async with self._lock:
+        async with self._locked():
             self._writable()
             done = []
             for d in sorted(bad_dircache):
