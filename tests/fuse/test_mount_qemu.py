@@ -69,3 +69,14 @@ def test_qemu_dying_gives_eio_not_a_hang(cli_mount, tmp_path: Path) -> None:  # 
     assert time.monotonic() - t0 < 60
     assert amigafuse("umount", str(mnt)).returncode in (0, 1)
     assert not is_mounted(mnt)
+
+
+def test_qemu_mount_keeps_working_after_idle(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A mount is used for hours: the QEMU behind it must outlive idle moments.  (Fails while
+    the qtest backend sets PR_SET_PDEATHSIG in a QEMU spawned from a trio worker thread:
+    the signal fires when that thread exits, ~10 s after it goes idle.)"""
+    image = tmp_path / "disk.hdf"
+    shutil.copyfile(shared_image("handler/sfs0_v1277.hdf.gz"), image)
+    mnt = cli_mount(image, options="ro")
+    time.sleep(15)
+    assert len((mnt / "SDH0" / "sizes" / "size_3145745.bin").read_bytes()) == 3145745
