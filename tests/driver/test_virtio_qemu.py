@@ -407,3 +407,45 @@ async def test_attach_without_qemu_says_so(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="cannot open QEMU's RAM file"):
         async with attach_qtest(tmp_path / "no.sock", tmp_path / "missing"):
             pass
+
+
+@pytest.mark.parametrize("divisor", [1, 3])
+async def test_interrupt_coalescing_never_strands_a_request(
+    divisor: int, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, data = disk_image(4 * MIB)
+    async with scsi_controller([path], transport="modern") as (_, ctl):
+        await settle_unit_attention(ctl)
+        ctl.coalesce_divisor = divisor
+        wrong: list[int] = []
+
+        async def reader(k: int, blocks: int, count: int) -> None:
+            for step in range(count):
+                lba = (k * 101 + step * 13) % (4 * MIB // 512 - blocks)
+                got = await ctl.execute(0, 0, read10(lba, blocks), data_in_len=blocks * 512)
+                if got.data != data[lba * 512 : (lba + blocks) * 512]:
+                    wrong.append(lba)
+                if step % 7 == k % 7:
+                    await trio.sleep(0.001)  # stagger: completions arrive unevenly
+
+        with trio.fail_after(60):  # a stranded request would hang here
+            async with trio.open_nursery() as nursery:
+                for k in range(20):
+                    nursery.start_soon(reader, k, 8 if k % 2 else 256, 15)
+            await reader(99, 8, 5)  # and alone: queue depth 1
+        assert wrong == []
+        assert ctl.stats.interrupts < ctl.stats.completions
+
+
+@pytest.mark.slow
+async def test_qemu_outlives_idle_worker_threads(disk_image: Callable[..., Any]) -> None:
+    """QEMU's death signal is tied to our trio thread, not to a worker thread that
+    trio retires after ~10 s idle (which once killed QEMU under an idle mount)."""
+    path, data = disk_image(MIB)
+    async with launch_qemu([QemuDisk(path)]) as backend, open_virtio_scsi(backend) as ctl:
+        await settle_unit_attention(ctl)
+        await trio.to_thread.run_sync(lambda: None)  # a worker thread exists, then idles
+        await trio.sleep(13)
+        assert not backend.dead
+        result = await ctl.execute(0, 0, read10(0, 1), data_in_len=512)
+        assert result.data == data[:512]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno as _errno
 import mmap
 import os
@@ -282,7 +281,7 @@ class QtestBackend(Backend):
         *,
         arena_offset: int = ARENA_GUEST_OFFSET,
         gsi: int = VIRTIO_SCSI_GSI,
-        process: trio.Process | None = None,
+        process: QemuProcess | None = None,
         stderr_fd: int | None = None,
     ) -> None:
         if arena_offset >= len(ram):
@@ -580,13 +579,6 @@ class QtestBackend(Backend):
 # --------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """In the QEMU child before exec: SIGKILL it when we die (PR_SET_PDEATHSIG), so a
-    killed amigafuse leaves no QEMU behind."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def _find_qemu(binary: str) -> str:
     found = shutil.which(binary)
     if found is None:
@@ -641,7 +633,77 @@ async def io_uring_usable(qemu_binary: str) -> bool:
     return ok
 
 
-async def _stop_process(proc: trio.Process) -> None:
+class QemuProcess:
+    """A child process started from the calling (trio) thread, awaited through a pidfd.
+
+    QEMU gets ``PR_SET_PDEATHSIG = SIGKILL`` so that it dies with us.  Not
+    ``trio.lowlevel.open_process``: that forks from a worker thread, and the death
+    signal fires when the *thread* that forked exits, which trio's idle worker threads
+    do after a few seconds.  Forking here ties it to the thread running trio.
+    """
+
+    def __init__(self, args: Sequence[str], *, stderr: int) -> None:
+        # setpriv (util-linux) sets PR_SET_PDEATHSIG and execs QEMU in place: no
+        # Python code runs between fork and exec.
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+        self._popen = subprocess.Popen(
+            [*prefix, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # a Ctrl-C reaches us, and we stop QEMU in order
+        )
+        self.pid = self._popen.pid
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # kernels before 5.3: poll instead
+            self._pidfd = None
+        self._watching = False
+        self._exited = trio.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        """Wait for the exit (cancellable) and return the exit status.  Several tasks
+        may wait: one watches the pidfd, the others its event (polling as a fallback
+        in case that watcher is cancelled)."""
+        while True:
+            code = self._popen.poll()
+            if code is not None:
+                self._exited.set()
+                return code
+            if self._pidfd is not None and not self._watching:
+                self._watching = True
+                try:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                finally:
+                    self._watching = False
+            else:
+                with trio.move_on_after(0.05):
+                    await self._exited.wait()
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd (after the process was reaped)."""
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+async def _stop_process(proc: QemuProcess) -> None:
     """Terminate ``proc`` (SIGTERM, then SIGKILL after 3 s) and reap it.  Shielded."""
     with trio.CancelScope(shield=True):
         if proc.returncode is None:
@@ -689,7 +751,7 @@ async def launch_qemu(
     shm_path: Path | None = None
     ram: mmap.mmap | None = None
     listener: socket.socket | None = None
-    proc: trio.Process | None = None
+    proc: QemuProcess | None = None
     backend: QtestBackend | None = None
     stderr_fd: int | None = None
     try:
@@ -711,14 +773,7 @@ async def launch_qemu(
         )
         stderr_path = tmpdir / "stderr.txt"
         with open(stderr_path, "wb") as stderr_file:
-            proc = await trio.lowlevel.open_process(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr_file,
-                start_new_session=True,  # a Ctrl-C reaches us, and we stop QEMU in order
-                preexec_fn=_die_with_parent,
-            )
+            proc = QemuProcess(cmd, stderr=stderr_file.fileno())
         stderr_fd = os.open(stderr_path, os.O_RDONLY)
         conn = await _accept_or_fail(listener, proc, stderr_path, start_timeout)
         listener.close()
@@ -755,6 +810,7 @@ async def launch_qemu(
             listener.close()
         if proc is not None:
             await _stop_process(proc)
+            proc.close()
         if backend is not None:
             backend._release_memory()
         elif ram is not None:
@@ -767,13 +823,13 @@ async def launch_qemu(
             os.close(stderr_fd)
 
 
-async def _watch_process(backend: QtestBackend, proc: trio.Process) -> None:
+async def _watch_process(backend: QtestBackend, proc: QemuProcess) -> None:
     await proc.wait()
     backend._mark_dead("the QEMU process exited")
 
 
 async def _accept_or_fail(
-    listener: socket.socket, proc: trio.Process, stderr_path: Path, timeout: float
+    listener: socket.socket, proc: QemuProcess, stderr_path: Path, timeout: float
 ) -> socket.socket:
     """Accept QEMU's qtest connection; fail with its stderr if it exits or times out."""
 

@@ -31,6 +31,7 @@ Design (invariants in docs/driver.md):
 from __future__ import annotations
 
 import contextlib
+import copy
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -172,6 +173,15 @@ def _align(value: int, alignment: int) -> int:
 _FREE, _IN_FLIGHT, _COMPLETED, _ABANDONED = range(4)
 
 
+def _fresh(exc: BaseException) -> BaseException:
+    """A new exception like ``exc`` (chained to it) for one more waiter: raising one
+    shared instance in many tasks would pile all their tracebacks onto it."""
+    clone = copy.copy(exc)
+    clone.__traceback__ = None
+    clone.__cause__ = exc
+    return clone
+
+
 class _Slot:
     __slots__ = ("error", "index", "layout", "state", "task", "written")
 
@@ -238,6 +248,8 @@ class VirtioScsiController:
         self._luns: dict[tuple[int, int], bytes] = {}
         self._merge_kick_with_isr = True
         self._cycle_publish_pending = False
+        #: see _harvest; tunable for benchmarks
+        self.coalesce_divisor = 0
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -263,7 +275,7 @@ class VirtioScsiController:
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            raise self._failure
+            raise _fresh(self._failure)
         if self.backend.dead:
             raise self.backend.gone_error()
 
@@ -412,7 +424,7 @@ class VirtioScsiController:
         # here the slot is _COMPLETED and ours
         try:
             if slot.error is not None:
-                raise slot.error
+                raise _fresh(slot.error)
             lay = slot.layout
             response, status, sense, residual = unpack_cmd_resp(
                 self._mem[lay.response : lay.response + self._resp_len],
@@ -451,7 +463,13 @@ class VirtioScsiController:
         while True:
             for slot, written in ring.harvest():
                 self._complete(slot, written)
-            if not ring.enable_interrupts():
+            # Interrupt coalescing: with n > 0 requests in flight, ask for the interrupt
+            # after (n - 1) // coalesce_divisor + 1 more completions, never more than n
+            # (or it would never come); divisor 0 (the default): at the next completion.
+            in_flight = ring.in_flight
+            divisor = self.coalesce_divisor
+            after = (in_flight - 1) // divisor if divisor and in_flight else 0
+            if not ring.enable_interrupts(after):
                 return
 
     async def _completion_loop(self) -> None:
