@@ -17,7 +17,8 @@ Commit (``commit()``), crash-safe at every step:
     3. the journal record (AFJH, at root OC + 2 where the handler keeps TROK/TRFA,
        more records chained from it) listing (target, copy) pairs is written; flush;
     4. the pending blocks are written in place; flush;
-    5. TROK is written back at root OC + 2; flush.
+    5. TROK is written back at root OC + 2; flush (before the copy blocks, free
+       again, can be reused).
     A crash before 3 leaves the old state; after 3 ``replay()`` at the next open
     finishes the job.  The real handler ignores AFJH (it only replays its own TRFA), so
     a crash between 3 and 5 followed by mounting on AmigaOS *without* amigafuse first
@@ -47,7 +48,7 @@ from amigafuse.fs.sfs.codec import (
 from amigafuse.fs.sfs.reader import MAX_TREE_DEPTH, Located, NodeRef, SfsReader
 
 ADMIN_SPACE_BLOCKS = 32
-PENDING_LIMIT = 256  # commit when a transaction grows past this many blocks
+PENDING_LIMIT = 2048  # commit when a transaction grows past this many metadata blocks
 PENDING_DATA_BYTES = 4 << 20  # ... or holds this many bytes of overwritten file data
 
 
@@ -120,7 +121,9 @@ class SfsWriter(SfsReader):
         self.freemap.end()
 
     def needs_commit(self) -> bool:
-        return len(self.pending) > PENDING_LIMIT or len(self.pending_data) * self.block_size > PENDING_DATA_BYTES
+        # Small volumes commit sooner, so the journal copies always find room.
+        limit = max(64, min(PENDING_LIMIT, self.total_blocks // 16))
+        return len(self.pending) > limit or len(self.pending_data) * self.block_size > PENDING_DATA_BYTES
 
     async def write_data(self, disk: int, data: bytes | bytearray) -> None:
         """Write file data at ``disk``: blocks allocated by this transaction go to the
@@ -843,6 +846,8 @@ class SfsWriter(SfsReader):
         await self._write_runs(contents)
         await self.io.flush()
         if spare:
+            # TROK must be durable before anything reuses the (now free) copy blocks:
+            # a replay of this journal after that would copy their new contents.
             ok = self.finish(bytearray(self.block_size), codec.TRANSACTIONOK_ID, self.tr_block)
             await self.io.write(self.tr_block, bytes(ok))
             await self.io.flush()
