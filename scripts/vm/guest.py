@@ -30,6 +30,7 @@ pyfuse3 and amigafuse import exactly as on the host.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import lzma
 import os
 import shlex
@@ -250,6 +251,7 @@ def modules_dir() -> Path:
 def guest_modprobe(*names: str) -> str:
     """A shell snippet that loads ``names`` (and dependencies) in the guest, skipping
     modules already loaded.  Exits the guest script with status 97 if one fails."""
+    prepare()  # builds modules_dir() under the lock
     mdir = modules_dir()
     lines = []
     for name in resolve_modules(names):
@@ -317,9 +319,16 @@ def initramfs_path() -> Path:
 
 
 def prepare() -> tuple[Path, Path]:
-    """Build (once) and return ``(vmlinux, initramfs)``."""
+    """Build (once) and return ``(vmlinux, initramfs)``.  Serialised across processes
+    (an flock on ``cache/vm/.lock``): parallel test runs build once and never see a
+    half-built artifact."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    return vmlinux_path(), initramfs_path()
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return vmlinux_path(), initramfs_path()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- guest run
