@@ -68,3 +68,40 @@ true
     ours, linux = (json.loads(line) for line in lines if line.startswith("{"))
     assert len(ours) > 300  # the handler images hold ~390 objects
     assert _resolved(ours) == _resolved(linux)
+
+
+def test_vfio_fuse_writes_are_read_back_by_linux_affs(guest, image_copy) -> None:  # type: ignore[no-untyped-def]
+    image = image_copy("handler/ffs_dos3_v40.hdf.gz")
+    script = guest_modprobe("vfio_pci", "vfio_iommu_type1") + f"""
+{PY} -m amigafuse bind-vfio {BDF} >/dev/null || exit 90
+""" + guest_modprobe("fuse", "virtio_scsi", "sd_mod", "affs") + f"""
+mkdir -p /mnt/af /mnt/li
+{PY} -m amigafuse mount -o rw,partition=DH0 vfio:{BDF} /mnt/af || exit 91
+head -c 1000003 /dev/urandom > /run/big.bin
+mkdir /mnt/af/written && cp /run/big.bin /mnt/af/written/big.bin || exit 92
+echo "hello through VFIO" > /mnt/af/written/note.txt
+rm /mnt/af/README.txt || exit 93
+{PY} -m amigafuse umount /mnt/af || exit 94
+for i in $(seq 150); do
+  part=$(ls -d /sys/bus/pci/devices/0000:00:05.0/virtio*/host*/target*/*/block/*/*1 2>/dev/null)
+  [ -n "$part" ] && break; sleep 0.2
+done
+mount -t affs -o ro /dev/${{part##*/}} /mnt/li || exit 95
+md5sum /run/big.bin /mnt/li/written/big.bin | cut -d' ' -f1
+cat /mnt/li/written/note.txt
+ls /mnt/li/README.txt 2>&1 | grep -c 'No such file'
+umount /mnt/li
+"""
+    res = guest(
+        script,
+        controllers=[
+            Controller(disks=(Disk(image),)),
+            Controller(disks=(Disk(image, readonly=True),), addr="05.0", modern=False),
+        ],
+        timeout=600,
+    )
+    assert res.rc == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == lines[1]  # the 1,000,003-byte file reads back identically via affs
+    assert lines[2] == "hello through VFIO"
+    assert lines[3] == "1"  # the deleted file is gone for affs too
