@@ -32,11 +32,12 @@ def test_driver_round_trips_and_errors_through_vfio(guest, tmp_path: Path) -> No
         images[target] = path
     blkdebug = tmp_path / "blkdebug.cfg"
     blkdebug.write_text(
-        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "100"\nonce = "off"\n'
+        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "100"\nonce = "off"\n\n'
+        '[inject-error]\nevent = "write_aio"\nerrno = "5"\nsector = "200"\nonce = "off"\n'
     )
     script = guest_modprobe("vfio_pci", "vfio_iommu_type1") + f"""
 $AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {BDF} >/dev/null || exit 90
-$AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {BDF} --bad-lba 100
+$AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {BDF} --bad-lba 100 --bad-write-lba 200
 """
     res = guest(
         script,
@@ -65,6 +66,9 @@ $AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {BDF} --bad-lba 100
     # and the disk keeps working after it.
     assert disks[0]["bad_read"] == "MediumError: 5"
     assert disks[2]["bad_read"] == "ok" and disks[3]["bad_read"] == "ok"
+    # An injected write error too (werror=report): EIO for that write only.
+    assert disks[0]["bad_write"] == "MediumError: 5"
+    assert disks[2]["bad_write"] == "ok" and disks[3]["bad_write"] == "ok"
     assert all(d["after_bad"] == d["block_size"] for d in disks.values())
     assert disks[5]["read_only"] is True and disks[5]["write"] == "WriteProtected"
     # Interrupt-driven: completions were harvested, and there was at most one interrupt

@@ -22,7 +22,7 @@ async def _check(disk: Any, lba: int, expected: bytes, got: dict[int, bool]) -> 
     got[lba] = await disk.read(lba, len(expected) // disk.block_size) == expected
 
 
-async def run(bdf: str, bad_lba: int | None) -> dict[str, object]:
+async def run(bdf: str, bad_lba: int | None, bad_write_lba: int | None) -> dict[str, object]:
     out: dict[str, object] = {}
     async with open_vfio(bdf, transport="auto") as controller:
         out["transport"] = controller.transport_name
@@ -66,6 +66,12 @@ async def run(bdf: str, bad_lba: int | None) -> dict[str, object]:
                 except AmigaFuseError as exc:
                     entry["bad_read"] = f"{type(exc).__name__}: {exc.errno}"
                 entry["after_bad"] = len(await disk.read(0, 1))
+            if bad_write_lba is not None and not disk.read_only:
+                try:
+                    await disk.write(bad_write_lba, bytes(disk.block_size))
+                    entry["bad_write"] = "ok"
+                except AmigaFuseError as exc:
+                    entry["bad_write"] = f"{type(exc).__name__}: {exc.errno}"
             disks.append(entry)
         out["disks"] = disks
         out["stats"] = {k: v for k, v in controller.stats.items() if isinstance(v, int)}
@@ -75,8 +81,11 @@ async def run(bdf: str, bad_lba: int | None) -> dict[str, object]:
 def main() -> int:
     bdf = sys.argv[1]
     bad = int(sys.argv[sys.argv.index("--bad-lba") + 1]) if "--bad-lba" in sys.argv else None
+    bad_write = (
+        int(sys.argv[sys.argv.index("--bad-write-lba") + 1]) if "--bad-write-lba" in sys.argv else None
+    )
     try:
-        result = trio.run(run, bdf, bad)
+        result = trio.run(run, bdf, bad, bad_write)
     except AmigaFuseError as exc:
         print(json.dumps({"error": type(exc).__name__, "message": exc.message}))
         return 3
