@@ -277,6 +277,11 @@ class SfsObject:
     comment: bytes
     sfs2: bool = False
     pad: bytes = field(default=b"", compare=False)  # the odd-length filler byte
+    packed_size: int = field(init=False, compare=False, repr=False)  # bytes it takes, padded
+
+    def __post_init__(self) -> None:
+        n = (25 if not self.sfs2 else 27) + len(self.name) + len(self.comment) + 2
+        object.__setattr__(self, "packed_size", n + (n & 1))
 
     @classmethod
     def unpack_from(cls, block: bytes, offset: int, sfs2: bool, block_no: int = 0) -> SfsObject:
@@ -315,11 +320,6 @@ class SfsObject:
         if len(body) & 1:
             body += self.pad or b"\0"
         return body
-
-    @property
-    def packed_size(self) -> int:
-        n = object_fixed_size(self.sfs2) + len(self.name) + len(self.comment) + 2
-        return n + (n & 1)
 
     @property
     def is_dir(self) -> bool:

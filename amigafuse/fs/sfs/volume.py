@@ -348,8 +348,8 @@ class SfsVolume(Volume):
 
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
         async def op() -> Stat:
-            node, _ = await self._new_entry(dir_id, name, 0, protection)
-            return await self._stat_of((await self.r.locate(node)).obj)
+            _, obj = await self._new_entry(dir_id, name, 0, protection)
+            return await self._stat_of(obj)
 
         return await self._mutate(op)
 
@@ -401,7 +401,8 @@ class SfsVolume(Volume):
 
     async def _write(self, object_id: int, offset: int, data: bytes) -> None:
         w = self._writer()
-        obj = (await self._file(object_id)).obj
+        loc = await self._file(object_id)
+        obj = loc.obj
         bs = w.block_size
         size = obj.size
         end = offset + len(data)
@@ -432,10 +433,12 @@ class SfsVolume(Volume):
         if extents != old:
             await w.sync_extents(object_id, old, extents)
         new_first = extents[0][0] if extents else 0
+        # Extent and bitmap changes above touch no object container: ``loc`` holds.
         await w.update_object(
             object_id,
             replace(obj, size=max(size, end), data=new_first, datemodified=now_seconds(),
                     protection=obj.protection & ~FIBF_ARCHIVE),
+            loc,
         )  # fmt: skip
 
     async def write(self, object_id: int, offset: int, data: bytes) -> int:

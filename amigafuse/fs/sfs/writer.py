@@ -433,10 +433,12 @@ class SfsWriter(SfsReader):
         if previous is not None:
             struct.pack_into(">I", buf, 20, previous)
 
-    async def update_object(self, node: int, new: SfsObject) -> None:
+    async def update_object(self, node: int, new: SfsObject, loc: Located | None = None) -> None:
         """Replace object ``node`` (same node number), moving it to another container
-        of its directory when it no longer fits."""
-        loc = await self.locate(node)
+        of its directory when it no longer fits.  ``loc``: where the object is, when the
+        caller located it and changed no object container since."""
+        if loc is None:
+            loc = await self.locate(node)
         oc = await self.container(loc.container)
         new_size = new.packed_size
         if new_size == loc.obj.packed_size:
@@ -644,6 +646,23 @@ class SfsWriter(SfsReader):
                 ientries[i] = BNode(ext.key, ientries[i].data)
                 self._write_bnode(int(node[0]), False, list(ientries))  # type: ignore[call-overload]
         entries.insert(idx, ext)
+        block = int(leaf[0])  # type: ignore[call-overload]
+        nodesize = codec.extent_node_size(self.sfs2)
+        if len(entries) <= codec.bnode_capacity(self.block_size, nodesize):
+            # No split: shift the later entries in place and write the new one.
+            old = await self.bcontainer(block)
+            buf = await self.modify(block, codec.BNODECONTAINER_ID)
+            pos = codec.BNODECONTAINER_HEADER + idx * nodesize
+            end = codec.BNODECONTAINER_HEADER + (len(entries) - 1) * nodesize
+            buf[pos + nodesize : end + nodesize] = buf[pos:end]
+            fmt = ">IIII" if self.sfs2 else ">IIIH"
+            struct.pack_into(fmt, buf, pos, ext.key, ext.next, ext.prev, ext.blocks)
+            struct.pack_into(">H", buf, 12, len(entries))
+            self.parsed[block] = BNodeContainer(
+                old.id, 0, block, len(entries), 1, nodesize, (), tuple(entries),  # type: ignore[arg-type]
+                bytes(buf[end + nodesize :]),
+            )  # fmt: skip
+            return
         await self._put_bnode(path, len(path) - 1, entries)
 
     async def btree_update(self, ext: ExtentBNode) -> None:
