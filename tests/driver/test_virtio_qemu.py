@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -449,3 +450,32 @@ async def test_qemu_outlives_idle_worker_threads(disk_image: Callable[..., Any])
         assert not backend.dead
         result = await ctl.execute(0, 0, read10(0, 1), data_in_len=512)
         assert result.data == data[:512]
+
+
+async def test_a_stopped_qemu_gives_device_gone_not_a_hang(
+    scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
+) -> None:
+    path, _ = disk_image(MIB)
+    gone: list[DeviceGone] = []
+    async with scsi_controller([path], request_timeout=1.5) as (backend, ctl):
+        await settle_unit_attention(ctl)
+        await trio.sleep(2)  # idle time does not count against requests
+        assert (await ctl.execute(0, 0, read10(0, 1), data_in_len=512)).status == 0
+        backend.process.send_signal(signal.SIGSTOP)
+        try:
+
+            async def reader(k: int) -> None:
+                try:
+                    await ctl.execute(0, 0, read10(k, 1), data_in_len=512)
+                except DeviceGone as exc:
+                    gone.append(exc)
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for k in range(4):
+                        nursery.start_soon(reader, k)
+            assert len(gone) == 4 and "completed none of" in str(gone[0])
+            with pytest.raises(DeviceGone):
+                await ctl.execute(0, 0, read10(0, 1), data_in_len=512)
+        finally:
+            backend.process.send_signal(signal.SIGCONT)

@@ -793,7 +793,13 @@ async def launch_qemu(
                 # The first reply also means QEMU has created the machine: it has the RAM
                 # file mapped and the blkdebug configs read.  Remove every file now, so
                 # that nothing is left behind even if we are killed.
-                await backend.sync()
+                try:
+                    with trio.fail_after(start_timeout):
+                        await backend.sync()
+                except trio.TooSlowError:
+                    raise DeviceGone(
+                        f"QEMU connected but did not answer within {start_timeout:g} s"
+                    ) from None
                 shm_path.unlink(missing_ok=True)
                 shutil.rmtree(tmpdir, ignore_errors=True)
                 yield backend

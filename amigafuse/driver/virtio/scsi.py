@@ -248,6 +248,7 @@ class VirtioScsiController:
         self._luns: dict[tuple[int, int], bytes] = {}
         self._merge_kick_with_isr = True
         self._cycle_publish_pending = False
+        self._busy = trio.Event()  # set while requests may be in flight (watchdog)
         #: see _harvest; tunable for benchmarks
         self.coalesce_divisor = 0
 
@@ -392,6 +393,8 @@ class VirtioScsiController:
         slot.task = None
         slot.error = None
         self.stats.requests += 1
+        if not self._busy.is_set():
+            self._busy.set()
 
     def _publish(self) -> None:
         if self._failure is not None or self.backend.dead:
@@ -460,7 +463,7 @@ class VirtioScsiController:
 
     def _harvest(self) -> None:
         ring = self._ring
-        while True:
+        while self._failure is None:
             for slot, written in ring.harvest():
                 self._complete(slot, written)
             # Interrupt coalescing: with n > 0 requests in flight, ask for the interrupt
@@ -496,6 +499,31 @@ class VirtioScsiController:
                 self._harvest()
         except (DeviceGone, HardwareError) as exc:
             self._fail_all(exc)
+
+    async def _watchdog(self, timeout: float) -> None:
+        """Fail everything when requests are in flight and none completes for
+        ``timeout`` seconds (a hung QEMU or image): better EIO than a hang.  Sleeps on
+        an event while nothing is in flight."""
+        last = self.stats.completions
+        since = trio.current_time()
+        while self._failure is None:
+            if self._ring.in_flight == 0:
+                self._busy = trio.Event()
+                await self._busy.wait()
+                last, since = self.stats.completions, trio.current_time()
+                continue
+            await trio.sleep(min(1.0, timeout / 4))
+            now = trio.current_time()
+            if self.stats.completions != last or self._ring.in_flight == 0:
+                last, since = self.stats.completions, now
+            elif now - since >= timeout:
+                self._fail_all(
+                    DeviceGone(
+                        f"the virtio-scsi device completed none of {self._ring.in_flight} "
+                        f"requests in {timeout:g} s; giving up on it (is QEMU stopped, or "
+                        "its disk image on a hung filesystem?)"
+                    )
+                )
 
     def _fail_all(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -538,6 +566,7 @@ async def open_virtio_scsi(
     queue_depth: int = 16,
     max_transfer_bytes: int = DEFAULT_MAX_TRANSFER,
     features: int | None = None,
+    request_timeout: float | None = 120.0,
 ) -> AsyncIterator[VirtioScsiController]:
     """Bring up the virtio-scsi controller on ``backend`` and yield it.
 
@@ -545,12 +574,17 @@ async def open_virtio_scsi(
     transitional 0x1004, modern for 0x1048), negotiates INDIRECT_DESC and EVENT_IDX
     (``features`` overrides the wanted set, for tests), sets up request queue 2 with
     ``queue_depth`` slots of ``max_transfer_bytes`` (capped by the device's
-    max_sectors), and starts the completion task.  On exit the device is reset (so it
-    no longer touches the arena) and every request still waiting fails with DeviceGone.
+    max_sectors), and starts the completion task.  If requests are in flight and none
+    completes for ``request_timeout`` seconds (None: wait forever), the controller gives
+    up: every request fails with DeviceGone, and so does every later one.  On exit the
+    device is reset (so it no longer touches the arena) and every request still waiting
+    fails with DeviceGone.
     Raises HardwareError/DeviceGone when the device misbehaves or the backend dies.
     """
     if not 1 <= queue_depth <= 256:
         raise UsageError(f"queue_depth must be in 1..256, got {queue_depth}")
+    if request_timeout is not None and request_timeout <= 0:
+        raise UsageError(f"request_timeout must be positive, got {request_timeout}")
     if max_transfer_bytes < 4096 or max_transfer_bytes % 4096:
         raise UsageError(f"max_transfer_bytes must be a multiple of 4096, got {max_transfer_bytes}")
     function = await find_virtio_scsi(backend)
@@ -601,6 +635,8 @@ async def open_virtio_scsi(
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(controller._completion_loop)
+        if request_timeout is not None:
+            nursery.start_soon(controller._watchdog, request_timeout)
         try:
             yield controller
         except BaseException as exc:
