@@ -498,46 +498,60 @@ class FfsVolume(FfsVolumeBase, Volume):
         # extension blocks go to the far end of the free run the data grows into, so a
         # file written in pieces keeps its data contiguous (one request per read)
         new_exts = self.bitmap.find_free_run_end(new_data[-1] + 1 if new_data else goal, add_ext, set(new_data))
-        fresh = new_data + new_exts
         if len(new_data) < add or len(new_exts) < add_ext:
             raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free)")
-        full = dlist + new_data
-        # old contents of partly overwritten blocks
-        buf = bytearray((last - first + 1) * p)
+
+        def at(i: int) -> int:  # data block i of the grown file (no list copy)
+            return dlist[i] if i < old_count else new_data[i - old_count]
+
+        targets = [at(i) for i in range(first, last + 1)]
         lo = first * p
-        old_lo, old_hi = first, min(last, old_count - 1)
-        if old_hi >= old_lo and (offset > lo or end < min(size, (last + 1) * p) or not self.ffs):
-            keep_end = min(size, (old_hi + 1) * p)
-            if keep_end > lo:
-                old = await self._read_file(block, e, lo, keep_end - lo)
-                buf[: len(old)] = old
-        buf[offset - lo : end - lo] = data
-        # the device writes
-        if self.ffs:
-            pos = 0
-            for start, count in runs(full[first : last + 1]):
-                await self.io.write(start, bytes(buf[pos * p : (pos + count) * p]))
-                pos += count
-        else:
-            out = bytearray()
-            targets = full[first : last + 1]
-            for k in range(len(targets)):
-                idx = first + k
-                valid = min(p, new_size - idx * p)
-                nxt = full[idx + 1] if idx + 1 < len(full) else 0
-                piece = bytes(buf[k * p : k * p + valid]).ljust(p, b"\0")
-                d = OfsDataBlock(T_DATA, block, idx + 1, valid, nxt, 0, piece)
-                out += d.packed_with_checksum()
-            bs = self.block_size
+        aligned = offset == lo and (end % p == 0 or end >= size)
+        if self.ffs and aligned:
+            # whole blocks (or the tail of the file): the data goes out as it is
+            pad = (-len(data)) % p
+            payload = data if not pad else data + bytes(pad)
+            view = memoryview(payload)
             pos = 0
             for start, count in runs(targets):
-                await self.io.write(start, bytes(out[pos * bs : (pos + count) * bs]))
+                await self.io.write(start, view[pos * p : (pos + count) * p])
+                pos += count
+        else:
+            # old contents of partly overwritten blocks
+            buf = bytearray((last - first + 1) * p)
+            old_hi = min(last, old_count - 1)
+            if old_hi >= first:
+                keep_end = min(size, (old_hi + 1) * p)
+                if keep_end > lo:
+                    old = await self._read_file(block, e, lo, keep_end - lo)
+                    buf[: len(old)] = old
+            buf[offset - lo : end - lo] = data
+            if self.ffs:
+                out = buf
+            else:
+                out = bytearray()
+                total = old_count + add
+                for k in range(len(targets)):
+                    idx = first + k
+                    valid = min(p, new_size - idx * p)
+                    nxt = at(idx + 1) if idx + 1 < total else 0
+                    piece = bytes(buf[k * p : k * p + valid]).ljust(p, b"\0")
+                    d = OfsDataBlock(T_DATA, block, idx + 1, valid, nxt, 0, piece)
+                    out += d.packed_with_checksum()
+            bs = self.block_size
+            view = memoryview(out)
+            pos = 0
+            for start, count in runs(targets):
+                await self.io.write(start, view[pos * bs : (pos + count) * bs])
                 pos += count
         # ---- metadata, no awaits below
-        self.bitmap.mark_blocks(fresh, False)
+        self.bitmap.mark_blocks(new_data, False)
+        self.bitmap.mark_blocks(new_exts, False)
         t = now()
         if add or add_ext:
-            self._set_tables(block, full, exts + new_exts, changed_from=old_count)
+            grown = dlist if len(self._blists.get(block, ((), ()))[0]) == old_count else list(dlist)
+            grown.extend(new_data)
+            self._set_tables(block, grown, [*exts, *new_exts], changed_from=old_count)
         e = self._ce(block)
         self._set(block, evolve(e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE).with_date(t))
         self._dc_refresh(block)
@@ -564,7 +578,7 @@ class FfsVolume(FfsVolumeBase, Volume):
                 old = self._meta.get(xb)
                 base = old if isinstance(old, FileExtBlock) else FileExtBlock.new(self.block_size, xb, block)
                 self._set(xb, evolve(base, table=table, high_seq=len(chunk), parent=block, extension=nxt, header_key=xb))
-        self._blists[block] = (list(data), list(exts))
+        self._blists[block] = (data, exts)
         self._extents.pop(block, None)
 
     async def truncate(self, object_id: int, size: int) -> None:
