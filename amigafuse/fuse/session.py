@@ -337,6 +337,7 @@ def daemonize(child: Callable[[Callable[[], None], Callable[[str], None]], int])
             os.write(w, b"OK\n")
             os.close(w)
         _detach_stdio()
+        os.chdir("/")  # hold no directory busy (everything was opened by absolute path)
 
     def fail(message: str) -> None:
         nonlocal reported
