@@ -683,12 +683,18 @@ class FfsVolumeBase:
             if len(pages) < need:
                 raise CorruptError(f"the root names {len(pages)} bitmap blocks, the volume needs {need}", block=self.root_block, field="bm_pages")
             pages = pages[:need]
-            for i, p in enumerate(pages):
+            for p in pages:
                 self._check_ptr(p, self.root_block, "bm_pages")
-                raw = await self.io.read(p)
-                if not verify_checksum(raw, 0):
-                    raise ChecksumError("bitmap block checksum does not verify", block=p, field="chksum")
-                self.bitmap.load_page(i, BitmapBlock.unpack(raw).map)
+            i = 0
+            bs = self.block_size
+            for start, count in runs(pages):  # usually one request for all of them
+                raws = await self.io.read(start, count)
+                for j in range(count):
+                    raw = raws[j * bs : (j + 1) * bs]
+                    if not verify_checksum(raw, 0):
+                        raise ChecksumError("bitmap block checksum does not verify", block=start + j, field="chksum")
+                    self.bitmap.load_page(i, BitmapBlock.unpack(raw).map)
+                    i += 1
         except CorruptError as exc:
             self.bitmap_ok = False
             self._note(f"bitmap unreadable ({exc})")
