@@ -17,6 +17,7 @@ from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import ChainLoopError, CorruptError, NotFound
 from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.codec import (
+    AdminSpaceContainer,
     BNodeContainer,
     ExtentBNode,
     NodeContainer,
@@ -65,7 +66,7 @@ class SfsReader:
         self.extent_cache: dict[int, list[tuple[int, int]]] = {}
         self.overlay_data: dict[int, bytes] = {}
         # Parsed containers; every change of a block's bytes drops its entry.
-        self.parsed: dict[int, ObjectContainer | BNodeContainer | NodeContainer] = {}
+        self.parsed: dict[int, ObjectContainer | BNodeContainer | NodeContainer | AdminSpaceContainer] = {}
         # Path to the leaf container of each range of object nodes; the writer drops
         # the memo whenever it changes the tree's shape (new level, new container).
         self.leaf_refs: dict[int, list[NodeRef]] = {}

@@ -198,7 +198,12 @@ class SfsWriter(SfsReader):
                 raise ChainLoopError("admin space container chain loops", block=block, field="next")
             seen.add(block)
             self.check_pointer(block, self.root.adminspacecontainer, "adminspacecontainer.next")
-            asc = AdminSpaceContainer.unpack(await self.block(block, codec.ADMINSPACECONTAINER_ID))
+            hit = self.parsed.get(block)
+            if isinstance(hit, AdminSpaceContainer):
+                asc = hit
+            else:
+                asc = AdminSpaceContainer.unpack(await self.block(block, codec.ADMINSPACECONTAINER_ID))
+                self.parsed[block] = asc
             out.append((block, asc))
             block = asc.next
         return out
@@ -480,7 +485,14 @@ class SfsWriter(SfsReader):
             seen.add(block)
             oc = await self.container(block)
             if self._fits(block, oc.used, size):
-                await self._write_container(block, oc, [*oc.objects, obj], oc.used + size)
+                # Append in place: the bytes after the last object are free.
+                buf = await self.modify(block, codec.OBJECTCONTAINER_ID)
+                cap = self._capacity(block)
+                buf[oc.used : cap] = obj.pack() + bytes(cap - oc.used - size)  # zeros end the list
+                self.parsed[block] = ObjectContainer(
+                    oc.id, 0, block, oc.parent, oc.next, oc.previous, (*oc.objects, obj),
+                    bytes(buf[oc.used + size :]), oc.sfs2, oc.used + size,
+                )  # fmt: skip
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
             if hint is not None and size >= hint:
