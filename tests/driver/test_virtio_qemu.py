@@ -479,3 +479,26 @@ async def test_a_stopped_qemu_gives_device_gone_not_a_hang(
                 await ctl.execute(0, 0, read10(0, 1), data_in_len=512)
         finally:
             backend.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize(
+    "device,asked,expected",
+    [
+        ("transitional", "auto", "legacy"),
+        ("modern", "auto", "modern"),
+        ("transitional", "modern", "modern"),
+    ],
+)
+async def test_transport_choice(
+    device: str,
+    asked: str,
+    expected: str,
+    scsi_controller: Callable[..., Any],
+    disk_image: Callable[..., Any],
+) -> None:
+    path, data = disk_image(MIB)
+    async with scsi_controller([path], transport=asked, device=device) as (_, ctl):
+        assert ctl.transport_kind == expected
+        await settle_unit_attention(ctl)
+        result = await ctl.execute(0, 0, read10(3, 2), data_in_len=1024)
+        assert result.data == data[1536:2560]
