@@ -198,3 +198,33 @@ async def test_amitools_reads_what_we_write(tmp_path: Path, dostype: int) -> Non
         assert ami.read_file(FSString(p)) == data
     names = sorted(n.name.get_name().get_unicode() for n in ami.get_root_dir().get_entries())
     assert names == ["Mixed Case.dat", "a.txt", "dir", "empty"]
+
+
+@pytest.mark.parametrize("dostype", [0x444F5306, 0x444F5307])
+async def test_lnfs_with_amitools_both_ways(tmp_path: Path, dostype: int) -> None:
+    long_name = "l" * 60 + ".txt"
+    # ours -> amitools
+    path = tmp_path / "ours.adf"
+    path.write_bytes(bytes(901120))
+    dev = FileBlockDevice(str(path))
+    geo = floppy_geometry(path, dostype)
+    await ENGINE.format_volume(dev, geo, "Long")
+    vol = await open_volume(dev, geo, False)
+    for name, data in (("short.txt", b"hello"), (long_name, content("long", 3000))):
+        f = await vol.create(vol.root_id, name)
+        await vol.write(f.object_id, 0, data)
+    await vol.close()
+    await dev.aclose()
+    ami = amitools_volume(path)
+    assert ami.read_file(FSString(long_name)) == content("long", 3000)
+    names = sorted(n.name.get_name().get_unicode() for n in ami.get_root_dir().get_entries())
+    assert names == sorted([long_name, "short.txt"])
+    # amitools -> ours: names read right; amitools 0.8.1 also stores each name as the
+    # comment (BRIEF §7), which we report as the comment it is on the disk
+    path2 = tmp_path / "ami.adf"
+    _amitools_make(path2, dostype, {"short.txt": b"hi", long_name: b"long"}, [])
+    vol = await open_volume(FileBlockDevice(str(path2), read_only=True), floppy_geometry(path2), True)
+    found = await walk(vol)
+    st = found["/" + long_name]
+    assert st.size == 4 and st.comment and long_name.startswith(st.comment)  # cut to fit
+    assert (await ENGINE.check_volume(FileBlockDevice(str(path2), read_only=True), floppy_geometry(path2), False)).clean

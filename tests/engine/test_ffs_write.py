@@ -163,3 +163,27 @@ async def test_deleted_ids_are_notfound_and_repair_on_read_only_device_says_so()
     assert report.errors and any("read-only" in w for w in report.warnings)
     fixed = await ENGINE.check_volume(dev, geo, True)
     assert fixed.clean and fixed.repaired
+
+
+@pytest.mark.parametrize("dostype", [0x444F5301, 0x444F5305, 0x444F5307])
+async def test_directory_hard_links(dostype: int) -> None:
+    dev, geo = await fresh(dostype)
+    vol = await open_volume(dev, geo, False)
+    r = vol.root_id
+    d = await vol.mkdir(r, "real")
+    sub = await vol.mkdir(r, "sub")
+    link = await vol.link(d.object_id, sub.object_id, "dirlink")
+    assert link.object_id == d.object_id and link.kind == Kind.DIR and link.nlink == 2
+    f = await vol.create(link.object_id, "inside")  # through the link
+    assert [s.name for s in await vol.readdir(d.object_id)] == ["inside"]
+    await vol.unlink(d.object_id, "inside")
+    await vol.rmdir(r, "real")  # the link is promoted and keeps the id
+    st = await vol.lookup(sub.object_id, "dirlink")
+    assert st.object_id == d.object_id and st.nlink == 1 and st.kind == Kind.DIR
+    g = await vol.create(st.object_id, "after")
+    assert (await vol.getattr(g.object_id)).name == "after"
+    with pytest.raises(NotFound):
+        await vol.getattr(f.object_id)
+    await vol.close()
+    report = await ENGINE.check_volume(dev, geo, False)
+    assert report.errors == [] and report.warnings == []
