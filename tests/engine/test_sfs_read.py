@@ -89,3 +89,27 @@ async def test_show_recycled_option() -> None:
     vol = await open_volume(dev, geo, True, show_recycled=True)
     names = [s.name for s in await vol.readdir(vol.root_id)]
     assert ".recycled" in names
+
+
+async def test_contiguous_file_is_read_in_one_request() -> None:
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice((16 << 20) // 512, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "One")
+    vol = await open_volume(dev, geo, False)
+    st = await vol.create(vol.root_id, "big")
+    payload = bytes(range(256)) * 4096 * 8  # 8 MiB: one extent of 16384 blocks
+    await vol.write(st.object_id, 0, payload)
+    await vol.close()
+    vol = await open_volume(dev, geo, True)
+    await vol.read(st.object_id, 0, 1)  # metadata now cached
+    before = dev.reads
+    assert await vol.read(st.object_id, 0, len(payload)) == payload
+    assert dev.reads - before == 1
+    before = dev.reads
+    assert await vol.read(st.object_id, 1000, 3_000_000) == payload[1000:3_001_000]
+    assert dev.reads - before == 1
