@@ -224,3 +224,28 @@ async def test_full_container_hint_changes_nothing_on_disk(monkeypatch: pytest.M
         await vol.close()
         images.append(bytes(dev.data))
     assert images[0] == images[1]
+
+
+async def test_recycled_directory_stays() -> None:
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.errors import PermissionDenied
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice(4096, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "Rec")
+    vol = await open_volume(dev, geo, False)
+    with pytest.raises(PermissionDenied):
+        await vol.rmdir(vol.root_id, ".recycled")
+    with pytest.raises(PermissionDenied):
+        await vol.rename(vol.root_id, ".recycled", vol.root_id, "elsewhere")
+    # Files can still be put into it and taken out again.
+    st = await vol.create(vol.root_id, "f")
+    await vol.rename(vol.root_id, "f", 2, "f")
+    assert [s.name for s in await vol.readdir(2)] == ["f"]
+    await vol.unlink(2, "f")
+    await vol.close()
+    assert (await check_volume(dev, geo, False)).clean
+    assert st.object_id > 2

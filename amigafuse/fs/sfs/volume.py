@@ -536,6 +536,8 @@ class SfsVolume(Volume):
         async def op() -> None:
             w = self._writer()
             src = await self._entry(src_dir, src_name)
+            if src.obj.bits & codec.OTYPE_UNDELETABLE:
+                raise PermissionDenied(f"{src_name!r} is kept in place by the filesystem (undeletable)")
             raw = encode_name(dst_name)
             dd = await self._dir(dst_dir)
             dst = await w.find_in_dir(dd.obj, raw)
