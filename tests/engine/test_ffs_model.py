@@ -28,9 +28,16 @@ class FfsModel(RuleBasedStateMachine):
 
     dostype = 0x444F5303
     block_size = 512
+    tiny_cache = False
 
     def __init__(self) -> None:
         super().__init__()
+        if self.tiny_cache:
+            # every cache far too small: every reload path is taken
+            import amigafuse.fs.ffs.volume as ffsvol  # noqa: PLC0415
+
+            self._saved = (ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT)
+            ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT = 2, 0, 0
         self.intl = (self.dostype & 0xFF) >= 2
         self.names = NAMES_INTL if self.intl else NAMES_ASCII
         self.dev = MemoryBlockDevice(6000 * (self.block_size // 512))
@@ -200,6 +207,10 @@ class FfsModel(RuleBasedStateMachine):
                     todo.append((obj, s.object_id))
 
     def teardown(self) -> None:
+        if self.tiny_cache:
+            import amigafuse.fs.ffs.volume as ffsvol  # noqa: PLC0415
+
+            ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT = self._saved
         self.run(self._compare, self.vol, True)
         self.run(self.vol.close)
         report = self.run(ENGINE.check_volume, self.dev, self.geo, False)
@@ -208,8 +219,8 @@ class FfsModel(RuleBasedStateMachine):
         self.run(self._compare, vol, False)
 
 
-def _make(dostype: int, bs: int) -> type[FfsModel]:
-    cls = type(f"Model_{dostype & 0xFF}_{bs}", (FfsModel,), {"dostype": dostype, "block_size": bs})
+def _make(dostype: int, bs: int, tiny: bool = False) -> type[FfsModel]:
+    cls = type(f"Model_{dostype & 0xFF}_{bs}", (FfsModel,), {"dostype": dostype, "block_size": bs, "tiny_cache": tiny})
     examples = int(os.environ.get("FFS_MODEL_EXAMPLES", "12"))
     return settings(max_examples=examples, stateful_step_count=25, deadline=None)(cls)  # type: ignore[no-any-return]
 
@@ -220,6 +231,11 @@ _CASES = [(0x444F5300 + n, bs) for n in range(8) for bs in (512, 4096)]
 @pytest.mark.parametrize(("dostype", "bs"), _CASES)
 def test_random_operations(dostype: int, bs: int) -> None:
     _make(dostype, bs).TestCase().runTest()
+
+
+@pytest.mark.parametrize("dostype", [0x444F5300, 0x444F5305])
+def test_random_operations_with_tiny_caches(dostype: int) -> None:
+    _make(dostype, 512, tiny=True).TestCase().runTest()
 
 
 def test_notfound_in_model_names() -> None:

@@ -641,7 +641,10 @@ class FfsVolume(FfsVolumeBase, Volume):
     async def _load_for_delete(self, block: int, e: EntryBlock) -> None:
         """Load what deleting header ``block`` touches (links, extension lists)."""
         if e.sec_type == ST_FILE:
-            await self._block_lists(block, e)
+            _, exts = await self._block_lists(block, e)
+            if e.next_link:
+                for x in exts:  # a promotion re-points them: they must be cached
+                    await self._ext(x, block)
         if e.sec_type in (ST_LINKFILE, ST_LINKDIR):
             target = await self._link_target(block, e)
             t = await self._entry(target)
