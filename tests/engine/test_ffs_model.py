@@ -34,7 +34,7 @@ class FfsModel(RuleBasedStateMachine):
         super().__init__()
         if self.tiny_cache:
             # every cache far too small: every reload path is taken
-            import amigafuse.fs.ffs.volume as ffsvol  # noqa: PLC0415
+            import amigafuse.fs.ffs.volume as ffsvol
 
             self._saved = (ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT)
             ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT = 2, 0, 0
@@ -208,7 +208,7 @@ class FfsModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if self.tiny_cache:
-            import amigafuse.fs.ffs.volume as ffsvol  # noqa: PLC0415
+            import amigafuse.fs.ffs.volume as ffsvol
 
             ffsvol.META_CACHE_LIMIT, ffsvol.BLOCKLIST_CACHE_LIMIT, ffsvol.INDEX_LIMIT = self._saved
         self.run(self._compare, self.vol, True)
