@@ -18,7 +18,12 @@ from tests.fuse.conftest import amigafuse, check_image, is_mounted, make_tree, s
 pytestmark = pytest.mark.fuse
 
 # (image, partition directory, hard links supported)
-WRITABLE = [("handler/sfs0_v1277.hdf.gz", "SDH0", False)]
+WRITABLE = [
+    ("handler/sfs0_v1277.hdf.gz", "SDH0", False),
+    ("handler/ffs_dos3_v40.hdf.gz", "DH0", True),
+    ("handler/ffs_dos5_v40.hdf.gz", "DH0", True),
+    ("handler/ffs_dos7_v47.hdf.gz", "DH0", True),
+]
 
 
 def sh(*cmd: str) -> str:
@@ -138,3 +143,21 @@ def test_sigterm_during_large_copy_leaves_clean_volume(cli_mount, tmp_path: Path
     assert check_image(image) == {part: []}
     again = cli_mount(image)
     assert "README.txt" in os.listdir(again / part)
+
+
+def test_amitools_reads_what_we_wrote_to_ffs(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.fuse.conftest import amitools_read
+
+    image = tmp_path / "disk.hdf"
+    shutil.copyfile(shared_image("handler/ffs_dos3_v40.hdf.gz"), image)
+    src = make_tree(tmp_path / "src")
+    mnt = cli_mount(image)
+    sh("cp", "-a", str(src), str(mnt / "DH0" / "fromlinux"))
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    proc = amigafuse("check", "--backend", "file", "--partition", "DH0", str(image))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in range(10):
+        got = amitools_read(image, "DH0", f"fromlinux/file{i}.bin", tmp_path / "out.bin")
+        assert got == (src / f"file{i}.bin").read_bytes(), i
+    got = amitools_read(image, "DH0", "fromlinux/Ünter Verzeichnis/tiefer/Grüße.txt", tmp_path / "o.txt")
+    assert got == (src / "Ünter Verzeichnis" / "tiefer" / "Grüße.txt").read_bytes()
