@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from amigafuse.amiga.dates import DateStamp
-from amigafuse.errors import NotFound
+from amigafuse.errors import CorruptError, NotFound
 from amigafuse.fs.api import Kind, Stat, Volume
 from amigafuse.fs.sfs import ENGINE, open_volume
 from tests.conftest import shared_image
@@ -113,3 +113,21 @@ async def test_contiguous_file_is_read_in_one_request() -> None:
     before = dev.reads
     assert await vol.read(st.object_id, 1000, 3_000_000) == payload[1000:3_001_000]
     assert dev.reads - before == 1
+
+
+async def test_partition_larger_than_the_filesystem() -> None:
+    """The second root sits at the filesystem's last block, not the partition's."""
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import format_volume
+
+    dev = MemoryBlockDevice(4096, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "Grown")
+    bigger = MemoryBlockDevice(data=bytes(dev.data) + bytes(512 * 1000))
+    vol = await open_volume(bigger, geo, True)
+    assert not vol.info.notes
+    bigger.data[0:512] = bytes(512)  # first root gone: the end of the partition has none
+    with pytest.raises(CorruptError):
+        await open_volume(bigger, geo, True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from amigafuse.blockdev.window import FsBlockIO
-from amigafuse.errors import ChainLoopError, CorruptError, NotFound
+from amigafuse.errors import AmigaFuseError, ChainLoopError, CorruptError, NotFound
 from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.codec import (
     AdminSpaceContainer,
@@ -378,29 +378,40 @@ class SfsReader:
 async def read_root(io: FsBlockIO) -> tuple[RootBlock, list[str]]:
     """The valid root block with the higher sequence number; notes about the other.
 
-    Raises CorruptError when neither block 0 nor the last block is an SFS root."""
+    The second root is looked for at the block the first one names as the last
+    (``totalblocks - 1``: the partition may be larger than the filesystem), else at
+    the partition's last block.  Raises CorruptError when neither is an SFS root."""
     notes: list[str] = []
     candidates: list[RootBlock] = []
-    last = io.block_count - 1
-    problems = []
-    for where in (0, last):
+    problems: list[str] = []
+
+    async def probe(where: int) -> RootBlock | None:
         try:
             data = await io.read(where, 1)
-        except Exception as exc:  # device errors on one copy: try the other
+        except AmigaFuseError as exc:  # device errors on one copy: try the other
             problems.append(f"block {where}: {exc}")
-            continue
+            return None
         block_id, _, own = struct.unpack_from(">III", data, 0)
         if block_id not in (codec.ROOT_ID_SFS0, codec.ROOT_ID_SFS2):
             problems.append(f"block {where}: no SFS root id")
-            continue
+            return None
         if not codec.checksum_ok(data, block_id == codec.ROOT_ID_SFS2):
             problems.append(f"block {where}: root checksum wrong")
-            continue
-        root = RootBlock.unpack(data)
-        if own != where and not (where == last and own == root.totalblocks - 1):
+            return None
+        if own != where:
             problems.append(f"block {where}: root ownblock {own}")
-            continue
-        candidates.append(root)
+            return None
+        return RootBlock.unpack(data)
+
+    first = await probe(0)
+    if first is not None:
+        candidates.append(first)
+    last = io.block_count - 1
+    if first is not None and 0 < first.totalblocks <= io.block_count:
+        last = first.totalblocks - 1
+    second = await probe(last) if last > 0 else None
+    if second is not None:
+        candidates.append(second)
     if not candidates:
         raise CorruptError(
             "no valid SFS root block at the start or end of the partition ("
