@@ -1,6 +1,7 @@
 """Random sequences of file operations through a real mount, compared with a model (a dict
 of paths -> bytes).  Runs on the adapter over the in-memory test volume and on the SFS
-engine (a handler-written image), each served by a subprocess."""
+and FFS engines (handler-written images, each checked clean afterwards), each served by
+a subprocess."""
 
 from __future__ import annotations
 
@@ -129,21 +130,23 @@ def test_random_ops_memory_volume(mem_mount, ops) -> None:  # type: ignore[no-un
     run_ops(mem_mount, ops)
 
 
-@pytest.fixture(scope="module")
-def sfs_mount(tmp_path_factory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[("sfs0_v1277", "SDH0"), ("ffs_dos3_v40", "DH0"),
+                                        ("ffs_dos5_v40", "DH0")])
+def engine_mount(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     from tests.fuse.conftest import amigafuse, check_image, force_unmount, is_mounted
 
-    tmp = tmp_path_factory.mktemp("sfsrandom")
+    name, part = request.param
+    tmp = tmp_path_factory.mktemp(f"random_{name}")
     image = tmp / "disk.hdf"
-    shutil.copyfile(shared_image("handler/sfs0_v1277.hdf.gz"), image)
+    shutil.copyfile(shared_image(f"handler/{name}.hdf.gz"), image)
     mnt = tmp / "mnt"
     mnt.mkdir()
     proc = amigafuse("mount", "-o", "backend=file", str(image), str(mnt))
     assert proc.returncode == 0, proc.stderr
     try:
-        yield mnt / "SDH0"
+        yield mnt / part
         assert amigafuse("umount", str(mnt)).returncode == 0
-        assert check_image(image) == {"SDH0": []}
+        assert check_image(image) == {part: []}
     finally:
         if is_mounted(mnt):
             force_unmount(mnt)
@@ -151,5 +154,5 @@ def sfs_mount(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 @SETTINGS
 @given(st.lists(op, min_size=1, max_size=25))
-def test_random_ops_sfs(sfs_mount, ops) -> None:  # type: ignore[no-untyped-def]
-    run_ops(sfs_mount, ops)
+def test_random_ops_engines(engine_mount, ops) -> None:  # type: ignore[no-untyped-def]
+    run_ops(engine_mount, ops)
