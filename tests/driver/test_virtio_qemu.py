@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from amigafuse.driver.backends.base import BarKind
 from amigafuse.driver.backends.qtest import (
     ARENA_GUEST_OFFSET,
     QemuDisk,
@@ -23,13 +24,14 @@ from amigafuse.driver.backends.qtest import (
     launch_qemu,
     qemu_command,
 )
+from amigafuse.driver.pci import configure_function, enumerate_bus
 from amigafuse.driver.virtio.device import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     bit,
 )
-from amigafuse.driver.virtio.scsi import open_virtio_scsi
+from amigafuse.driver.virtio.scsi import find_virtio_scsi, open_virtio_scsi
 from amigafuse.errors import DeviceGone, HardwareError, NotAvailable, UsageError
 from tests.driver.conftest import requires_qemu
 
@@ -502,3 +504,25 @@ async def test_transport_choice(
         await settle_unit_attention(ctl)
         result = await ctl.execute(0, 0, read10(3, 2), data_in_len=1024)
         assert result.data == data[1536:2560]
+
+
+async def test_pci_enumeration_and_bar_placement(disk_image: Callable[..., Any]) -> None:
+    path, _ = disk_image(MIB)
+    async with launch_qemu([QemuDisk(path)], device="transitional") as backend:
+        functions = await enumerate_bus(backend)
+        ids = {(f.devfn, f.header.vendor_id, f.header.device_id) for f in functions}
+        assert (0, 0x8086, 0x29C0) in ids  # the q35 host bridge
+        assert (4 << 3, 0x1AF4, 0x1004) in ids
+        scsi = await find_virtio_scsi(backend)
+        await configure_function(backend, scsi)
+        bars = scsi.bars
+        assert bars[0].kind is BarKind.IO and bars[0].address == 0xC000
+        assert bars[4].is_64bit and bars[4].kind is BarKind.MEMORY
+        assert all(b.address >= 0xE0000000 for b in bars.values() if b.kind is BarKind.MEMORY)
+        assert all(b.address % b.size_bytes == 0 for b in bars.values())
+        command = await backend.config_read(scsi.devfn, 4, 2)
+        assert command & 0x7 == 0x7 and not command & 0x400  # I/O, memory, master; INTx on
+        # the BARs read back as placed
+        assert await backend.config_read(scsi.devfn, 0x10, 4) == 0xC000 | 1
+        caps = [c.cap_id for c in scsi.capabilities]
+        assert 0x11 in caps and caps.count(0x09) >= 4  # MSI-X and the virtio structures
