@@ -202,7 +202,7 @@ async def test_qemu_killed_mid_io_fails_everyone_with_device_gone(
                 await trio.sleep(0.2)
                 backend.process.kill()
         assert len(gone) == 20
-        assert "QEMU" in str(gone[0])
+        assert "QEMU" in str(gone[0]) and "killed by signal 9" in str(gone[0])
         assert backend.dead
         with pytest.raises(DeviceGone):
             await ctl.execute(0, 0, read10(0, 1), data_in_len=512)

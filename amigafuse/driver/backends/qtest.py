@@ -452,6 +452,11 @@ class QtestBackend(Backend):
                 self._mark_dead(f"reading the qtest socket failed: {exc}")
                 return
             if not chunk:
+                if self.process is not None:
+                    # QEMU usually exits right after: wait a moment, so that the error
+                    # can carry its exit status and stderr.
+                    with trio.move_on_after(2):
+                        await self.process.wait()
                 self._mark_dead("QEMU closed the qtest socket")
                 return
             lines = (partial + chunk).split(b"\n")
