@@ -187,3 +187,18 @@ async def test_directory_hard_links(dostype: int) -> None:
     await vol.close()
     report = await ENGINE.check_volume(dev, geo, False)
     assert report.errors == [] and report.warnings == []
+
+
+async def test_512_byte_blocks_on_a_4k_sector_device() -> None:
+    dev = MemoryBlockDevice(1000, block_size=4096)
+    geo = VolumeGeometry(dostype=0x444F5303, fs_block_size=512, fs_block_count=8000, reserved=2)
+    await ENGINE.format_volume(dev, geo, "Sector4K")
+    vol = await open_volume(dev, geo, False)
+    f = await vol.create(vol.root_id, "f")
+    data = bytes(range(251)) * 1000
+    for off in range(0, len(data), 3000):
+        await vol.write(f.object_id, off, data[off : off + 3000])
+    await vol.close()
+    assert (await ENGINE.check_volume(dev, geo, False)).clean
+    vol = await open_volume(dev, geo, True)
+    assert await vol.read(f.object_id, 0, 1 << 20) == data
