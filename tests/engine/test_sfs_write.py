@@ -249,3 +249,47 @@ async def test_recycled_directory_stays() -> None:
     await vol.close()
     assert (await check_volume(dev, geo, False)).clean
     assert st.object_id > 2
+
+
+async def test_extent_tree_shrinks_when_files_go() -> None:
+    """Underfull B-tree containers merge with a neighbour; the root loses levels."""
+    from amigafuse.amiga.dostype import SFS0
+    from amigafuse.amiga.geometry import VolumeGeometry
+    from amigafuse.blockdev import MemoryBlockDevice
+    from amigafuse.fs.sfs import codec, format_volume
+    from amigafuse.fs.sfs.volume import SfsVolume
+
+    async def bnode_blocks(vol: SfsVolume) -> int:
+        todo, seen = [vol.root.extentbnoderoot], 0
+        while todo:
+            bc = await vol.r.bcontainer(todo.pop())
+            seen += 1
+            if not bc.isleaf:
+                todo.extend(n.data for n in bc.index)
+        return seen
+
+    dev = MemoryBlockDevice(16384, 512)
+    geo = VolumeGeometry(dostype=SFS0)
+    await format_volume(dev, geo, "Tree")
+    vol = await open_volume(dev, geo, False)
+    assert isinstance(vol, SfsVolume)
+    ids = [(await vol.create(vol.root_id, f"f{i:02d}")).object_id for i in range(40)]
+    for rnd in range(30):  # interleaved appends: every block its own extent
+        for i, oid in enumerate(ids):
+            await vol.write(oid, rnd * 512, bytes([i]) * 512)
+    grown = await bnode_blocks(vol)
+    assert grown > 30
+    for i in range(35):
+        await vol.unlink(vol.root_id, f"f{i:02d}")
+    shrunk = await bnode_blocks(vol)
+    assert shrunk * 3 < grown
+    for i in range(35, 40):
+        st = await vol.lookup(vol.root_id, f"f{i:02d}")
+        assert await vol.read(st.object_id, 0, 20000) == bytes([i]) * (30 * 512)
+    for i in range(35, 40):
+        await vol.unlink(vol.root_id, f"f{i:02d}")
+    assert await bnode_blocks(vol) == 1
+    assert codec.BNodeContainer.unpack(await vol.r.raw(vol.root.extentbnoderoot)).nodecount == 0
+    await vol.close()
+    rep = await check_volume(dev, geo, False)
+    assert rep.clean, rep.errors

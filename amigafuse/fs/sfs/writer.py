@@ -701,6 +701,8 @@ class SfsWriter(SfsReader):
             block = int(node[0])  # type: ignore[call-overload]
             if entries or level == 0:
                 self._write_bnode(block, bool(node[3]) if entries else True, entries)
+                if entries and level > 0:
+                    await self._merge_bnode(path, level, entries)
                 return
             # An empty non-root container: free it and drop its entry from the parent.
             await self.free_admin(block)
@@ -708,6 +710,46 @@ class SfsWriter(SfsReader):
             parent = path[level]
             entries = list(parent[1])  # type: ignore[call-overload]
             del entries[int(parent[2])]  # type: ignore[call-overload]
+
+    async def _merge_bnode(self, path: list[list[object]], level: int, entries: list[object]) -> None:
+        """Merge an underfull container (a third full or less) with a neighbour when
+        both fit in two thirds of one block: the right one's entries move into the
+        left one, the right one is freed and dropped from the parent.  A root index
+        left with one child takes that child's contents (the tree gets lower)."""
+        isleaf = bool(path[level][3])
+        nodesize = codec.extent_node_size(self.sfs2) if isleaf else 8
+        cap = codec.bnode_capacity(self.block_size, nodesize)
+        if len(entries) * 3 > cap:
+            return
+        parent = path[level - 1]
+        pblock = int(parent[0])  # type: ignore[call-overload]
+        pentries: list[BNode] = list((await self.bcontainer(pblock)).index)
+        pidx = int(parent[2])  # type: ignore[call-overload]
+        if pidx >= len(pentries) or pentries[pidx].data != int(path[level][0]):  # type: ignore[call-overload]
+            return  # the parent changed under us (a split above): leave it
+        if pidx + 1 < len(pentries):
+            left_i = pidx
+        elif pidx > 0:
+            left_i = pidx - 1
+        else:
+            return
+        lblock, rblock = pentries[left_i].data, pentries[left_i + 1].data
+        left, right = await self.bcontainer(lblock), await self.bcontainer(rblock)
+        if bool(left.isleaf) != isleaf or bool(right.isleaf) != isleaf:
+            raise CorruptError("B-tree siblings of different kinds", block=pblock, field="isleaf")
+        lents: list[object] = list(left.extents if isleaf else left.index)
+        rents: list[object] = list(right.extents if isleaf else right.index)
+        if (len(lents) + len(rents)) * 3 > cap * 2:
+            return
+        self._write_bnode(lblock, isleaf, lents + rents)
+        await self.free_admin(rblock)
+        del pentries[left_i + 1]
+        if level - 1 == 0 and len(pentries) == 1:
+            # The root index has one child left: the child moves into the root.
+            self._write_bnode(pblock, isleaf, lents + rents)
+            await self.free_admin(lblock)
+            return
+        self._write_bnode(pblock, False, list(pentries))
 
     async def sync_extents(self, node: int, old: list[tuple[int, int]], new: list[tuple[int, int]]) -> None:
         """Make the B-tree hold ``new`` as the extents of file ``node`` (was ``old``)."""
