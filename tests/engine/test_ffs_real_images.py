@@ -13,6 +13,7 @@ from amitools.fs.FSString import FSString
 
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.file import FileBlockDevice
+from amigafuse.errors import CorruptError
 from amigafuse.fs.api import Kind, SetAttrs
 from amigafuse.fs.ffs import ENGINE, open_volume
 from tests.conftest import shared_image
@@ -228,3 +229,14 @@ async def test_lnfs_with_amitools_both_ways(tmp_path: Path, dostype: int) -> Non
     st = found["/" + long_name]
     assert st.size == 4 and st.comment and long_name.startswith(st.comment)  # cut to fit
     assert (await ENGINE.check_volume(FileBlockDevice(str(path2), read_only=True), floppy_geometry(path2), False)).clean
+
+
+async def test_unformatted_partitions_are_refused_clearly() -> None:
+    path = shared_image("real/a590_WD93028XA_6parts_not_formatted.hdd.gz")
+    parts = rdb_partitions(path)
+    assert len(parts) == 6
+    for part in parts:
+        with pytest.raises(CorruptError, match="not an FFS volume|no DOS"):
+            await open_volume(partition_device(path, part, True), part.geometry, True)
+        report = await ENGINE.check_volume(partition_device(path, part, True), part.geometry, False)
+        assert not report.clean and "cannot open the volume" in report.errors[0]
