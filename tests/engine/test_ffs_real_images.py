@@ -236,7 +236,7 @@ async def test_unformatted_partitions_are_refused_clearly() -> None:
     parts = rdb_partitions(path)
     assert len(parts) == 6
     for part in parts:
-        with pytest.raises(CorruptError, match="not an FFS volume|no DOS"):
+        with pytest.raises(CorruptError, match=r"not an FFS volume|no DOS"):
             await open_volume(partition_device(path, part, True), part.geometry, True)
         report = await ENGINE.check_volume(partition_device(path, part, True), part.geometry, False)
         assert not report.clean and "cannot open the volume" in report.errors[0]
