@@ -449,20 +449,23 @@ class QtestBackend(Backend):
             except trio.ClosedResourceError:
                 return
             except OSError as exc:
-                self._mark_dead(f"reading the qtest socket failed: {exc}")
+                await self._connection_lost(f"reading the qtest socket failed: {exc}")
                 return
             if not chunk:
-                if self.process is not None:
-                    # QEMU usually exits right after: wait a moment, so that the error
-                    # can carry its exit status and stderr.
-                    with trio.move_on_after(2):
-                        await self.process.wait()
-                self._mark_dead("QEMU closed the qtest socket")
+                await self._connection_lost("QEMU closed the qtest socket")
                 return
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()
             for line in lines:
                 self._handle_line(line)
+
+    async def _connection_lost(self, reason: str) -> None:
+        if self.process is not None:
+            # QEMU usually exits right after: wait a moment, so that the error can
+            # carry its exit status and stderr.
+            with trio.move_on_after(2):
+                await self.process.wait()
+        self._mark_dead(reason)
 
     def _handle_line(self, line: bytes) -> None:
         if line.startswith(b"IRQ "):
