@@ -108,7 +108,7 @@ def test_open_errors_say_what_to_do(guest, tmp_path: Path) -> None:  # type: ign
     checker = (
         f"{PY} -c 'import sys, trio; from amigafuse.driver.backends import vfio\n"
         "async def m(b, t):\n"
-        "    async with vfio.open_vfio_backend(b, arena_bytes=1 << 20) as be:\n"
+        "    async with vfio.open_vfio_backend(b, arena_bytes=1 << 20, dma=\"iommu\") as be:\n"
         "        await vfio.check_access_platform(be, t)\n"
         "try:\n"
         "    trio.run(m, *sys.argv[1:]); print(\"ok\")\n"
@@ -133,6 +133,7 @@ echo "== bdf"; {PY} -m amigafuse bind-vfio 1f.9; echo "rc=$?"
 echo "== transitional"; {checker} 0000:00:05.0 auto
 echo "== legacy"; {checker} {BDF} legacy
 echo "== modern"; {checker} {BDF} auto
+echo 4 > /proc/sys/vm/nr_hugepages
 echo "== iobar"; {PY} tests/vm/guest/io_bar_probe.py 0000:00:05.0
 chmod 666 /dev/vfio/vfio
 echo "== user"; {PY} -m amigafuse bind-vfio --user nobody {BDF}; stat -c %U /dev/vfio/$(basename $(readlink /sys/bus/pci/devices/{BDF}/iommu_group))

@@ -85,3 +85,48 @@ $AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {BDF} --bad-lba 100 -
         for lba in d["lbas"]:
             assert data[lba * bs : (lba + 8) * bs] == _pattern(lba, target, bs * 8), (target, lba)
     assert images[5].read_bytes()[512:1024] == bytes(512)
+
+
+def test_transitional_controller_through_physical_dma(guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """QEMU's transitional virtio-scsi-pci cannot have iommu_platform (QEMU 7.2), so its
+    DMA bypasses the IOMMU: the backend gives it a huge-page arena at its physical
+    address.  Both transports, and the error when no huge page is free."""
+    images = {}
+    for target in (0, 1):
+        path = tmp_path / f"p{target}.img"
+        path.write_bytes(f"DISK-{target}-MARKER..".encode() + bytes(IMAGE_BYTES - 16))
+        images[target] = path
+    bdf = "0000:00:05.0"
+    script = guest_modprobe("vfio_pci", "vfio_iommu_type1") + f"""
+$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {bdf} >/dev/null || exit 90
+echo 0 > /proc/sys/vm/nr_hugepages
+$AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {bdf}
+echo 4 > /proc/sys/vm/nr_hugepages
+$AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {bdf} --transport legacy
+$AMIGAFUSE_GUEST_PYTHON tests/vm/guest/driver_roundtrip.py {bdf} --transport modern
+"""
+    res = guest(
+        script,
+        controllers=[
+            Controller(
+                disks=(Disk(images[0], target=0), Disk(images[1], target=1)),
+                addr="05.0",
+                modern=False,
+            )
+        ],
+    )
+    assert res.rc == 0, res.stdout + res.stderr
+    nohuge, legacy, modern = (json.loads(line) for line in res.stdout.splitlines() if line.startswith("{"))
+    assert nohuge["error"] == "NotAvailable"
+    assert "huge page" in nohuge["message"] and "nr_hugepages" in nohuge["message"]
+    assert legacy["transport"] == "vfio-legacy" and modern["transport"] == "vfio-modern"
+    for run in (legacy, modern):
+        assert [d["target"] for d in run["disks"]] == [0, 1]
+        for d in run["disks"]:
+            assert d["block0"].startswith(f"DISK-{d['target']}-MARKER")
+            assert d["roundtrip"] is True
+        assert run["stats"]["completions"] == run["stats"]["requests"] > 0
+    for target in (0, 1):
+        data = images[target].read_bytes()
+        for lba in legacy["disks"][target]["lbas"]:
+            assert data[lba * 512 : (lba + 8) * 512] == _pattern(lba, target, 512 * 8)

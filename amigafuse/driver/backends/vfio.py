@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Literal
 import trio
 
 from amigafuse.driver.backends.base import Backend, BarInfo, BarKind, BarRegion, DmaArena
-from amigafuse.errors import DeviceError, DeviceGone, NotAvailable, UsageError
+from amigafuse.errors import DeviceError, DeviceGone, HardwareError, NotAvailable, UsageError
 
 if TYPE_CHECKING:
     from amigafuse.driver.controller import Controller
@@ -133,6 +133,14 @@ IOVA_RANGE_HEADER = struct.Struct("<II")  # nr_iovas, reserved (after the cap he
 IOVA_RANGE = struct.Struct("<QQ")  # start, end (inclusive)
 
 DEFAULT_ARENA_BYTES = 32 << 20
+#: A device without VIRTIO_F_ACCESS_PLATFORM DMAs to physical addresses: its arena is one
+#: 2 MiB huge page (physically contiguous) whose physical address is its bus address.
+HUGE_PAGE_BYTES = 2 << 20
+MAP_HUGETLB = 0x40000
+PHYSICAL_MAX_TRANSFER = 64 << 10
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+PAGEMAP_PRESENT = 1 << 63
+DmaMode = Literal["auto", "iommu", "physical"]
 PREFERRED_IOVA = 0x1000_0000  # 256 MiB: below 4 GiB, clear of the x86 MSI window
 
 
@@ -347,9 +355,15 @@ class VfioBackend(Backend):
     #: VIRTIO_F_ACCESS_PLATFORM (bit 33); without it the arena's bus address is wrong.
     requires_access_platform = True
 
-    def __init__(self, bdf: str, *, mmap_bars: bool = True) -> None:
+    def __init__(self, bdf: str, *, mmap_bars: bool = True, dma: DmaMode = "auto") -> None:
+        if dma not in ("auto", "iommu", "physical"):
+            raise UsageError(f"unknown DMA mode {dma!r}: use auto, iommu or physical")
         self.bdf = parse_bdf(bdf)
         self.mmap_bars = mmap_bars
+        self._dma_request: DmaMode = dma
+        #: "iommu" (the arena's bus address is an IOVA) or "physical" (a device that
+        #: bypasses the IOMMU: the bus address is the huge page's physical address).
+        self.dma_mode = "iommu"
         self._bar_maps: dict[int, mmap.mmap] = {}
         self.devfn = devfn_of(self.bdf)
         self._container_fd = -1
@@ -466,7 +480,22 @@ class VfioBackend(Backend):
             self._regions[index] = RegionInfo(index, flags, size, offset)
         if VFIO_PCI_CONFIG_REGION_INDEX not in self._regions:
             raise NotAvailable(f"VFIO device {self.bdf} has no config-space region")
-        self._map_arena(arena_bytes)
+        translated = self._offers_access_platform()
+        mode = self._dma_request
+        if mode == "auto":
+            mode = "iommu" if translated else "physical"
+        if mode == "iommu" and not translated:
+            raise NotAvailable(
+                f"PCI device {self.bdf} does not offer VIRTIO_F_ACCESS_PLATFORM, so its DMA "
+                "bypasses the IOMMU: use DMA mode physical (root, one free 2 MiB huge page), "
+                "or attach it in QEMU as -device virtio-scsi-pci-non-transitional,iommu_platform=on"
+            )
+        if mode == "iommu":
+            self._map_arena(arena_bytes)
+        else:
+            self._map_physical_arena()
+        self.dma_mode = mode
+        self.requires_access_platform = mode == "iommu"
         # Decode I/O and memory, and let the device master the bus (DMA).
         cmd = self._region_read(self._config, PCI_COMMAND, 2)
         self._region_write(
@@ -498,28 +527,85 @@ class VfioBackend(Backend):
         cbuf = (ctypes.c_char * arena_bytes).from_buffer(self._arena_map)
         vaddr = ctypes.addressof(cbuf)
         del cbuf
+        self._dma_map(vaddr, iova, arena_bytes)
+        self._arena = DmaArena(view=memoryview(self._arena_map), bus_address=iova)
+
+    def _offers_access_platform(self) -> bool:
+        """Whether the function is a VirtIO device offering VIRTIO_F_ACCESS_PLATFORM (its
+        DMA then goes through the IOMMU).  False for legacy-only and non-VirtIO devices."""
+        config = os.pread(self._device_fd, 256, self._config.offset)
+        if len(config) < 256 or int.from_bytes(config[0:2], "little") != VIRTIO_PCI_VENDOR:
+            return False
+        common = find_common_cfg(config)
+        if common is None:
+            return False
+        region = self._regions.get(VFIO_PCI_BAR0_REGION_INDEX + common[0])
+        if region is None or common[1] + COMMON_DEVICE_FEATURE + 4 > region.size_bytes:
+            raise DeviceError(f"virtio COMMON_CFG at BAR{common[0]}+{common[1]:#x} lies outside the BAR")
+        self._region_write(region, common[1] + COMMON_DEVICE_FEATURE_SELECT, 4, 1)
+        high = self._region_read(region, common[1] + COMMON_DEVICE_FEATURE, 4)
+        return bool(high >> (VIRTIO_F_ACCESS_PLATFORM - 32) & 1)
+
+    def _map_physical_arena(self) -> None:
+        """The arena for a device that bypasses the IOMMU: one huge page, pinned by
+        mapping it at IOVA = its physical address (so it is right either way)."""
+        size = HUGE_PAGE_BYTES
+        try:
+            self._arena_map = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError:
+            raise NotAvailable(
+                f"PCI device {self.bdf} bypasses the IOMMU, so its DMA arena must be one "
+                "physically contiguous 2 MiB huge page, and none is free: reserve one "
+                "(as root: echo 4 > /proc/sys/vm/nr_hugepages)"
+            ) from None
+        self._arena_map[0:1] = b"\0"  # fault the page in
+        cbuf = (ctypes.c_char * size).from_buffer(self._arena_map)
+        vaddr = ctypes.addressof(cbuf)
+        del cbuf
+        physical = self._physical_address(vaddr)
+        if physical % HUGE_PAGE_BYTES:
+            raise HardwareError(f"huge page at physical {physical:#x} is not 2 MiB aligned")
+        self._dma_map(vaddr, physical, size)
+        if self._physical_address(vaddr) != physical:  # moved before it was pinned
+            raise NotAvailable("the DMA huge page moved while being pinned; try again")
+        self._arena = DmaArena(view=memoryview(self._arena_map), bus_address=physical)
+
+    def _physical_address(self, vaddr: int) -> int:
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NotAvailable(f"cannot read /proc/self/pagemap: {exc.strerror}") from None
+        try:
+            entry = int.from_bytes(os.pread(fd, 8, vaddr // mmap.PAGESIZE * 8), "little")
+        finally:
+            os.close(fd)
+        pfn = entry & PAGEMAP_PFN_MASK
+        if not entry & PAGEMAP_PRESENT or pfn == 0:
+            raise NotAvailable(
+                f"PCI device {self.bdf} bypasses the IOMMU: finding the DMA arena's physical "
+                "address needs root (CAP_SYS_ADMIN reads /proc/self/pagemap)"
+            )
+        return pfn * mmap.PAGESIZE + vaddr % mmap.PAGESIZE
+
+    def _dma_map(self, vaddr: int, iova: int, size: int) -> None:
         dma = bytearray(DMA_MAP.size)
         DMA_MAP.pack_into(
-            dma,
-            0,
-            DMA_MAP.size,
-            VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr,
-            iova,
-            arena_bytes,
+            dma, 0, DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE, vaddr, iova, size
         )
         try:
             _ioctl(self._container_fd, VFIO_IOMMU_MAP_DMA, dma, "VFIO_IOMMU_MAP_DMA")
         except OSError as exc:
-            hint = (
-                " (raise the locked-memory limit: ulimit -l)" if exc.errno == _errno.ENOMEM else ""
-            )
+            hint = " (raise the locked-memory limit: ulimit -l)" if exc.errno == _errno.ENOMEM else ""
             raise NotAvailable(
-                f"cannot map the {arena_bytes}-byte DMA arena at IOVA {iova:#x}: {exc.strerror}{hint}"
+                f"cannot map the {size}-byte DMA arena at IOVA {iova:#x}: {exc.strerror}{hint}"
             ) from None
         self._dma_mapped = True
         self._arena_iova = iova
-        self._arena = DmaArena(view=memoryview(self._arena_map), bus_address=iova)
 
     def _setup_req_irq(self) -> None:
         """Ask for the REQ eventfd (the kernel wants the device back) when offered."""
@@ -891,16 +977,25 @@ class VfioBackend(Backend):
 
 @asynccontextmanager
 async def open_vfio_backend(
-    bdf: str, *, arena_bytes: int = DEFAULT_ARENA_BYTES, mmap_bars: bool = True
+    bdf: str,
+    *,
+    arena_bytes: int = DEFAULT_ARENA_BYTES,
+    mmap_bars: bool = True,
+    dma: DmaMode = "auto",
 ) -> AsyncIterator[VfioBackend]:
     """Open ``bdf`` (bound to vfio-pci) as a :class:`VfioBackend`; close it on exit.
 
+    ``dma``: "iommu" maps an ``arena_bytes`` arena at an IOVA (the device must offer
+    VIRTIO_F_ACCESS_PLATFORM); "physical" uses one 2 MiB huge page at its physical
+    address (for devices that bypass the IOMMU: transitional/legacy virtio; needs root
+    and a free huge page); "auto" picks iommu when the device offers the feature.
+
     Raises UsageError (bad or unknown address) and NotAvailable with what to do (not bound
     to vfio-pci — the message lists the bind commands —, no IOMMU, group not viable,
-    no permission on /dev/vfio, DMA mapping refused).  Opening is synchronous work done
-    in this task (a few ioctls).
+    no permission on /dev/vfio, DMA mapping refused, no huge page).  Opening is
+    synchronous work done in this task (a few ioctls).
     """
-    backend = VfioBackend(bdf, mmap_bars=mmap_bars)
+    backend = VfioBackend(bdf, mmap_bars=mmap_bars, dma=dma)
     try:
         backend._open(arena_bytes)
     except OSError as exc:
@@ -997,10 +1092,14 @@ async def open_vfio(
     queue_depth: int = 16,
     arena_bytes: int = DEFAULT_ARENA_BYTES,
     mmap_bars: bool = True,
+    dma: DmaMode = "auto",
 ) -> AsyncIterator[Controller]:
     """The virtio-scsi controller at ``bdf`` (bound to vfio-pci) with its disks: the VFIO
     twin of :func:`amigafuse.driver.controller.open_qemu` (same Controller shape).
 
+    A device offering VIRTIO_F_ACCESS_PLATFORM (QEMU ``iommu_platform=on``) gets an IOVA
+    arena; one that bypasses the IOMMU (transitional ``virtio-scsi-pci``) gets a huge-page
+    arena at its physical address and requests of at most 64 KiB (see ``dma``).
     Raises what :func:`open_vfio_backend` raises, plus DeviceError subclasses when the
     controller or a disk does not come up.
     """
@@ -1008,12 +1107,18 @@ async def open_vfio(
 
     from amigafuse.driver.controller import open_transport
 
-    async with open_vfio_backend(bdf, arena_bytes=arena_bytes, mmap_bars=mmap_bars) as backend:
-        await check_access_platform(backend, transport)
+    async with open_vfio_backend(
+        bdf, arena_bytes=arena_bytes, mmap_bars=mmap_bars, dma=dma
+    ) as backend:
+        kwargs: dict[str, int] = {}
+        if backend.dma_mode == "iommu":
+            await check_access_platform(backend, transport)
+        else:
+            kwargs["max_transfer_bytes"] = PHYSICAL_MAX_TRANSFER
         # Imported by name: the VirtIO layer is another module's, imported only when used.
         open_virtio_scsi = importlib.import_module("amigafuse.driver.virtio.scsi").open_virtio_scsi
         async with (
-            open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth) as scsi,
+            open_virtio_scsi(backend, transport=transport, queue_depth=queue_depth, **kwargs) as scsi,
             open_transport(
                 scsi, name=f"vfio-{getattr(scsi, 'transport_kind', transport)}"
             ) as controller,

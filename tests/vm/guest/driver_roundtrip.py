@@ -22,9 +22,11 @@ async def _check(disk: Any, lba: int, expected: bytes, got: dict[int, bool]) -> 
     got[lba] = await disk.read(lba, len(expected) // disk.block_size) == expected
 
 
-async def run(bdf: str, bad_lba: int | None, bad_write_lba: int | None) -> dict[str, object]:
+async def run(
+    bdf: str, bad_lba: int | None, bad_write_lba: int | None, transport: str = "auto"
+) -> dict[str, object]:
     out: dict[str, object] = {}
-    async with open_vfio(bdf, transport="auto") as controller:
+    async with open_vfio(bdf, transport=transport) as controller:  # type: ignore[arg-type]
         out["transport"] = controller.transport_name
         disks = []
         for disk in controller.disks:
@@ -84,8 +86,9 @@ def main() -> int:
     bad_write = (
         int(sys.argv[sys.argv.index("--bad-write-lba") + 1]) if "--bad-write-lba" in sys.argv else None
     )
+    transport = sys.argv[sys.argv.index("--transport") + 1] if "--transport" in sys.argv else "auto"
     try:
-        result = trio.run(run, bdf, bad, bad_write)
+        result = trio.run(run, bdf, bad, bad_write, transport)
     except AmigaFuseError as exc:
         print(json.dumps({"error": type(exc).__name__, "message": exc.message}))
         return 3
