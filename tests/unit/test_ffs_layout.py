@@ -182,3 +182,21 @@ def test_find_free_never_returns_used_blocks(used: list[int], goal: int, count: 
     assert len(got) == min(count, 3000 - len(set(used)))
     assert len(set(got)) == len(got)
     assert all(bm.is_free(b) and 2 <= b < 3002 for b in got)
+
+
+@given(st.lists(st.integers(0, 60), max_size=300), st.integers(1, 70))
+def test_runs_matches_a_plain_loop(steps: list[int], limit: int) -> None:
+    from amigafuse.fs.ffs.volume import runs
+
+    blocks = []
+    b = 100
+    for s in steps:
+        b += 1 if s < 40 else s  # mostly consecutive, sometimes a jump
+        blocks.append(b)
+    plain: list[tuple[int, int]] = []
+    for x in blocks:
+        if plain and plain[-1][0] + plain[-1][1] == x and plain[-1][1] < limit:
+            plain[-1] = (plain[-1][0], plain[-1][1] + 1)
+        else:
+            plain.append((x, 1))
+    assert runs(blocks, limit) == plain

@@ -760,19 +760,44 @@ class FfsVolumeBase:
 def runs(blocks: Iterable[int], limit: int = MAX_RUN_BLOCKS) -> list[tuple[int, int]]:
     """Coalesce block numbers into (start, count) runs of consecutive blocks, each at
     most ``limit`` long."""
+    seq = blocks if isinstance(blocks, list) else list(blocks)
+    found: list[tuple[int, int]] = []
+    _runs_into(seq, 0, len(seq), found)
     out: list[tuple[int, int]] = []
-    start = -2
-    count = 0
-    for b in blocks:
-        if b == start + count and count < limit:
-            count += 1
-        else:
-            if count:
-                out.append((start, count))
-            start, count = b, 1
-    if count:
+    for start, count in found:
+        while count > limit:
+            out.append((start, limit))
+            start += limit
+            count -= limit
         out.append((start, count))
     return out
+
+
+def _runs_into(seq: list[int], lo: int, hi: int, out: list[tuple[int, int]]) -> None:
+    """Runs of ``seq[lo:hi]`` appended to ``out`` (merged with its last run when they
+    touch).  Contiguous stretches are recognised by comparing with a range in C, halving
+    the stretch until it is, so long files cost O(runs * log n) Python steps."""
+    if lo >= hi:
+        return
+    first = seq[lo]
+    if seq[hi - 1] - first == hi - 1 - lo and (hi - lo < 3 or seq[lo:hi] == list(range(first, first + hi - lo))):
+        if out and out[-1][0] + out[-1][1] == first:
+            start, count = out[-1]
+            out[-1] = (start, count + hi - lo)
+        else:
+            out.append((first, hi - lo))
+        return
+    if hi - lo <= 16:
+        for i in range(lo, hi):
+            b = seq[i]
+            if out and out[-1][0] + out[-1][1] == b:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((b, 1))
+        return
+    mid = (lo + hi) // 2
+    _runs_into(seq, lo, mid, out)
+    _runs_into(seq, mid, hi, out)
 
 
 async def read_boot_and_root(
