@@ -10,9 +10,12 @@ The device must be bound to ``vfio-pci`` (``amigafuse bind-vfio BDF``).  Then:
   two 4-byte ones, low half first);
 * the DMA arena is anonymous memory mapped with ``VFIO_IOMMU_MAP_DMA`` at an IOVA chosen
   inside the IOMMU's usable ranges: the arena's ``bus_address`` is that IOVA.  This only
-  reaches the device's DMA if the device goes through the IOMMU, so a VirtIO device
-  must offer ``VIRTIO_F_ACCESS_PLATFORM`` (QEMU: ``iommu_platform=on``, modern devices
-  only) and the transport must accept it: :attr:`VfioBackend.requires_access_platform`;
+  reaches the device's DMA if the device goes through the IOMMU, i.e. offers
+  ``VIRTIO_F_ACCESS_PLATFORM`` (QEMU: ``iommu_platform=on``, modern devices only), which
+  the transport accepts (:attr:`VfioBackend.requires_access_platform`).  A device that
+  bypasses the IOMMU (QEMU's transitional virtio-scsi-pci) DMAs to physical addresses:
+  it gets one 2 MiB huge page, pinned at IOVA = its physical address (from
+  /proc/self/pagemap), as its arena (``dma="physical"``, chosen by "auto");
 * INTx is signalled on an eventfd (``VFIO_DEVICE_SET_IRQS``, ACTION_TRIGGER) that trio
   waits on without polling (:func:`trio.lowlevel.wait_readable`); the kernel masks the
   line on each interrupt and :meth:`VfioBackend.ack_interrupt` unmasks it;
