@@ -49,7 +49,7 @@ async def test_handshake_features_and_inquiry(
     transport: str, scsi_controller: Callable[..., Any], disk_image: Callable[..., Any]
 ) -> None:
     path, _ = disk_image(4 * MIB)
-    async with scsi_controller([path], transport=transport) as (_backend, ctl):
+    async with scsi_controller([path], transport=transport) as (backend, ctl):
         assert ctl.transport.kind == transport
         want = bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX)
         assert ctl.features & want == want
@@ -65,6 +65,10 @@ async def test_handshake_features_and_inquiry(
         # no disk at target 5: virtio-scsi BAD_TARGET
         missing = await ctl.execute(5, 0, INQUIRY, data_in_len=96)
         assert missing.response == 3
+        with pytest.raises(UsageError, match="already open"):
+            async with open_virtio_scsi(backend):
+                pass
+        assert (await ctl.execute(0, 0, INQUIRY, data_in_len=96)).status == 0
 
 
 async def test_reads_match_image(

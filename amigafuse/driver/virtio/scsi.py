@@ -587,6 +587,27 @@ async def open_virtio_scsi(
         raise UsageError(f"request_timeout must be positive, got {request_timeout}")
     if max_transfer_bytes < 4096 or max_transfer_bytes % 4096:
         raise UsageError(f"max_transfer_bytes must be a multiple of 4096, got {max_transfer_bytes}")
+    if getattr(backend, "_virtio_scsi_claimed", False):
+        raise UsageError("this backend's virtio-scsi controller is already open")
+    backend._virtio_scsi_claimed = True  # type: ignore[attr-defined]
+    try:
+        async with _open_virtio_scsi(
+            backend, transport, queue_depth, max_transfer_bytes, features, request_timeout
+        ) as controller:
+            yield controller
+    finally:
+        backend._virtio_scsi_claimed = False  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def _open_virtio_scsi(
+    backend: Backend,
+    transport: Literal["auto", "legacy", "modern"],
+    queue_depth: int,
+    max_transfer_bytes: int,
+    features: int | None,
+    request_timeout: float | None,
+) -> AsyncIterator[VirtioScsiController]:
     function = await find_virtio_scsi(backend)
     await configure_function(backend, function)
     vt = open_transport(backend, function, transport)
