@@ -92,3 +92,13 @@ async def test_lnfs_names_and_comment_blocks() -> None:
     st = await vol.lookup(vol.root_id, "m" * 107)
     assert st.comment == "c" * 79 and st.name == "M" * 107
     assert vol.info.label == "Renamed"
+
+
+async def test_root_one_block_later_is_found() -> None:
+    """Partition tables that count one or two blocks fewer than the formatter did: the
+    root is then one block past the rule, where Linux affs also looks."""
+    dev = MemoryBlockDevice(3002)
+    await ENGINE.format_volume(dev, VolumeGeometry(dostype=0x444F5301, fs_block_count=3002, reserved=2), "Plus1")
+    geo = VolumeGeometry(dostype=0x444F5301, fs_block_count=3000, reserved=2)
+    vol = await open_volume(dev, geo, True)
+    assert vol.root_block == 1501 and vol.info.label == "Plus1"
