@@ -67,3 +67,22 @@ def test_hint_gives_contiguous_run() -> None:
     assert fm.allocate(50, 500) == [(500, 50)]
     assert fm.allocate(10, 540) == [(550, 10)]
     assert fm.find_run(1000, 0) == -1
+
+
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(1, 70)), max_size=30))
+def test_used_map_marks_runs_and_finds_overlaps(runs: list[tuple[int, int]]) -> None:
+    from amigafuse.fs.sfs.check import UsedMap, set_positions
+
+    um = UsedMap(600)
+    model: set[int] = set()
+    for start, count in runs:
+        blocks = set(range(start, start + count))
+        dup = um.mark(start, count)
+        if blocks & model:
+            assert dup in blocks & model
+            model |= {b for b in blocks if um.test(b)}
+        else:
+            assert dup == -1
+            model |= blocks
+        assert {b for b in range(600) if um.test(b)} == model
+    assert set_positions(um.as_int(), len(um.bits), 1000) == sorted(model)

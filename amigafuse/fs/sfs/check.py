@@ -17,6 +17,7 @@ what was found, and only when the tree itself has no errors.
 
 from __future__ import annotations
 
+import re
 import struct
 
 from amigafuse.amiga.geometry import VolumeGeometry
@@ -30,6 +31,58 @@ from amigafuse.fs.sfs.codec import AdminSpaceContainer, BNodeContainer, NodeCont
 from amigafuse.fs.sfs.reader import SfsReader, read_root
 
 MAX_ERRORS = 200
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+class UsedMap:
+    """One bit per block (set = in use), MSB first like the SFS bitmap; cheap in
+    memory on large volumes."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bits = bytearray((total + 7) // 8)
+
+    def test(self, b: int) -> bool:
+        return bool(self.bits[b >> 3] & (0x80 >> (b & 7)))
+
+    def mark(self, start: int, count: int) -> int:
+        """Mark a run; the first block that was already marked, or -1."""
+        end = start + count
+        b = start
+        while b < end and (b & 7 or end - b < 8):
+            if self.test(b):
+                return b
+            self.bits[b >> 3] |= 0x80 >> (b & 7)
+            b += 1
+        nbytes = (end - b) // 8
+        if nbytes:
+            lo = b >> 3
+            m = _NONZERO.search(self.bits, lo, lo + nbytes)
+            if m is not None:
+                return m.start() * 8 + next(k for k in range(8) if self.bits[m.start()] & (0x80 >> k))
+            self.bits[lo : lo + nbytes] = b"\xff" * nbytes
+            b += nbytes * 8
+        while b < end:
+            if self.test(b):
+                return b
+            self.bits[b >> 3] |= 0x80 >> (b & 7)
+            b += 1
+        return -1
+
+    def as_int(self) -> int:
+        return int.from_bytes(self.bits, "big")
+
+
+def set_positions(value: int, nbytes: int, limit: int) -> list[int]:
+    """The first ``limit`` set bits of a big-endian bit string held in ``value``."""
+    raw = value.to_bytes(nbytes, "big")
+    out: list[int] = []
+    for m in _NONZERO.finditer(raw):
+        byte = raw[m.start()]
+        out.extend(m.start() * 8 + k for k in range(8) if byte & (0x80 >> k))
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 class _Checker:
@@ -37,7 +90,8 @@ class _Checker:
         self.r = r
         self.report = report
         self.meta: set[int] = set()  # metadata blocks in use (admin space)
-        self.data: set[int] = set()  # file data blocks in use
+        self.data = UsedMap(r.total_blocks)  # file data blocks in use
+        self.data_count = 0
         self.nodes: dict[int, tuple[int, int, int]] = {}  # node -> (container, next, hash16)
         self.seen_nodes: set[int] = set()
         self.extents: dict[int, codec.ExtentBNode] = {}
@@ -220,11 +274,11 @@ class _Checker:
             if ext.blocks == 0 or key + ext.blocks > self.r.total_blocks:
                 self.error(f"{path}: extent {key} of {ext.blocks} blocks runs off the volume")
                 return
-            for b in range(key, key + ext.blocks):
-                if b in self.data or b in self.meta:
-                    self.error(f"{path}: block {b} is used twice")
-                    return
-                self.data.add(b)
+            dup = self.data.mark(key, ext.blocks)
+            if dup >= 0:
+                self.error(f"{path}: block {dup} is used twice")
+                return
+            self.data_count += ext.blocks
             blocks += ext.blocks
             prev, key = key, ext.next
         need = (obj.size + self.r.block_size - 1) // self.r.block_size
@@ -310,11 +364,9 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
     if leaked_ext:
         report.warnings.append(f"{len(leaked_ext)} extents in the B-tree belong to no file")
     # admin bits vs metadata in use
-    admin_blocks: set[int] = set()
     admin_used: set[int] = set()
     for space, bits in spaces.items():
         for k in range(32):
-            admin_blocks.add(space + k)
             if bits & (0x80000000 >> k):
                 admin_used.add(space + k)
     for b in sorted(c.meta - admin_used)[:20]:
@@ -323,21 +375,35 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
     if leaked_admin:
         report.warnings.append(f"{len(leaked_admin)} admin-space blocks are marked used but unreferenced")
     # bitmap vs blocks in use
-    in_use = fixed | admin_blocks | c.data
-    bad = [b for b in sorted(in_use) if b < total and freemap.is_free(b)]
-    for b in bad[:20]:
-        c.error(f"block {b} is in use but marked free in the bitmap")
-    if len(bad) > 20:
-        c.error(f"... {len(bad) - 20} more blocks in use are marked free")
-    used_bits = ~int.from_bytes(freemap.bits, "big") & ((1 << (len(freemap.bits) * 8)) - 1)
-    used_count = used_bits.bit_count() - (len(freemap.bits) * 8 - total)
-    leaked_count = used_count - sum(1 for b in in_use if b < total and not freemap.is_free(b))
-    leaked: list[int] = []
-    if leaked_count and total < 1 << 22:  # name a few (a full scan is slow on huge volumes)
-        leaked = [b for b in range(total) if not freemap.is_free(b) and b not in in_use][:8]
+    for b in sorted(c.meta):
+        if c.data.test(b):
+            c.error(f"block {b} is both metadata and file data")
+    in_use = UsedMap(total)
+    in_use.bits[:] = c.data.bits
+    for b in sorted(fixed):
+        if b < total and not in_use.test(b):
+            in_use.mark(b, 1)
+    for space in sorted(spaces):
+        overlap = in_use.mark(space, 32)
+        if overlap >= 0:
+            c.error(f"block {overlap} of the admin space at {space} is also used by a file or twice")
+    nbytes = len(in_use.bits)
+    free_int = int.from_bytes(freemap.bits[:nbytes].ljust(nbytes, b"\0"), "big")
+    used_int = in_use.as_int()
+    bad_int = used_int & free_int
+    if bad_int:
+        count = bad_int.bit_count()
+        for b in set_positions(bad_int, nbytes, 20):
+            c.error(f"block {b} is in use but marked free in the bitmap")
+        if count > 20:
+            c.error(f"... {count - 20} more blocks in use are marked free")
+    valid = ((1 << total) - 1) << (nbytes * 8 - total)
+    leaked_int = ~free_int & ~used_int & valid
+    leaked_count = leaked_int.bit_count()
     if leaked_count:
         report.warnings.append(
-            f"{leaked_count} blocks are marked used in the bitmap but unreferenced (first: {leaked[:8]})"
+            f"{leaked_count} blocks are marked used in the bitmap but unreferenced "
+            f"(first: {set_positions(leaked_int, nbytes, 8)})"
         )
     ri = await r.root_info()
     if ri.freeblocks != freemap.free_count:
@@ -348,7 +414,7 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
         total_blocks=total,
         free_blocks=freemap.free_count,
         metadata_blocks=len(c.meta),
-        data_blocks=len(c.data),
+        data_blocks=c.data_count,
     )
     tree_errors = [e for e in report.errors if "bitmap" not in e and "root info" not in e]
     if repair and report.errors and not tree_errors:
@@ -357,15 +423,12 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
 
 
 async def _repair(
-    io: FsBlockIO, r: SfsReader, total: int, per: int, nbitmap: int, in_use: set[int], report: CheckReport
+    io: FsBlockIO, r: SfsReader, total: int, per: int, nbitmap: int, in_use: UsedMap, report: CheckReport
 ) -> None:
     bits = bytearray((nbitmap * per + 7) // 8)
-    bits[: total // 8] = b"\xff" * (total // 8)
-    for b in range(total // 8 * 8, total):
-        bits[b >> 3] |= 0x80 >> (b & 7)
-    for b in in_use:
-        if b < total:
-            bits[b >> 3] &= ~(0x80 >> (b & 7)) & 0xFF
+    nbytes = len(in_use.bits)
+    valid = ((1 << total) - 1) << (nbytes * 8 - total)
+    bits[:nbytes] = (~in_use.as_int() & valid).to_bytes(nbytes, "big")
     body = r.block_size - codec.BLOCKHEADER_SIZE
     root = r.root
     free = 0
