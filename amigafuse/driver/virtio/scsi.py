@@ -251,6 +251,8 @@ class VirtioScsiController:
         self._busy = trio.Event()  # set while requests may be in flight (watchdog)
         #: see _harvest; tunable for benchmarks
         self.coalesce_divisor = 0
+        #: requests moving at least this many bytes are published and kicked at once
+        self.immediate_kick_bytes = 128 << 10
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -324,7 +326,12 @@ class VirtioScsiController:
             self._free.append(slot)
             self._slot_lot.unpark()
             raise
-        if not self._burst_open:
+        if max(out_len, data_in_len) >= self.immediate_kick_bytes:
+            # A big transfer: start the device on it now, so that it works while we
+            # copy other requests' data (the kick costs little next to the transfer).
+            self._publish()
+            self.backend.flush_posted()
+        elif not self._burst_open:
             # The first submitter of a scheduling batch lets the others of the batch
             # add their requests, then publishes them all with (at most) one kick.
             self._burst_open = True
