@@ -103,6 +103,8 @@ class Backend(abc.ABC):
 
     #: True when the layer above must size and assign BARs and enable decoding.
     assigns_bars: bool = True
+    #: Set while a virtio-scsi controller drives this backend (one at a time).
+    _virtio_scsi_claimed: bool = False
 
     @property
     @abc.abstractmethod

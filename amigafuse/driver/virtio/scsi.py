@@ -594,16 +594,16 @@ async def open_virtio_scsi(
         raise UsageError(f"request_timeout must be positive, got {request_timeout}")
     if max_transfer_bytes < 4096 or max_transfer_bytes % 4096:
         raise UsageError(f"max_transfer_bytes must be a multiple of 4096, got {max_transfer_bytes}")
-    if getattr(backend, "_virtio_scsi_claimed", False):
+    if backend._virtio_scsi_claimed:
         raise UsageError("this backend's virtio-scsi controller is already open")
-    backend._virtio_scsi_claimed = True  # type: ignore[attr-defined]
+    backend._virtio_scsi_claimed = True
     try:
         async with _open_virtio_scsi(
             backend, transport, queue_depth, max_transfer_bytes, features, request_timeout
         ) as controller:
             yield controller
     finally:
-        backend._virtio_scsi_claimed = False  # type: ignore[attr-defined]
+        backend._virtio_scsi_claimed = False
 
 
 @contextlib.asynccontextmanager
