@@ -843,14 +843,13 @@ class SfsWriter(SfsReader):
 
     # ------------------------------------------------------------------ commit
     async def _prepare_commit(self) -> None:
-        per = codec.blocks_per_bitmap(self.block_size)
+        """Bitmap blocks and the root info's free count into ``pending``; checksums."""
         for index in sorted(self.freemap.dirty_blocks):
             block = self.root.bitmapbase + index
             buf = bytearray(self.block_size)
             buf[codec.BLOCKHEADER_SIZE :] = self.freemap.encode_block(index, self.block_size - codec.BLOCKHEADER_SIZE)
             self.pending[block] = self.finish(buf, codec.BITMAP_ID, block)
         self.freemap.dirty_blocks.clear()
-        del per
         roc = self.root.rootobjectcontainer
         buf = await self.modify(roc, codec.OBJECTCONTAINER_ID)
         off = self.block_size - codec.ROOTINFO_SIZE
