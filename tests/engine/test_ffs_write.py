@@ -202,3 +202,40 @@ async def test_512_byte_blocks_on_a_4k_sector_device() -> None:
     assert (await ENGINE.check_volume(dev, geo, False)).clean
     vol = await open_volume(dev, geo, True)
     assert await vol.read(f.object_id, 0, 1 << 20) == data
+
+
+async def test_many_tasks_at_once() -> None:
+    import trio
+
+    dev, geo = await fresh(0x444F5305, 512, 6000)
+    vol = await open_volume(dev, geo, False)
+    d = await vol.mkdir(vol.root_id, "d")
+    results: dict[str, bytes] = {}
+
+    async def worker(n: int) -> None:
+        f = await vol.create(d.object_id, f"w{n}")
+        data = bytes([n]) * (n * 1500)
+        for off in range(0, len(data), 700):
+            await vol.write(f.object_id, off, data[off : off + 700])
+            await trio.lowlevel.checkpoint()
+        if n % 3 == 0:
+            await vol.rename(d.object_id, f"w{n}", vol.root_id, f"moved{n}")
+        results[f"w{n}"] = data
+
+    async def lister() -> None:
+        for _ in range(30):
+            await vol.readdir(d.object_id)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(1, 25):
+            nursery.start_soon(worker, n)
+        nursery.start_soon(lister)
+    await vol.close()
+    report = await ENGINE.check_volume(dev, geo, False)
+    assert report.errors == [] and report.warnings == []
+    vol = await open_volume(dev, geo, True)
+    for n in range(1, 25):
+        where, name = (vol.root_id, f"moved{n}") if n % 3 == 0 else (d.object_id, f"w{n}")
+        st = await vol.lookup(where, name)
+        assert await vol.read(st.object_id, 0, 1 << 20) == results[f"w{n}"]
