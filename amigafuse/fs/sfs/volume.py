@@ -288,11 +288,13 @@ class SfsVolume(Volume):
 
     async def statfs(self) -> StatFs:
         async with self._lock:
-            ri = await self.r.root_info()
+            w = self.w
+            # Writable: the live count (the root info is brought up to date at commit).
+            free = w.freemap.free_count if w is not None else (await self.r.root_info()).freeblocks
         return StatFs(
             block_size=self.r.block_size,
             total_blocks=self.root.totalblocks,
-            free_blocks=min(ri.freeblocks, self.root.totalblocks),
+            free_blocks=min(free, self.root.totalblocks),
             max_name_length=MAX_NAME_LENGTH,
         )
 
