@@ -534,11 +534,12 @@ class VfioBackend(Backend):
         self._arena = DmaArena(view=memoryview(self._arena_map), bus_address=iova)
 
     def _offers_access_platform(self) -> bool:
-        """Whether the function is a VirtIO device offering VIRTIO_F_ACCESS_PLATFORM (its
-        DMA then goes through the IOMMU).  False for legacy-only and non-VirtIO devices."""
+        """Whether the function's DMA goes through the IOMMU: for a VirtIO device, whether
+        it offers VIRTIO_F_ACCESS_PLATFORM (False for legacy-only ones); any other PCI
+        device is assumed to (as real hardware does)."""
         config = os.pread(self._device_fd, 256, self._config.offset)
         if len(config) < 256 or int.from_bytes(config[0:2], "little") != VIRTIO_PCI_VENDOR:
-            return False
+            return True
         common = find_common_cfg(config)
         if common is None:
             return False
