@@ -28,7 +28,7 @@ from amigafuse.fs import CheckReport
 from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import AdminSpaceContainer, BNodeContainer, NodeContainer, SfsObject
-from amigafuse.fs.sfs.reader import SfsReader, read_root
+from amigafuse.fs.sfs.reader import SfsReader, read_root, validate_root
 
 MAX_ERRORS = 200
 _NONZERO = re.compile(rb"[^\x00]")
@@ -287,7 +287,19 @@ class _Checker:
 
 
 async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> CheckReport:
+    """See the module docstring.  Damage becomes errors in the report; only device
+    failures while repairing propagate."""
     report = CheckReport()
+    try:
+        return await _check(device, geometry, repair, report)
+    except AmigaFuseError as exc:
+        if report.repaired:
+            raise
+        report.errors.append(f"check stopped: {exc}")
+        return report
+
+
+async def _check(device: BlockDevice, geometry: VolumeGeometry, repair: bool, report: CheckReport) -> CheckReport:
     io = FsBlockIO(device, geometry.fs_block_size)
     try:
         root, notes = await read_root(io)
@@ -301,6 +313,7 @@ async def check(device: BlockDevice, geometry: VolumeGeometry, repair: bool) -> 
             f"{io.block_count} of {geometry.fs_block_size}"
         )
         return report
+    validate_root(root, io.block_count)
     r = SfsReader(io, root)
     c = _Checker(r, report)
     total = root.totalblocks

@@ -375,6 +375,22 @@ class SfsReader:
         return codec.SoftLink.unpack(data).target
 
 
+def validate_root(root: RootBlock, device_blocks: int) -> None:
+    """CorruptError unless the root's size and pointers make sense for the device."""
+    if not 8 <= root.totalblocks <= device_blocks:
+        raise CorruptError(
+            f"the SFS root claims {root.totalblocks} blocks; the partition has {device_blocks}",
+            block=0,
+            field="totalblocks",
+        )
+    for name in ("bitmapbase", "adminspacecontainer", "rootobjectcontainer", "extentbnoderoot", "objectnoderoot"):
+        value = getattr(root, name)
+        if not 0 < value < root.totalblocks - 1:
+            raise CorruptError(f"root pointer {name} = {value} lies outside the volume", block=0, field=name)
+    if root.rootobjectcontainer + 2 >= root.totalblocks - 1:
+        raise CorruptError("the transaction block lies outside the volume", block=0, field="rootobjectcontainer")
+
+
 async def read_root(io: FsBlockIO) -> tuple[RootBlock, list[str]]:
     """The valid root block with the higher sequence number; notes about the other.
 

@@ -41,7 +41,7 @@ from amigafuse.fs.api import FIBF_ARCHIVE, Kind, SetAttrs, Stat, StatFs, Volume,
 from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import SfsObject
-from amigafuse.fs.sfs.reader import Located, SfsReader, read_root
+from amigafuse.fs.sfs.reader import Located, SfsReader, read_root, validate_root
 from amigafuse.fs.sfs.writer import (
     SfsWriter,
     now_seconds,
@@ -136,12 +136,7 @@ class SfsVolume(Volume):
                 block=0,
                 field="blocksize",
             )
-        if root.totalblocks > io.block_count or root.totalblocks < 8:
-            raise CorruptError(
-                f"the SFS root claims {root.totalblocks} blocks; the partition has {io.block_count}",
-                block=0,
-                field="totalblocks",
-            )
+        validate_root(root, io.block_count)
         reader: SfsReader = SfsReader(io, root)
         if device.read_only:
             read_only = True
