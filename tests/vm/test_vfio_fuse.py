@@ -105,3 +105,29 @@ umount /mnt/li
     assert lines[0] == lines[1]  # the 1,000,003-byte file reads back identically via affs
     assert lines[2] == "hello through VFIO"
     assert lines[3] == "1"  # the deleted file is gone for affs too
+
+
+def test_unbinding_under_an_idle_mount_gives_eio_not_a_hang(guest) -> None:  # type: ignore[no-untyped-def]
+    image = shared_image("handler/ffs_dos3_v40.hdf.gz")
+    script = guest_modprobe("vfio_pci", "vfio_iommu_type1", "fuse") + f"""
+{PY} -m amigafuse bind-vfio {BDF} >/dev/null || exit 90
+mkdir -p /mnt/af
+{PY} -m amigafuse mount -o ro,partition=DH0 vfio:{BDF} /mnt/af || exit 91
+head -c 100 /mnt/af/README.txt | wc -c
+sleep 1
+timeout 60 sh -c 'echo {BDF} > /sys/bus/pci/drivers/vfio-pci/unbind'; echo "unbind rc=$?"
+timeout 60 cat /mnt/af/sizes/size_1000000.bin > /dev/null 2>/run/cat.err; echo "cat rc=$?"
+grep -c 'Input/output error' /run/cat.err
+timeout 60 {PY} -m amigafuse umount /mnt/af >/dev/null 2>&1; echo "umount rc=$?"
+grep -c ' /mnt/af ' /proc/mounts
+true
+"""
+    res = guest(script, controllers=[Controller(disks=(Disk(image, readonly=True),))], timeout=600)
+    assert res.rc == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "100"  # the mount worked before
+    assert lines[1] == "unbind rc=0"  # the kernel got the device back from a live mount
+    assert lines[2] == "cat rc=1"  # reading then fails...
+    assert lines[3] == "1"  # ...with EIO, promptly (no timeout: rc would be 124)
+    assert lines[4] == "umount rc=0"  # umount finishes cleanly (read-only: nothing to flush)
+    assert lines[5] == "0"  # and the mount is gone
