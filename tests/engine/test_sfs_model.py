@@ -231,5 +231,5 @@ class Sfs2Big(SfsModel):
 @pytest.mark.parametrize("machine", [Sfs0Small, Sfs2Small, Sfs0Big, Sfs2Big])
 def test_random_operations(machine: type[SfsModel]) -> None:
     test_case = machine.TestCase
-    test_case.settings = settings(max_examples=12, stateful_step_count=25, deadline=None)
+    test_case.settings = settings(max_examples=20, stateful_step_count=40, deadline=None)
     test_case().runTest()
