@@ -68,7 +68,12 @@ EXTRA_MODULES = (
 
 
 class GuestError(RuntimeError):
-    """The guest could not be built or booted (not: the command failed)."""
+    """The guest could not be built or booted (not: the command failed).  ``qemu_pid``:
+    the QEMU process involved, if one was started (it has been reaped)."""
+
+    def __init__(self, message: str, qemu_pid: int | None = None) -> None:
+        super().__init__(message)
+        self.qemu_pid = qemu_pid
 
 
 # --------------------------------------------------------------------------- kernel
@@ -528,7 +533,8 @@ def run_in_guest(
             _out, err = proc.communicate()
             console = out["console"].read_text(errors="replace")
             raise GuestError(
-                f"guest did not finish within {timeout:.0f} s; console tail:\n{console[-3000:]}"
+                f"guest did not finish within {timeout:.0f} s; console tail:\n{console[-3000:]}",
+                qemu_pid=proc.pid,
             ) from None
         seconds = time.monotonic() - start
         status = out["status"].read_text().strip()

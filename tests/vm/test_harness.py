@@ -105,3 +105,16 @@ ls /dev/vfio
     groups = {lines[1].split("group=")[1], lines[3].split("group=")[1]}
     assert len(groups) == 2  # each controller has its own IOMMU group
     assert set(res.stdout.split()[-3:]) >= {"vfio", *groups}
+
+
+def test_guest_timeout_kills_qemu_and_says_so(guest) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from scripts.vm.guest import GuestError
+
+    with pytest.raises(GuestError, match="did not finish within 8 s") as info:
+        guest("echo started; sleep 600", timeout=8)
+    pid = info.value.qemu_pid
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):  # killed and reaped: no QEMU left behind
+        os.kill(pid, 0)
