@@ -161,3 +161,26 @@ def test_amitools_reads_what_we_wrote_to_ffs(cli_mount, tmp_path: Path) -> None:
         assert got == (src / f"file{i}.bin").read_bytes(), i
     got = amitools_read(image, "DH0", "fromlinux/Ünter Verzeichnis/tiefer/Grüße.txt", tmp_path / "o.txt")
     assert got == (src / "Ünter Verzeichnis" / "tiefer" / "Grüße.txt").read_bytes()
+
+
+@pytest.mark.parametrize(("image_name", "part", "hardlinks"), WRITABLE[:2])
+def test_full_volume_gives_enospc_and_stays_clean(cli_mount, tmp_path: Path, image_name: str,
+                                                  part: str, hardlinks: bool) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "disk.hdf"
+    shutil.copyfile(shared_image(image_name), image)
+    mnt = cli_mount(image)
+    root = mnt / part
+    free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
+    proc = subprocess.run(["dd", "if=/dev/zero", f"of={root / 'fill.bin'}", "bs=1M",
+                           f"count={free // (1 << 20) + 8}", "conv=fsync"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "No space left on device" in proc.stderr, proc.stderr
+    with pytest.raises(OSError) as exc:
+        for i in range(200):  # metadata too: creating files on a full volume fails cleanly
+            (root / f"small{i}").write_bytes(b"x" * 4096)
+    assert exc.value.errno == errno.ENOSPC
+    assert (root / "README.txt").read_bytes()  # still readable
+    os.unlink(root / "fill.bin")
+    (root / "after.txt").write_bytes(b"space again")
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    assert check_image(image) == {part: []}
