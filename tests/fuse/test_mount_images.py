@@ -225,3 +225,41 @@ def test_unformatted_partitions_are_reported_not_shown(cli_mount) -> None:  # ty
     assert err.count("not mounted: no filesystem") + err.count("cannot be mounted") == 6
     assert "nothing to mount" in err
     assert not is_mounted(mnt)
+
+
+def test_corrupt_block_gives_eio_and_the_rest_still_works(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A file header with a bad checksum: that file fails with EIO, the mount and the other
+    files keep working, and the image is not written."""
+    image = tmp_path / "disk.hdf"
+    image.write_bytes(shared_image("handler/ffs_dos3_v40.hdf.gz").read_bytes())
+    header_block = 256 + 65443  # partition start + README.txt's file header (checked below)
+    with open(image, "r+b") as f:
+        f.seek(header_block * 512)
+        block = bytearray(f.read(512))
+        assert block[432:443] == b"\x0aREADME.txt"  # BCPL name of the file header
+        block[300] ^= 0xFF  # inside the block table: the checksum no longer verifies
+        f.seek(header_block * 512)
+        f.write(block)
+    before = image.read_bytes()
+    mnt = cli_mount(image, options="backend=file,ro")
+    root = mnt / "DH0"
+    with pytest.raises(OSError) as exc:
+        (root / "README.txt").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert len((root / "sizes" / "size_0065537.bin").read_bytes()) == 65537
+    assert "nested" in os.listdir(root / "nested" / "..")
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    assert image.read_bytes() == before
+
+
+def test_truncated_image_is_refused_with_the_reason(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An image cut short (a partial download): the partition that no longer fits is not
+    mounted, and the message says why."""
+    image = tmp_path / "disk.hdf"
+    data = shared_image("handler/ffs_dos3_v40.hdf.gz").read_bytes()
+    image.write_bytes(data[: len(data) // 2 + 12345])
+    mnt = cli_mount(image, options="backend=file,ro", expect_ok=False)
+    proc = cli_mount.last
+    assert proc.returncode == 2
+    assert "DH0" in proc.stderr and "past the end of the disk" in proc.stderr, proc.stderr
+    assert not is_mounted(mnt)
