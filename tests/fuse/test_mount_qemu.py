@@ -126,3 +126,22 @@ def test_mount_disks_of_a_running_qemu(cli_mount, tmp_path: Path) -> None:  # ty
     assert check_image(image) == {"SDH0": []}
     again = cli_mount(image, options="backend=file,ro")
     assert (again / "SDH0" / "via_running_qemu.txt").read_bytes() == b"hello through a user's QEMU\n" * 1000
+
+
+def test_two_images_on_one_controller(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two SOURCE images: two SCSI targets of one controller, their partitions side by side
+    (the second disk's DH0 is not renamed: the first disk's partition is SDH0)."""
+    a = tmp_path / "a.hdf"
+    b = tmp_path / "b.hdf"
+    shutil.copyfile(shared_image("handler/sfs0_v1277.hdf.gz"), a)
+    shutil.copyfile(shared_image("handler/ffs_dos3_v40.hdf.gz"), b)
+    mnt = cli_mount(a, b)
+    assert sorted(os.listdir(mnt)) == ["DH0", "SDH0"]
+    assert os.getxattr(mnt / "DH0", "user.amiga.dostype") == b"DOS\\3"
+    (mnt / "DH0" / "x").write_bytes(b"ffs")
+    (mnt / "SDH0" / "x").write_bytes(b"sfs")
+    os.symlink("../SDH0/x", mnt / "DH0" / "to_sfs")  # across partitions: stored as SDH0:x
+    assert (mnt / "DH0" / "to_sfs").read_bytes() == b"sfs"
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    again = cli_mount(b, options="backend=file,ro")
+    assert os.readlink(again / "DH0" / "to_sfs") == "SDH0:x"  # dangling without SDH0 mounted
