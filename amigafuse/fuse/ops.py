@@ -425,8 +425,8 @@ class AmigaOperations(pyfuse3.Operations):
             slot, object_id = self._resolve(fh)
             return await self._writable(slot).write(object_id, off, buf)
 
-    async def flush(self, fh: Any) -> None:
-        return None
+    # No flush(): pyfuse3 answers ENOSYS and the kernel stops sending FLUSH on every
+    # close() (it still writes back its dirty pages first); durability is fsync/umount.
 
     async def release(self, fh: Any) -> None:
         return None
