@@ -300,6 +300,7 @@ class QtestBackend(Backend):
         #: Posted writes wait for the next flush (or the writer, one batch later).
         self.cork_posted_writes = True
         self._write_blocked = False  # the socket buffer is full: only the writer sends
+        self._send_failure: str | None = None  # a send failed; the writer reports it
         self._dead_reason: str | None = None
         self._posted_error: BaseException | None = None
         self._irq_pending = False
@@ -391,8 +392,13 @@ class QtestBackend(Backend):
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._mark_dead(f"sending to the qtest socket failed: {exc}")
-            raise self.gone_error() from exc
+            # QEMU is going away.  Let the writer task report it once QEMU's exit
+            # status is known; the commands already issued fail then, with it.
+            self._send_failure = f"sending to the qtest socket failed: {exc}"
+            self._outbuf.clear()
+            self._write_blocked = True
+            self._writer_wakeup.set()
+            return
         del self._outbuf[:sent]
         if self._outbuf:
             self._write_blocked = True  # the writer task waits until writable
@@ -414,6 +420,9 @@ class QtestBackend(Backend):
 
     async def _writer(self) -> None:
         while self._dead_reason is None:
+            if self._send_failure is not None:
+                await self._connection_lost(self._send_failure)
+                return
             if not self._outbuf:
                 self._flush_scheduled = False
                 self._writer_wakeup = trio.Event()
@@ -431,7 +440,7 @@ class QtestBackend(Backend):
                 self._write_blocked = True
                 continue
             except OSError as exc:
-                self._mark_dead(f"sending to the qtest socket failed: {exc}")
+                await self._connection_lost(f"sending to the qtest socket failed: {exc}")
                 return
             del self._outbuf[:sent]
             self._write_blocked = bool(self._outbuf)

@@ -207,7 +207,8 @@ class SplitRing(Generic[T]):
     def add_indirect_table(self, table_address: int, count: int, token: T) -> int:
         """Queue a request whose indirect table of ``count`` descriptors the caller has
         already written at ``table_address`` (the fast path of :meth:`add_indirect`)."""
-        self._check_usable()
+        if self.broken is not None:
+            self._check_usable()
         if not self._free:
             raise ValueError("no free descriptor")
         head = self._free.pop()

@@ -193,6 +193,12 @@ class _Slot:
         self.written = 0
         self.error: BaseException | None = None
 
+    def abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        """Its caller was cancelled before completion: the completion path frees it."""
+        self.task = None
+        self.state = _ABANDONED
+        return trio.lowlevel.Abort.SUCCEEDED
+
 
 # Indirect tables written in one pack: (address, length, flags, next) per descriptor.
 _F_NEXT, _F_WRITE = 1, 2
@@ -417,14 +423,7 @@ class VirtioScsiController:
     async def _wait(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
         if slot.state == _IN_FLIGHT:
             slot.task = trio.lowlevel.current_task()
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                # Cancelled before completion: the completion path will free the slot.
-                slot.task = None
-                slot.state = _ABANDONED
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await trio.lowlevel.wait_task_rescheduled(slot.abort)
         else:
             try:
                 await trio.lowlevel.checkpoint()
@@ -436,13 +435,20 @@ class VirtioScsiController:
             if slot.error is not None:
                 raise _fresh(slot.error)
             lay = slot.layout
-            response, status, sense, residual = unpack_cmd_resp(
-                self._mem[lay.response : lay.response + self._resp_len],
-                self._sense_size,
-                data_in_len,
+            mem = self._mem
+            sense_len, residual, _qualifier, status, response = _RESP_HEAD.unpack_from(
+                mem, lay.response
             )
+            # distrust the device: clamp what it claims (as unpack_cmd_resp does)
+            if sense_len:
+                sense_start = lay.response + _RESP_HEAD.size
+                sense = bytes(mem[sense_start : sense_start + min(sense_len, self._sense_size)])
+            else:
+                sense = b""
+            if residual > data_in_len:
+                residual = data_in_len
             got = data_in_len - residual
-            data = bytes(self._mem[lay.data : lay.data + got]) if got else b""
+            data = bytes(mem[lay.data : lay.data + got]) if got else b""
         finally:
             self._release(slot)
         return ScsiCommandResult(response, status, sense, data, residual)
