@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     pid: int | None = None
     try:
         pid = int(pid_file(mountpoint).read_text().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"amigafuse" not in f.read():
+                pid = None  # a stale pid file whose number now belongs to someone else
     except (OSError, ValueError, IndexError):
         pid = None
     if args.lazy:

@@ -81,3 +81,25 @@ def test_mount_helper_translates_mount_arguments() -> None:
     assert translate(["img", "/mnt", "-o", "rw,uid=5", "-n", "-sv"]) == [
         "mount", "-o", "rw,uid=5", "--", "img", "/mnt"]
     assert translate(["-f", "img", "/mnt", "-orw"]) == ["mount", "-f", "-o", "rw", "--", "img", "/mnt"]
+
+
+def test_install_helper_writes_and_uninstalls_only_its_files(tmp_path: Path) -> None:
+    inst = tmp_path / "inst"
+    (inst / "bin").mkdir(parents=True)
+    foreign = inst / "bin" / "other-tool"
+    foreign.write_text("#!/bin/sh\n")
+    assert amigafuse("install-helper", "--prefix", str(inst), "--sbin", str(inst / "sbin")).returncode == 0
+    wrapper = inst / "bin" / "amigafuse"
+    assert os.access(wrapper, os.X_OK)
+    out = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("amigafuse ")
+    helper = subprocess.run([str(inst / "sbin" / "mount.fuse.amigafuse"), "--help"],
+                            capture_output=True, text=True, check=False)
+    assert helper.returncode == 0 and "mount.amigafuse" in helper.stdout
+    proc = amigafuse("install-helper", "--uninstall", "--prefix", str(inst), "--sbin", str(inst / "sbin"))
+    assert proc.returncode == 0
+    assert not wrapper.exists() and not (inst / "sbin" / "mount.amigafuse").exists()
+    assert foreign.exists()  # not ours: left alone
+    (inst / "bin" / "amigafuse").write_text("#!/bin/sh\necho someone else's\n")
+    proc = amigafuse("install-helper", "--prefix", str(inst), "--sbin", str(inst / "sbin"))
+    assert proc.returncode == 1 and "was not written by amigafuse" in proc.stderr
