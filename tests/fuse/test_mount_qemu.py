@@ -26,11 +26,24 @@ from tests.fuse.test_mount_images import check_against_manifest
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(entry))
+    return kids
+
+
 def _qemu_children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
-    kids = [int(x) for x in out.split()]
     found = []
-    for k in kids:
+    for k in _children(pid):
         try:
             exe = os.readlink(f"/proc/{k}/exe")
         except OSError:
