@@ -46,8 +46,8 @@ exit 0
 """
 
 
-@pytest.mark.parametrize("mode", ["sbin", "mount.fuse3"])
-def test_fstab_mount_a_in_private_namespace(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "backend"), [("sbin", "file"), ("mount.fuse3", "file"), ("sbin", "qemu")])
+def test_fstab_mount_a_in_private_namespace(tmp_path: Path, mode: str, backend: str) -> None:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.fail("this test needs root and unshare (util-linux)")
     image = tmp_path / "disk.hdf"
@@ -62,7 +62,7 @@ def test_fstab_mount_a_in_private_namespace(tmp_path: Path, mode: str) -> None:
     fstab = tmp_path / "fstab"
     fstab.write_text(
         f"# test fstab\n{image} {mnt} fuse.amigafuse "
-        "rw,backend=file,uid=1000,gid=100,umask=022,nofail,x-systemd.automount,_netdev 0 0\n"
+        f"rw,backend={backend},uid=1000,gid=100,umask=022,nofail,x-systemd.automount,_netdev 0 0\n"
     )
     script = tmp_path / "ns.sh"
     script.write_text(NS_SCRIPT)
