@@ -11,17 +11,17 @@ Invariants:
   every reply that creates a kernel reference (lookup, create, mkdir, symlink, link,
   mknod, readdirplus entries) goes through ``InodeTable.ref``.
 * The kernel caches entries and attributes for ``ENTRY_TIMEOUT``/``ATTR_TIMEOUT``.  Only
-  this process changes the volume (a lock per image and partition keeps others out), so
-  the caches are invalidated here when a change is one the kernel cannot see: a
-  protection change through the xattr (mode), and names the kernel learnt in another
-  case (case-insensitive lookups) when the object is removed or renamed.
+  this process changes the volume (a lock per image and partition keeps others out), and
+  the kernel updates its caches for the changes it asks for itself.  What it cannot see
+  is handled here: a protection change through the xattr (the mode) is invalidated, and
+  a name found in another case than stored ("FOO" for "foo") is answered with entry
+  timeout 0, so that second name is never cached and cannot outlive an unlink or rename
+  of the real one.
 * Concurrency: handlers run as concurrent trio tasks.  Table updates happen between
   awaits (no await inside a read-modify-write of the table), so they need no lock; the
   engine serialises its own work (fs.api contract).  The kernel serialises requests
-  that change one directory (it holds the directory's lock), so the lookups unlink,
-  rmdir and rename make before changing a name see the state the change applies to;
-  what they find is used only to invalidate other-case aliases, so a race costs at most
-  a stale alias until ENTRY_TIMEOUT, never a wrong result.
+  that change one directory (it holds the directory's lock), so the lookups rename makes
+  before renaming (the moved inode, RENAME_NOREPLACE) see the state the rename applies to.
 """
 
 from __future__ import annotations
@@ -126,8 +126,6 @@ class AmigaOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
-        # object -> names the kernel learnt for it in another case: (parent inode, name)
-        self._aliases: dict[int, set[tuple[int, bytes]]] = {}
         self.volume_roots: dict[int, int] = {}  # inode -> slot
         if single:
             self.table.pin_root(0, self.volumes[0].volume.root_id)
@@ -217,22 +215,6 @@ class AmigaOperations(pyfuse3.Operations):
                 return slot
         return None
 
-    def _note_alias(self, parent: int, raw: bytes, st: Stat, inode: int) -> None:
-        canonical = mapping.name_to_fuse(st.name)
-        if canonical is not None and canonical != raw:
-            self._aliases.setdefault(inode, set()).add((parent, raw))
-
-    def _drop_aliases(self, inode: int | None) -> None:
-        if inode is None:
-            return
-        for parent, raw in self._aliases.pop(inode, set()):
-            try:
-                pyfuse3.invalidate_entry_async(
-                    parent, raw, ignore_enoent=True
-                )
-            except Exception:  # the notification is an optimisation; never fail the request
-                log.debug("invalidate_entry_async failed", exc_info=True)
-
     async def _invalidate_attrs(self, inode: int) -> None:
         def run() -> None:
             try:
@@ -262,14 +244,15 @@ class AmigaOperations(pyfuse3.Operations):
             volume = self.volumes[slot].volume
             st = await volume.lookup(object_id, self._name(slot, name))
             attrs = self._entry(slot, st, parent_inode)
-            self._note_alias(parent_inode, name, st, int(attrs.st_ino))
+            if mapping.name_to_fuse(st.name) != name:
+                # Found under another case ("FOO" for "foo"): the kernel must not cache
+                # this second name, or it would outlive an unlink/rename of the real one.
+                attrs.entry_timeout = 0
             return attrs
 
     async def forget(self, inode_list: Any) -> None:
         for inode, count in inode_list:
             self.table.forget(inode, count)
-            if self.table.resolve(inode) is None:
-                self._aliases.pop(inode, None)
 
     async def getattr(self, inode: Any, ctx: Any = None) -> pyfuse3.EntryAttributes:
         with _translate("getattr", inode):
@@ -521,19 +504,13 @@ class AmigaOperations(pyfuse3.Operations):
         with _translate("unlink", parent_inode, name):
             slot, dir_id = self._resolve(parent_inode)
             volume = self._writable(slot)
-            amiga_name = self._name(slot, name)
-            victim = await self._lookup_inode(slot, dir_id, amiga_name)
-            await volume.unlink(dir_id, amiga_name)
-            self._drop_aliases(victim)
+            await volume.unlink(dir_id, self._name(slot, name))
 
     async def rmdir(self, parent_inode: Any, name: Any, ctx: Any) -> None:
         with _translate("rmdir", parent_inode, name):
             slot, dir_id = self._resolve(parent_inode)
             volume = self._writable(slot)
-            amiga_name = self._name(slot, name)
-            victim = await self._lookup_inode(slot, dir_id, amiga_name)
-            await volume.rmdir(dir_id, amiga_name)
-            self._drop_aliases(victim)
+            await volume.rmdir(dir_id, self._name(slot, name))
 
     async def rename(
         self, parent_inode_old: Any, name_old: Any, parent_inode_new: Any, name_new: Any, flags: int, ctx: Any
@@ -549,21 +526,16 @@ class AmigaOperations(pyfuse3.Operations):
             src = self._name(slot, name_old)
             dst = self._name(slot, name_new)
             moved = await self._lookup_inode(slot, src_dir, src)
-            replaced = None
-            try:
-                st_dst = await volume.lookup(dst_dir, dst)
-            except AmigaFuseError:
-                st_dst = None
-            if st_dst is not None:
-                st_src = await volume.lookup(src_dir, src)
-                same = st_src.object_id == st_dst.object_id
-                if flags & pyfuse3.RENAME_NOREPLACE and not (same and src_dir == dst_dir):
-                    raise FUSEError(errno.EEXIST)
-                if not same:
-                    replaced = self.table.find(slot, st_dst.object_id)
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                try:
+                    st_dst = await volume.lookup(dst_dir, dst)
+                except AmigaFuseError:
+                    st_dst = None
+                if st_dst is not None:
+                    st_src = await volume.lookup(src_dir, src)
+                    if not (st_src.object_id == st_dst.object_id and src_dir == dst_dir):
+                        raise FUSEError(errno.EEXIST)
             await volume.rename(src_dir, src, dst_dir, dst)
-            self._drop_aliases(moved)
-            self._drop_aliases(replaced)
             if moved is not None:
                 entry = self.table.resolve(moved)
                 if entry is not None:

@@ -204,3 +204,38 @@ def test_engine_errors_become_errnos_and_the_mount_survives(memory_mount) -> Non
     err = s.stderr()
     assert "bad checksum (block 5, field checksum)" in err  # EIO causes are logged
     assert "an engine bug" in err
+
+
+def test_names_learnt_in_another_case_go_away_with_the_file(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount().mountpoint
+    (m / "foo").write_bytes(b"x")
+    assert os.stat(m / "FOO").st_ino == os.stat(m / "foo").st_ino  # the kernel now caches "FOO"
+    os.unlink(m / "foo")
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "FOO")  # invalidated at once, not after the 60 s entry timeout
+    (m / "bar").write_bytes(b"y")
+    os.stat(m / "BAR")
+    os.rename(m / "bar", m / "baz")
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "BAR")
+    assert (m / "BAZ").read_bytes() == b"y"
+
+
+def test_rename_noreplace_and_exchange(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+
+    def renameat2(a: Path, b: Path, flags: int) -> int:
+        r = libc.renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), flags)
+        return 0 if r == 0 else ctypes.get_errno()
+
+    m = memory_mount().mountpoint
+    (m / "a").write_bytes(b"A")
+    (m / "b").write_bytes(b"B")
+    assert renameat2(m / "a", m / "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert (m / "b").read_bytes() == b"B"
+    assert renameat2(m / "a", m / "c", 1) == 0
+    assert (m / "c").read_bytes() == b"A"
+    assert renameat2(m / "c", m / "b", 2) == errno.EINVAL  # RENAME_EXCHANGE: not supported
