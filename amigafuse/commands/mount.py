@@ -109,20 +109,30 @@ def run(args: argparse.Namespace) -> int:
     def child(ready: Callable[[], None], fail: Callable[[str], None]) -> int:
         def live() -> None:
             ready()  # the parent exits 0 now; stdio goes to /dev/null
-            _setup_logging(plan.debug, daemon=True)
+            _setup_logging(plan.debug, daemon=True, mountpoint=plan.mountpoint)
 
         return _child(plan, live, fail)
 
     return daemonize(child)
 
 
-def _setup_logging(debug: bool, *, daemon: bool) -> None:
+def _setup_logging(debug: bool, *, daemon: bool, mountpoint: str = "") -> None:
+    """stderr in the foreground; a daemon logs to syslog, or without one to
+    RUN_DIR/mount-<hash>.log (the pid file's name with .log)."""
     root = logging.getLogger("amigafuse")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     handler: logging.Handler
     if daemon and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("amigafuse[%(process)d]: %(message)s"))
+    elif daemon:
+        from amigafuse.fuse.session import pid_file
+
+        try:
+            handler = logging.FileHandler(pid_file(mountpoint).with_suffix(".log"))
+        except OSError:
+            handler = logging.NullHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s amigafuse[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("amigafuse: %(message)s"))

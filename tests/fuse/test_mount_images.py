@@ -250,6 +250,11 @@ def test_corrupt_block_gives_eio_and_the_rest_still_works(cli_mount, tmp_path: P
     assert "nested" in os.listdir(root / "nested" / "..")
     assert amigafuse("umount", str(mnt)).returncode == 0
     assert image.read_bytes() == before
+    if not os.path.exists("/dev/log"):  # no syslog here: the daemon logs beside its pid file
+        from amigafuse.fuse.session import pid_file
+
+        log = pid_file(str(mnt)).with_suffix(".log").read_text()
+        assert "checksum" in log and "README.txt" in log, log
 
 
 def test_truncated_image_is_refused_with_the_reason(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
