@@ -1,9 +1,8 @@
 """``amigafuse mount`` through the VirtIO SCSI driver (the default backend): a real QEMU
 started and driven by the mount process.  Contents match the handler's manifest; a QEMU
 that dies makes I/O fail with EIO instead of hanging, and the mount can still be
-unmounted.  (Two processes mounting two partitions of one image through two QEMUs needs
-the driver to open images with file.locking=off: QEMU's own image lock refuses the
-second QEMU today.  With backend=file it works: test_two_mounts.py.)"""
+unmounted.  (Two processes on two partitions of one image, each with its own QEMU:
+test_two_mounts.py.)"""
 
 from __future__ import annotations
 

@@ -20,18 +20,20 @@ from tests.fuse.conftest import (
 pytestmark = pytest.mark.fuse
 
 
-def test_two_processes_two_partitions_of_one_image(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("backend", ["file", pytest.param("qemu", marks=pytest.mark.qemu)])
+def test_two_processes_two_partitions_of_one_image(cli_mount, tmp_path: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """With the driver each process has its own QEMU on the same image file."""
     image = make_two_partition_sfs_disk(tmp_path / "two.hdf")
     src = make_tree(tmp_path / "src")
-    m0 = cli_mount(image, options="backend=file,partition=DH0")
-    m1 = cli_mount(image, options="backend=file,partition=DH1")
+    m0 = cli_mount(image, options=f"backend={backend},partition=DH0")
+    m1 = cli_mount(image, options=f"backend={backend},partition=DH1")
     assert os.getxattr(m0, "user.amiga.volume") == b"VolDH0"
     assert os.getxattr(m1, "user.amiga.volume") == b"VolDH1"
     os.system(f"cp -a '{src}' '{m0}/t0' && cp -a '{src}' '{m1}/t1'")
     (m0 / "only0").write_bytes(b"zero")
     (m1 / "only1").write_bytes(b"one")
     # the same partition again: refused, with who holds it
-    again = cli_mount(image, options="backend=file,partition=dh1", expect_ok=False)
+    again = cli_mount(image, options=f"backend={backend},partition=dh1", expect_ok=False)
     assert cli_mount.last.returncode == 1 and "already mounted" in cli_mount.last.stderr
     assert str(m1) in cli_mount.last.stderr
     assert amigafuse("umount", str(m0)).returncode == 0

@@ -169,10 +169,15 @@ def qemu_command(
             conf = Path(blkdebug_dir) / f"blkdebug{index}.conf"
             conf.write_text(rules)
             filename = f"blkdebug:{conf}:{path}"
+            locking: list[str] = []
         else:
             filename = path
+            # QEMU locks the whole image; amigafuse locks each partition itself (see
+            # fuse/session.py), so two processes may serve two partitions of one image.
+            locking = ["file.locking=off"]
         drive = [
             f"file={_escape_opt(filename)}",
+            *locking,
             "if=none",
             f"id=vd{index}",
             "format=raw",
