@@ -106,8 +106,7 @@ class FfsBench(Bench):
     def prepare(self) -> None:
         from amigafuse.fs.ffs import format_volume
 
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_BYTES)
+        allocate_image(self.image)
 
         async def run() -> None:
             dev = FileBlockDevice(str(self.image))
@@ -258,8 +257,7 @@ class SfsBench(FfsBench):
     def prepare(self) -> None:
         from amigafuse.fs.sfs import format_volume
 
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_BYTES)
+        allocate_image(self.image)
 
         async def run() -> None:
             dev = FileBlockDevice(str(self.image))
@@ -277,6 +275,15 @@ class SfsBench(FfsBench):
 
 BENCHES: dict[str, type[Bench]] = {"ffs": FfsBench, "amitools": AmitoolsBench}
 BENCHES["sfs"] = SfsBench
+
+
+def allocate_image(path: Path) -> None:
+    """A fully written (not sparse) image of zeros: reading a hole costs nothing, so a
+    sparse image would make the raw-read baseline measure holes, not data."""
+    chunk = bytes(16 * MIB)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_BYTES // len(chunk)):
+            f.write(chunk)
 
 
 def drop_cache_of(path: Path) -> None:
