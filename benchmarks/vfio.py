@@ -199,8 +199,9 @@ async def bench_all(
                         started = time.monotonic()
                         await attempt(bname, bench.one_pass(name, jobs, depth, write))
                         print(f"{bname} {name} {time.monotonic() - started:.1f}s", file=sys.stderr)
-        for bench in benches.values():
-            await bench.disk.flush()
+        for bname, bench in benches.items():
+            if bname not in failed:
+                await attempt(bname, bench.disk.flush())
     for name, bench in benches.items():
         out[name] = bench.results
     return out
