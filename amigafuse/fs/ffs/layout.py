@@ -467,12 +467,22 @@ class FileExtBlock:
 
     @classmethod
     def unpack(cls, data: bytes) -> FileExtBlock:
+        return cls.unpack_summed(data)[0]
+
+    @classmethod
+    def unpack_summed(cls, data: bytes) -> tuple[FileExtBlock, int]:
+        """The block and the sum of its longs (0 when the checksum verifies), from one
+        unpack of the whole block: a 64 MiB file has ~1,800 of these to read."""
         b = len(data)
         n = table_size(b)
-        typ, key, high_seq, data_size, first_data, chksum = struct.unpack_from(">6L", data, 0)
-        table = struct.unpack_from(f">{n}L", data, 24)
-        parent, extension, sec_type = struct.unpack_from(">2Ll", data, b - 12)
-        return cls(b, typ, key, high_seq, data_size, first_data, chksum, table, bytes(data[b - 200 : b - 12]), parent, extension, sec_type)
+        longs = struct.unpack(f">{b // 4}L", data)
+        typ, key, high_seq, data_size, first_data, chksum = longs[:6]
+        sec_type = longs[-1] - (1 << 32) if longs[-1] & 0x80000000 else longs[-1]
+        block = cls(
+            b, typ, key, high_seq, data_size, first_data, chksum, longs[6 : 6 + n],
+            bytes(data[b - 200 : b - 12]), longs[-3], longs[-2], sec_type,
+        )  # fmt: skip
+        return block, sum(longs) & 0xFFFFFFFF
 
     def pack(self) -> bytes:
         b = self.block_size

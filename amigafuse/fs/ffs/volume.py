@@ -203,17 +203,17 @@ class FfsVolumeBase:
                 if b == block or b in self._meta:
                     continue
                 piece = raw[i * bs : (i + 1) * bs]
-                if piece[:4] != b"\0\0\0\x10" or not verify_checksum(piece):
+                if piece[:4] != b"\0\0\0\x10":
                     continue
-                x = FileExtBlock.unpack(piece)
-                if x.header_key == b and x.parent == owner and x.high_seq <= self.ht_size:
+                x, total = FileExtBlock.unpack_summed(piece)
+                if total == 0 and x.header_key == b and x.parent == owner and x.high_seq <= self.ht_size:
                     self._remember(b, x)
             data = raw[(block - lo) * bs : (block - lo + 1) * bs]
-            if not verify_checksum(data):
+            x, total = FileExtBlock.unpack_summed(data)
+            if total != 0:
                 raise ChecksumError("block checksum does not verify", block=block, field="chksum")
         else:
-            data = await self._read_checked(block, owner, "extension")
-        x = FileExtBlock.unpack(data)
+            x = FileExtBlock.unpack(await self._read_checked(block, owner, "extension"))
         if x.type != T_LIST or x.header_key != block or x.high_seq > self.ht_size:
             raise CorruptError("bad file extension block", block=block, field="type/header_key/high_seq")
         self._remember(block, x)
@@ -506,9 +506,7 @@ class FfsVolumeBase:
             step = ext - prev if prev and abs(ext - prev) == 1 else 0
             x = await self._ext(ext, block, step * min(max(left - 1, 0), 64))
             prev = ext
-            more = list(x.table[n - x.high_seq :])
-            more.reverse()
-            data.extend(more)
+            data.extend(reversed(x.table[n - x.high_seq :]))
             exts.append(ext)
             ext = x.extension
         if data and (min(data) < self.reserved or max(data) >= self.block_count):
