@@ -15,11 +15,17 @@ Invariants (checked by tests/unit/test_virtio_ring.py, including a state machine
 * 16-bit indices wrap: ``avail_idx`` and ``last_used_idx`` are kept modulo 2**16.
 * With VIRTIO_RING_F_EVENT_IDX, kicks are suppressed with ``vring_need_event`` over the
   device's ``avail_event``, and interrupts are requested by writing ``used_event``.
+* Memory ordering: the device runs on another CPU.  x86 keeps stores in order and loads
+  in order, but lets a load pass an earlier store (the store buffer).  So a full fence
+  stands between storing ``avail->idx`` and loading the device's suppression state, and
+  between storing ``used_event`` and loading ``used->idx`` (virtio's virtio_mb()); without
+  it both sides can decide the other will act, and a request waits forever.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -37,6 +43,15 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 T = TypeVar("T")
+
+_FENCE_LOCK = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: CPython's lock acquire is an atomic read-modify-write
+    (a locked instruction on x86), which no load or store crosses."""
+    with _FENCE_LOCK:
+        pass
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -236,6 +251,7 @@ class SplitRing(Generic[T]):
         (read the device's suppression state *after* publishing)."""
         if old_idx == new_idx:
             return False
+        full_fence()  # our avail->idx store must be visible before we read avail_event
         if self.event_idx:
             avail_event = _U16.unpack_from(self.mem, self._avail_event_off)[0]
             return vring_need_event(avail_event, new_idx, old_idx)
@@ -289,6 +305,7 @@ class SplitRing(Generic[T]):
             _U16.pack_into(self.mem, self._used_event_off, (self.last_used_idx + after) & 0xFFFF)
         else:
             _U16.pack_into(self.mem, self._avail_flags, 0)
+        full_fence()  # used_event must be visible before we look at used->idx again
         return self.has_used()
 
     def disable_interrupts(self) -> None:
