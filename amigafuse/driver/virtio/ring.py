@@ -20,11 +20,17 @@ Invariants (checked by tests/unit/test_virtio_ring.py, including a state machine
   stands between storing ``avail->idx`` and loading the device's suppression state, and
   between storing ``used_event`` and loading ``used->idx`` (virtio's virtio_mb()); without
   it both sides can decide the other will act, and a request waits forever.
+* Every 16-bit ring field the device may read or write while we run (indices, flags,
+  events, avail entries) is stored and loaded as ONE 16-bit access through a ``'H'``
+  view.  ``struct.pack_into`` writes byte by byte: QEMU once read a torn ``avail->idx``
+  crossing a 256 boundary (0x01FF -> 0x0100 half-written), took it for 65,000 new
+  requests and stopped with "Virtqueue size exceeded".
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -39,7 +45,6 @@ VRING_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 T = TypeVar("T")
@@ -113,6 +118,11 @@ class SplitRing(Generic[T]):
         self.size = layout.queue_size
         self.event_idx = event_idx
         mem[: layout.total_bytes] = bytes(layout.total_bytes)
+        if sys.byteorder != "little":
+            raise NotImplementedError("the split ring's 16-bit view assumes a little-endian host")
+        if layout.total_bytes % 2 or layout.avail_offset % 2 or layout.used_offset % 2:
+            raise ValueError("ring layout offsets must be even for 16-bit accesses")
+        self._words = mem[: layout.total_bytes].cast("B").cast("H")
         self._desc = layout.desc_offset
         self._avail_flags = layout.avail_offset
         self._avail_idx_off = layout.avail_offset + 2
@@ -131,11 +141,19 @@ class SplitRing(Generic[T]):
         self.avail_idx = start  # next avail index we will fill (shadow of avail->idx)
         self.published_idx = start  # avail->idx as the device sees it
         self.last_used_idx = start  # next used index we will consume
-        _U16.pack_into(mem, self._avail_idx_off, start)
-        _U16.pack_into(mem, self._used_idx_off, start)
+        self._store16(self._avail_idx_off, start)
+        self._store16(self._used_idx_off, start)
         self.broken: str | None = None
 
     # ------------------------------------------------------------------ state
+
+    def _store16(self, byte_offset: int, value: int) -> None:
+        """One 16-bit store (little-endian host), never two byte stores."""
+        self._words[byte_offset >> 1] = value
+
+    def _load16(self, byte_offset: int) -> int:
+        value: int = self._words[byte_offset >> 1]
+        return value
 
     @property
     def num_free(self) -> int:
@@ -158,7 +176,7 @@ class SplitRing(Generic[T]):
         _DESC.pack_into(self.mem, offset, address, length, flags, nxt)
 
     def _push_avail(self, head: int, token: T) -> None:
-        _U16.pack_into(self.mem, self._avail_ring + 2 * (self.avail_idx % self.size), head)
+        self._store16(self._avail_ring + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self._tokens[head] = token
 
@@ -232,7 +250,7 @@ class SplitRing(Generic[T]):
             VRING_DESC_F_INDIRECT, 0,
         )  # fmt: skip
         self._chains[head] = [head]
-        _U16.pack_into(self.mem, self._avail_ring + 2 * (self.avail_idx % self.size), head)
+        self._store16(self._avail_ring + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self._tokens[head] = token
         return head
@@ -242,7 +260,7 @@ class SplitRing(Generic[T]):
         for :meth:`kick_needed`."""
         old = self.published_idx
         new = self.avail_idx
-        _U16.pack_into(self.mem, self._avail_idx_off, new)
+        self._store16(self._avail_idx_off, new)
         self.published_idx = new
         return old, new
 
@@ -253,16 +271,16 @@ class SplitRing(Generic[T]):
             return False
         full_fence()  # our avail->idx store must be visible before we read avail_event
         if self.event_idx:
-            avail_event = _U16.unpack_from(self.mem, self._avail_event_off)[0]
+            avail_event = self._load16(self._avail_event_off)
             return vring_need_event(avail_event, new_idx, old_idx)
-        flags = _U16.unpack_from(self.mem, self._used_flags)[0]
+        flags = self._load16(self._used_flags)
         return not flags & VRING_USED_F_NO_NOTIFY
 
     # ------------------------------------------------------------------ complete
 
     def used_idx(self) -> int:
         """The device's used->idx."""
-        value: int = _U16.unpack_from(self.mem, self._used_idx_off)[0]
+        value: int = self._load16(self._used_idx_off)
         return value
 
     def has_used(self) -> bool:
@@ -302,9 +320,9 @@ class SplitRing(Generic[T]):
         interrupt may have been suppressed).
         """
         if self.event_idx:
-            _U16.pack_into(self.mem, self._used_event_off, (self.last_used_idx + after) & 0xFFFF)
+            self._store16(self._used_event_off, (self.last_used_idx + after) & 0xFFFF)
         else:
-            _U16.pack_into(self.mem, self._avail_flags, 0)
+            self._store16(self._avail_flags, 0)
         full_fence()  # used_event must be visible before we look at used->idx again
         return self.has_used()
 
@@ -312,8 +330,8 @@ class SplitRing(Generic[T]):
         """Hint the device not to interrupt (legacy flag; with EVENT_IDX a no-op, since
         used_event already lies behind)."""
         if not self.event_idx:
-            _U16.pack_into(self.mem, self._avail_flags, VRING_AVAIL_F_NO_INTERRUPT)
+            self._store16(self._avail_flags, VRING_AVAIL_F_NO_INTERRUPT)
 
     def used_event(self) -> int:
-        value: int = _U16.unpack_from(self.mem, self._used_event_off)[0]
+        value: int = self._load16(self._used_event_off)
         return value
