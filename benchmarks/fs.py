@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from amigafuse.amiga.dostype import DOS3
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.file import FileBlockDevice
+from amigafuse.fs import Engine, engine_for
 
 MIB = 1 << 20
 IMAGE_BYTES = 256 * MIB
@@ -105,23 +106,26 @@ class FfsBench(Bench):
     def geometry(self) -> VolumeGeometry:
         return VolumeGeometry(dostype=DOS3, fs_block_size=512, fs_block_count=IMAGE_BYTES // 512, reserved=2)
 
-    def prepare(self) -> None:
-        from amigafuse.fs.ffs import format_volume
+    def engine(self) -> Engine:
+        """The engine for this bench's DosType, from the registry (as mount uses it)."""
+        engine = engine_for(self.geometry().dostype)
+        if engine is None:
+            raise SystemExit(f"{self.name}: no engine installed for this DosType")
+        return engine
 
+    def prepare(self) -> None:
         allocate_image(self.image)
 
         async def run() -> None:
             dev = FileBlockDevice(str(self.image))
-            await format_volume(dev, self.geometry(), "Bench")
+            await self.engine().format_volume(dev, self.geometry(), "Bench")
             await dev.aclose()
 
         trio.run(run)
 
     async def _open(self, read_only: bool = False) -> tuple[Any, FileBlockDevice]:
-        from amigafuse.fs.ffs import open_volume
-
         dev = FileBlockDevice(str(self.image), read_only=read_only)
-        return await open_volume(dev, self.geometry(), read_only), dev
+        return await self.engine().open_volume(dev, self.geometry(), read_only), dev
 
     def write_big(self, data: bytes) -> None:
         async def run() -> None:
@@ -255,24 +259,6 @@ class SfsBench(FfsBench):
         from amigafuse.amiga.dostype import SFS0
 
         return VolumeGeometry(dostype=SFS0, fs_block_size=512, fs_block_count=IMAGE_BYTES // 512, reserved=0)
-
-    def prepare(self) -> None:
-        from amigafuse.fs.sfs import format_volume
-
-        allocate_image(self.image)
-
-        async def run() -> None:
-            dev = FileBlockDevice(str(self.image))
-            await format_volume(dev, self.geometry(), "Bench")
-            await dev.aclose()
-
-        trio.run(run)
-
-    async def _open(self, read_only: bool = False) -> tuple[Any, FileBlockDevice]:
-        from amigafuse.fs.sfs import open_volume
-
-        dev = FileBlockDevice(str(self.image), read_only=read_only)
-        return await open_volume(dev, self.geometry(), read_only), dev
 
 
 BENCHES: dict[str, type[Bench]] = {"ffs": FfsBench, "amitools": AmitoolsBench}
