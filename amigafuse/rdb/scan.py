@@ -259,6 +259,54 @@ def geometry_from_envec(env: DosEnvec, *, block_count: int) -> VolumeGeometry:
 ScanGen = Generator[ReadRequest, bytes, DiskLayout]
 
 
+
+@dataclass(frozen=True)
+class _ChainSpec:
+    """How one RDB chain is bounded and how its problems are worded (``str.format``
+    templates: ``{fld}``/``{ptr}`` for loop and length, ``{exc}`` for a failed read,
+    ``{found}`` for a wrong ID).  ``idname`` None: the caller checks the ID itself."""
+
+    chain: str
+    limit: int
+    loop: str
+    too_long: str
+    unreadable: str
+    idname: bytes | None = None
+    id_field: str = ""
+    wrong_id: str = ""
+
+
+_PART_CHAIN = _ChainSpec(
+    "partition", MAX_PARTITIONS,
+    "{fld} points back to block {ptr}: the partition list loops; stopped there",
+    f"more than {MAX_PARTITIONS} PART blocks; the rest are ignored",
+    "cannot read PART block: {exc}; the rest of the partition list is lost",
+    IDNAME_PARTITION, "pb_ID",
+    "expected a PART block, found ID {found!r}; the partition list ends here",
+)  # fmt: skip
+_FSHD_CHAIN = _ChainSpec(
+    "filesystem", MAX_FILESYSTEMS,
+    "{fld} points back to block {ptr}: the filesystem list loops; stopped there",
+    f"more than {MAX_FILESYSTEMS} FSHD blocks; the rest are ignored",
+    "cannot read FSHD block: {exc}",
+    IDNAME_FILESYSHEADER, "fhb_ID",
+    "expected an FSHD block, found ID {found!r}; the filesystem list ends here",
+)  # fmt: skip
+_LSEG_CHAIN = _ChainSpec(
+    "LoadSeg", MAX_LSEG_BLOCKS,
+    "{fld} points back to block {ptr}: the LSEG chain loops; handler incomplete",
+    f"LSEG chain longer than {MAX_LSEG_BLOCKS} blocks; handler incomplete",
+    "cannot read LSEG block: {exc}; handler incomplete",
+    IDNAME_LOADSEG, "lsb_ID",
+    "expected an LSEG block, found ID {found!r}; handler incomplete",
+)  # fmt: skip
+_BADB_CHAIN = _ChainSpec(
+    "bad-block", MAX_BADB_BLOCKS,
+    "{fld} loops or the bad-block list is too long; stopped there",
+    "{fld} loops or the bad-block list is too long; stopped there",
+    "cannot read BADB block: {exc}",
+)  # fmt: skip
+
 class _Scan:
     """State of one scan; methods are generators that yield ReadRequests."""
 
@@ -320,30 +368,45 @@ class _Scan:
             self.problem("warning", "block says RDSK but its checksum is wrong; ignored", blk, "rdb_ChkSum")
         return None
 
+    # ---------------------------------------------------------------- chains
+    def chain_link(
+        self, spec: _ChainSpec, ptr: int, src: int, fld: str, visited: set[int]
+    ) -> Generator[ReadRequest, bytes, bytes | bool]:
+        """One bounded step along an RDB block chain: check the pointer, the loop and
+        length guards, read the block and check its ID.  Returns the block's bytes to
+        go on, True at a proper end of the chain, False when the chain is broken (the
+        problem is recorded with the chain's own words)."""
+        ok = self.pointer_ok(ptr, spec.chain, fld, src)
+        if ok is None:
+            return True
+        if not ok:
+            return False
+        if ptr in visited:
+            self.problem("error", spec.loop.format(fld=fld, ptr=ptr), src, fld)
+            return False
+        if len(visited) >= spec.limit:
+            self.problem("error", spec.too_long.format(fld=fld, ptr=ptr), src, fld)
+            return False
+        visited.add(ptr)
+        self.rdb_blocks.add(ptr)
+        try:
+            data = yield from self.read_rdb_block(ptr)
+        except DeviceError as exc:
+            self.problem("error", spec.unreadable.format(exc=exc), ptr)
+            return False
+        if spec.idname is not None and data[:4] != spec.idname:
+            self.problem("error", spec.wrong_id.format(found=data[:4]), ptr, spec.id_field)
+            return False
+        return data
+
     # ---------------------------------------------------------------- PART chain
     def walk_parts(self, rdsk: RigidDiskBlock, rdsk_block: int) -> Generator[ReadRequest, bytes, list[tuple[int, PartitionBlock]]]:
         found: list[tuple[int, PartitionBlock]] = []
         visited: set[int] = set()
         ptr, src, fld = rdsk.rdb_PartitionList, rdsk_block, "rdb_PartitionList"
         while True:
-            ok = self.pointer_ok(ptr, "partition", fld, src)
-            if not ok:
-                break
-            if ptr in visited:
-                self.problem("error", f"{fld} points back to block {ptr}: the partition list loops; stopped there", src, fld)
-                break
-            if len(visited) >= MAX_PARTITIONS:
-                self.problem("error", f"more than {MAX_PARTITIONS} PART blocks; the rest are ignored", src, fld)
-                break
-            visited.add(ptr)
-            self.rdb_blocks.add(ptr)
-            try:
-                data = yield from self.read_rdb_block(ptr)
-            except DeviceError as exc:
-                self.problem("error", f"cannot read PART block: {exc}; the rest of the partition list is lost", ptr)
-                break
-            if data[:4] != IDNAME_PARTITION:
-                self.problem("error", f"expected a PART block, found ID {data[:4]!r}; the partition list ends here", ptr, "pb_ID")
+            data = yield from self.chain_link(_PART_CHAIN, ptr, src, fld, visited)
+            if not isinstance(data, bytes):
                 break
             part = PartitionBlock.unpack(data)
             if not checksum_ok(data):
@@ -359,24 +422,8 @@ class _Scan:
         visited: set[int] = set()
         ptr, src, fld = rdsk.rdb_FileSysHeaderList, rdsk_block, "rdb_FileSysHeaderList"
         while True:
-            ok = self.pointer_ok(ptr, "filesystem", fld, src)
-            if not ok:
-                break
-            if ptr in visited:
-                self.problem("error", f"{fld} points back to block {ptr}: the filesystem list loops; stopped there", src, fld)
-                break
-            if len(visited) >= MAX_FILESYSTEMS:
-                self.problem("error", f"more than {MAX_FILESYSTEMS} FSHD blocks; the rest are ignored", src, fld)
-                break
-            visited.add(ptr)
-            self.rdb_blocks.add(ptr)
-            try:
-                data = yield from self.read_rdb_block(ptr)
-            except DeviceError as exc:
-                self.problem("error", f"cannot read FSHD block: {exc}", ptr)
-                break
-            if data[:4] != IDNAME_FILESYSHEADER:
-                self.problem("error", f"expected an FSHD block, found ID {data[:4]!r}; the filesystem list ends here", ptr, "fhb_ID")
+            data = yield from self.chain_link(_FSHD_CHAIN, ptr, src, fld, visited)
+            if not isinstance(data, bytes):
                 break
             fshd = FileSysHeaderBlock.unpack(data)
             if not checksum_ok(data):
@@ -398,26 +445,10 @@ class _Scan:
         visited: set[int] = set()
         ptr, src, fld = fshd.fhb_SegListBlocks, fshd_block, "fhb_SegListBlocks"
         while True:
-            ok = self.pointer_ok(ptr, "LoadSeg", fld, src)
-            if ok is None:
+            data = yield from self.chain_link(_LSEG_CHAIN, ptr, src, fld, visited)
+            if data is True:
                 return b"".join(chunks), len(visited), True
-            if not ok:
-                break
-            if ptr in visited:
-                self.problem("error", f"{fld} points back to block {ptr}: the LSEG chain loops; handler incomplete", src, fld)
-                break
-            if len(visited) >= MAX_LSEG_BLOCKS:
-                self.problem("error", f"LSEG chain longer than {MAX_LSEG_BLOCKS} blocks; handler incomplete", src, fld)
-                break
-            visited.add(ptr)
-            self.rdb_blocks.add(ptr)
-            try:
-                data = yield from self.read_rdb_block(ptr)
-            except DeviceError as exc:
-                self.problem("error", f"cannot read LSEG block: {exc}; handler incomplete", ptr)
-                break
-            if data[:4] != IDNAME_LOADSEG:
-                self.problem("error", f"expected an LSEG block, found ID {data[:4]!r}; handler incomplete", ptr, "lsb_ID")
+            if not isinstance(data, bytes):
                 break
             if not checksum_ok(data):
                 if len(data) % 4 == 0 and block_sum(data, len(data) // 4) == 0:
@@ -441,18 +472,8 @@ class _Scan:
         visited: set[int] = set()
         ptr, src, fld = rdsk.rdb_BadBlockList, rdsk_block, "rdb_BadBlockList"
         while True:
-            ok = self.pointer_ok(ptr, "bad-block", fld, src)
-            if not ok:
-                break
-            if ptr in visited or len(visited) >= MAX_BADB_BLOCKS:
-                self.problem("error", f"{fld} loops or the bad-block list is too long; stopped there", src, fld)
-                break
-            visited.add(ptr)
-            self.rdb_blocks.add(ptr)
-            try:
-                data = yield from self.read_rdb_block(ptr)
-            except DeviceError as exc:
-                self.problem("error", f"cannot read BADB block: {exc}", ptr)
+            data = yield from self.chain_link(_BADB_CHAIN, ptr, src, fld, visited)
+            if not isinstance(data, bytes):
                 break
             if data[:4] != IDNAME_BADBLOCK or not checksum_ok(data):
                 self.problem("error", "bad BADB block (ID or checksum); bad-block list ends here", ptr, "bbb_ChkSum")
