@@ -11,7 +11,10 @@ device on it" and nothing more:
   plus the bus address the device sees for its first byte;
 * interrupts: ``wait_interrupt`` sleeps (no polling) until the device's INTx line was
   raised since the last call, ``ack_interrupt`` re-arms it after the driver has read the
-  device's ISR (a no-op where the line re-arms by itself, as with qtest);
+  device's ISR (a no-op where the line re-arms by itself, as with qtest).  A backend
+  that can may route MSI-X vector 0 to ``wait_interrupt`` instead (``enable_msix``;
+  ``interrupt_mode`` then says "msix": one message per event, no ISR read, no ack);
+  the default is INTx only;
 * death detection: once the backend is gone (QEMU exited, socket closed, VFIO device
   lost) every pending and future operation raises
   :class:`~amigafuse.errors.DeviceGone` with a message that says why.
@@ -163,7 +166,25 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def enable_interrupts(self, devfn: int) -> None:
-        """Route ``devfn``'s INTx to :meth:`wait_interrupt`."""
+        """Route ``devfn``'s INTx to :meth:`wait_interrupt` (switching MSI-X off first if
+        :meth:`enable_msix` had turned it on)."""
+
+    async def enable_msix(self, devfn: int) -> bool:
+        """Route MSI-X vector 0 of ``devfn`` to :meth:`wait_interrupt` instead of INTx,
+        if the backend and the function can; returns whether it did.
+
+        After True, :attr:`interrupt_mode` is "msix" and the caller must make the device
+        signal its events on vector 0 (VirtIO: ``queue_msix_vector``), or call
+        :meth:`enable_interrupts` to fall back to INTx.  The default (qtest) is False:
+        INTx only.  Raises DeviceGone when the backend is dead.
+        """
+        return False
+
+    @property
+    def interrupt_mode(self) -> str:
+        """"intx" (a level: read the device's ISR, then :meth:`ack_interrupt`) or "msix"
+        (one message per event: no ISR read, nothing to ack)."""
+        return "intx"
 
     @abc.abstractmethod
     async def wait_interrupt(self) -> None:
