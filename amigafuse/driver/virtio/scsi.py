@@ -11,9 +11,10 @@ Design (invariants in docs/driver.md):
   cancelled while its command is in flight abandons the slot; the completion path
   returns it to the free list when the device is done with it.
 * Exactly one completion path: the task started by :func:`open_virtio_scsi` waits for
-  the interrupt, reads the ISR (deasserting INTx), harvests the used ring and wakes the
-  waiters.  No other code reads the used ring, so completions cannot be taken by the
-  wrong waiter or read twice.
+  the interrupt, reads the ISR (deasserting INTx; not with MSI-X, where the request
+  queue signals on vector 0 when the backend offers it), harvests the used ring and
+  wakes the waiters.  No other code reads the used ring, so completions cannot be
+  taken by the wrong waiter or read twice.
 * Kick suppression: submitters publish the avail index in bursts (the first submitter
   of a scheduling batch yields once so that the others of the batch join, then
   publishes them all) and notify only when ``vring_need_event`` over the device's
@@ -253,6 +254,7 @@ class VirtioScsiController:
         self._header = struct.Struct(f"<8sQBBB{config.cdb_size}s")
         self._luns: dict[tuple[int, int], bytes] = {}
         self._merge_kick_with_isr = True
+        self._msix = backend.interrupt_mode == "msix"
         self._cycle_publish_pending = False
         self._busy = trio.Event()  # set while requests may be in flight (watchdog)
         #: see _harvest; tunable for benchmarks
@@ -507,6 +509,8 @@ class VirtioScsiController:
                     finally:
                         self._cycle_publish_pending = False
                     self._publish()
+                if self._msix:
+                    continue  # a message per event: no ISR to read, nothing to re-arm
                 await self.transport.read_isr()
                 self.backend.ack_interrupt()
                 self._harvest()
@@ -654,14 +658,21 @@ async def _open_virtio_scsi(
     )
     slots = [_Slot(i, lay) for i, lay in enumerate(slot_layouts)]
     base = arena.bus_address
-    await vt.setup_queue(
+    # MSI-X where the backend offers it (VFIO): the request queue signals on vector 0;
+    # INTx otherwise, or when the device refuses the vector.
+    msix = await backend.enable_msix(function.devfn)
+    vt.set_msix(msix)
+    vector = await vt.setup_queue(
         REQUEST_QUEUE,
         queue_size,
         base + layout.desc_offset,
         base + layout.avail_offset,
         base + layout.used_offset,
+        msix_vector=0,
     )
-    await backend.enable_interrupts(function.devfn)
+    if not msix or vector != 0:
+        await backend.enable_interrupts(function.devfn)
+        vt.set_msix(False)
     ring.enable_interrupts()
     await driver_ok(vt)
     controller = VirtioScsiController(backend, vt, config, accepted, ring, slots, max_transfer)

@@ -8,7 +8,9 @@ backend (they happen in issue order; ``await transport.backend.sync()`` waits fo
   ports: device features (32 bits) at 0x00, driver features 0x04, queue PFN 0x08 (ring
   address >> 12, one contiguous 4096-aligned area), queue size 0x0C (fixed by the
   device), queue select 0x0E, queue notify 0x10, status 0x12, ISR 0x13, device config at
-  0x14 (MSI-X is never enabled, so no MSI-X registers shift it).  Guest-endian = little.
+  0x14 — or, while MSI-X is enabled (:meth:`VirtioTransport.set_msix`), the config
+  vector at 0x14, the selected queue's vector at 0x16 and the device config at 0x18.
+  Guest-endian = little.
 * Modern (virtio 1.x §4.1.4; device id 0x1040 + type, virtio-scsi 0x1048): vendor
   capabilities (id 0x09) name BAR/offset/length of the COMMON, NOTIFY, ISR and DEVICE
   configuration structures.  64-bit fields are written as two 32-bit halves.
@@ -45,6 +47,9 @@ LEGACY_QUEUE_NOTIFY = 0x10
 LEGACY_STATUS = 0x12
 LEGACY_ISR = 0x13
 LEGACY_CONFIG = 0x14
+LEGACY_MSIX_CONFIG_VECTOR = 0x14  # these two only while MSI-X is enabled,
+LEGACY_MSIX_QUEUE_VECTOR = 0x16  # which moves the device config to 0x18
+LEGACY_CONFIG_MSIX = 0x18
 LEGACY_QUEUE_ALIGN = 4096
 
 # modern common configuration offsets
@@ -75,6 +80,14 @@ class VirtioTransport(abc.ABC):
     kind: str
     backend: Backend
     function: PciFunction
+    #: Whether the function's MSI-X is enabled (the backend turned it on); see set_msix.
+    msix_enabled: bool = False
+
+    def set_msix(self, enabled: bool) -> None:
+        """Tell the transport that the backend turned the function's MSI-X on (or off):
+        the legacy register layout depends on it.  Queues are then given vectors in
+        :meth:`setup_queue`."""
+        self.msix_enabled = enabled
 
     @abc.abstractmethod
     async def get_status(self) -> int: ...
@@ -105,11 +118,21 @@ class VirtioTransport(abc.ABC):
 
     @abc.abstractmethod
     async def setup_queue(
-        self, index: int, size: int, desc_address: int, avail_address: int, used_address: int
-    ) -> None:
+        self,
+        index: int,
+        size: int,
+        desc_address: int,
+        avail_address: int,
+        used_address: int,
+        msix_vector: int = VIRTIO_MSI_NO_VECTOR,
+    ) -> int:
         """Give the device queue ``index``'s three ring parts and enable it.  Legacy
         needs them as one contiguous 4096-aligned legacy layout starting at
-        ``desc_address``; raises HardwareError otherwise."""
+        ``desc_address``; raises HardwareError otherwise.
+
+        With MSI-X enabled, the queue signals on ``msix_vector``; returns the vector the
+        device took (read back: VIRTIO_MSI_NO_VECTOR when it refused, and always
+        without MSI-X)."""
 
     @abc.abstractmethod
     def notify(self, index: int) -> None:
@@ -204,8 +227,14 @@ class LegacyTransport(VirtioTransport):
         return True
 
     async def setup_queue(
-        self, index: int, size: int, desc_address: int, avail_address: int, used_address: int
-    ) -> None:
+        self,
+        index: int,
+        size: int,
+        desc_address: int,
+        avail_address: int,
+        used_address: int,
+        msix_vector: int = VIRTIO_MSI_NO_VECTOR,
+    ) -> int:
         layout = RingLayout.contiguous(size, LEGACY_QUEUE_ALIGN)
         if (
             desc_address % LEGACY_QUEUE_ALIGN
@@ -221,7 +250,12 @@ class LegacyTransport(VirtioTransport):
             raise HardwareError(f"legacy virtio queue address {desc_address:#x} above 16 TiB")
         self.regs.write(LEGACY_QUEUE_SELECT, 2, index)
         self.regs.write(LEGACY_QUEUE_PFN, 4, pfn)
-        await self.backend.sync()
+        if not self.msix_enabled:
+            await self.backend.sync()
+            return VIRTIO_MSI_NO_VECTOR
+        # As Linux's legacy driver: the vector after the PFN, read back to see it taken.
+        self.regs.write(LEGACY_MSIX_QUEUE_VECTOR, 2, msix_vector)
+        return await self.regs.read(LEGACY_MSIX_QUEUE_VECTOR, 2)
 
     def notify(self, index: int) -> None:
         self.regs.write(LEGACY_QUEUE_NOTIFY, 2, index)
@@ -229,11 +263,15 @@ class LegacyTransport(VirtioTransport):
     async def read_isr(self) -> int:
         return await self.regs.read(LEGACY_ISR, 1)
 
+    @property
+    def _config_base(self) -> int:
+        return LEGACY_CONFIG_MSIX if self.msix_enabled else LEGACY_CONFIG
+
     async def config_read(self, offset: int, size: int) -> int:
-        return await self.regs.read(LEGACY_CONFIG + offset, size)
+        return await self.regs.read(self._config_base + offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        self.regs.write(LEGACY_CONFIG + offset, size, value)
+        self.regs.write(self._config_base + offset, size, value)
 
 
 def parse_virtio_capability(cap: Capability) -> tuple[int, int, int, int, int]:
@@ -329,8 +367,14 @@ class ModernTransport(VirtioTransport):
         return False
 
     async def setup_queue(
-        self, index: int, size: int, desc_address: int, avail_address: int, used_address: int
-    ) -> None:
+        self,
+        index: int,
+        size: int,
+        desc_address: int,
+        avail_address: int,
+        used_address: int,
+        msix_vector: int = VIRTIO_MSI_NO_VECTOR,
+    ) -> int:
         maximum = await self.queue_max_size(index)
         if maximum == 0:
             raise HardwareError(f"virtio queue {index} is not available")
@@ -338,7 +382,10 @@ class ModernTransport(VirtioTransport):
             raise HardwareError(f"virtio queue {index}: size {size} > device maximum {maximum}")
         c = self.common
         c.write(COMMON_QUEUE_SIZE, 2, size)
-        c.write(COMMON_QUEUE_MSIX_VECTOR, 2, VIRTIO_MSI_NO_VECTOR)
+        vector = msix_vector if self.msix_enabled else VIRTIO_MSI_NO_VECTOR
+        c.write(COMMON_QUEUE_MSIX_VECTOR, 2, vector)
+        if vector != VIRTIO_MSI_NO_VECTOR:  # read back: the device may refuse it
+            vector = await c.read(COMMON_QUEUE_MSIX_VECTOR, 2)
         for offset, address in (
             (COMMON_QUEUE_DESC, desc_address),
             (COMMON_QUEUE_DRIVER, avail_address),
@@ -355,6 +402,7 @@ class ModernTransport(VirtioTransport):
         self._notify_offsets[index] = byte_offset
         c.write(COMMON_QUEUE_ENABLE, 2, 1)
         await self.backend.sync()
+        return vector
 
     def notify(self, index: int) -> None:
         self.notify_window.write(self._notify_offsets[index], 2, index)
