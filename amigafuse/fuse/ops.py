@@ -263,7 +263,7 @@ class AmigaOperations(pyfuse3.Operations):
             return self._attrs(slot, st, inode)
 
     async def setattr(self, inode: Any, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
-        with _translate("setattr", inode):
+        with _translate("setattr", inode, *_fields_named(fields)):
             slot, object_id = self._resolve(inode)
             if fields.update_uid and attr.st_uid != self.options.uid:
                 raise FUSEError(errno.EPERM)
@@ -581,6 +581,11 @@ class AmigaOperations(pyfuse3.Operations):
 
     async def setxattr(self, inode: Any, name: Any, value: Any, ctx: Any) -> None:
         with _translate("setxattr", inode, name, value):
+            if name not in _XATTRS:
+                # system.posix_acl_access (cp -a, once per file), security.*: not
+                # supported, answered before any engine work.  Not ENOSYS: the kernel
+                # would then refuse user.amiga.* too, for the rest of the mount.
+                raise FUSEError(errno.ENOTSUP)
             slot, object_id = self._resolve(inode)
             volume = self._writable(slot)
             mv = self.volumes[slot]
@@ -632,6 +637,14 @@ class AmigaOperations(pyfuse3.Operations):
                 log.exception("closing %s failed", mv.name)
                 problems.append(f"{mv.name}: {exc!r}")
         return problems
+
+
+_SETATTR_FIELDS = ("size", "mode", "uid", "gid", "atime", "mtime", "ctime")
+
+
+def _fields_named(fields: Any) -> tuple[str, ...]:
+    """The names of the attributes a setattr changes (for the -d log)."""
+    return tuple(f for f in _SETATTR_FIELDS if getattr(fields, "update_" + f, False))
 
 
 def _latin1(text: str) -> None:

@@ -239,3 +239,25 @@ def test_rename_noreplace_and_exchange(memory_mount) -> None:  # type: ignore[no
     assert renameat2(m / "a", m / "c", 1) == 0
     assert (m / "c").read_bytes() == b"A"
     assert renameat2(m / "c", m / "b", 2) == errno.EINVAL  # RENAME_EXCHANGE: not supported
+
+
+def test_acl_and_security_xattrs_are_unsupported_not_invalid(memory_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """cp -a sets system.posix_acl_access on every file: it must get EOPNOTSUPP (and then
+    chmod), whatever the value; user.amiga.* keep working afterwards (no ENOSYS latch)."""
+    m = memory_mount().mountpoint
+    f = m / "file"
+    f.write_bytes(b"x")
+    acl = bytes.fromhex("0200000001000600ffffffff04000400ffffffff20000400ffffffff")
+    for name, value in (("system.posix_acl_access", acl), ("trusted.x", b"\xff\xfe")):
+        with pytest.raises(OSError) as exc:
+            os.setxattr(f, name, value)
+        assert exc.value.errno == errno.EOPNOTSUPP, name
+    os.setxattr(f, "user.amiga.comment", b"still works")
+    assert _xattr(f, "user.amiga.comment") == "still works"
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"payload")
+    os.chmod(src, 0o640)
+    proc = subprocess.run(["cp", "-a", str(src), str(m / "copied")], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert (m / "copied").read_bytes() == b"payload"
+    assert (m / "copied").stat().st_mode & 0o777 == 0o640
