@@ -76,11 +76,14 @@ async def execute_with_retry(
     data_out: bytes | bytearray | memoryview | None = None,
     data_in_len: int = 0,
     stats: DiskStats | None = None,
+    first: ScsiCommandResult | None = None,
 ) -> ScsiCommandResult:
     """Run one command, retrying what is retryable; return the GOOD result.
 
     ``what`` names the command in error messages (a callable is only called on failure,
-    which keeps string formatting off the fast path).
+    which keeps string formatting off the fast path).  ``first`` is the result of an
+    attempt the caller already made (and counted): it is judged first, as if this
+    function had run it.
 
     Raises the mapped :class:`~amigafuse.errors.DeviceError` (see
     :mod:`amigafuse.driver.scsi.sense`), or whatever the transport raises
@@ -89,11 +92,14 @@ async def execute_with_retry(
     """
     attempt = 0
     while True:
-        if stats is not None:
-            stats.commands += 1
-        result = await transport.execute(
-            target, lun, cdb, data_out=data_out, data_in_len=data_in_len
-        )
+        if first is not None:
+            result, first = first, None
+        else:
+            if stats is not None:
+                stats.commands += 1
+            result = await transport.execute(
+                target, lun, cdb, data_out=data_out, data_in_len=data_in_len
+            )
         if result.response == 0 and result.status == 0:
             return result  # the fast path: GOOD
         verdict = classify(
@@ -298,10 +304,13 @@ class ScsiDisk(BlockDevice):
         data_out: bytes | bytearray | memoryview | None = None,
         data_in_len: int = 0,
         what: str | Callable[[], str] | None = None,
+        first: ScsiCommandResult | None = None,
     ) -> ScsiCommandResult:
         """Pass-through: run any CDB on this disk with the disk's retry and error mapping.
 
-        Raises the mapped DeviceError; DeviceGone for ever once the backend died.
+        ``first``: the result of an attempt already made and counted (see
+        :func:`execute_with_retry`).  Raises the mapped DeviceError; DeviceGone for ever
+        once the backend died.
         """
         if self._gone is not None:
             raise DeviceGone(self._gone.message)
@@ -315,6 +324,7 @@ class ScsiDisk(BlockDevice):
                 data_out=data_out,
                 data_in_len=data_in_len,
                 stats=self.stats,
+                first=first,
             )
         except DeviceGone as exc:
             self._gone = exc
@@ -353,12 +363,33 @@ class ScsiDisk(BlockDevice):
     def _what(self, cdb: bytes, lba: int, count: int) -> str:
         return f"{self.name}: {C.command_name(cdb)} of blocks {lba}..{lba + count - 1}"
 
+    async def _attempt(
+        self,
+        cdb: bytes,
+        data_out: bytes | bytearray | memoryview | None,
+        data_in_len: int,
+    ) -> ScsiCommandResult:
+        """One attempt straight on the transport (the fast path of :meth:`execute`):
+        counted in ``stats.commands``; a DeviceGone makes the disk gone for ever."""
+        self.stats.commands += 1
+        try:
+            return await self._transport.execute(
+                self.target, self.lun, cdb, data_out=data_out, data_in_len=data_in_len
+            )
+        except DeviceGone as exc:
+            self._gone = exc
+            raise
+
     async def _read_chunk(self, lba: int, count: int) -> bytes:
         nbytes = count * self.block_size
         cdb = C.read(lba, count)
-        result = await self.execute(
-            cdb, data_in_len=nbytes, what=lambda: self._what(cdb, lba, count)
-        )
+        # Fast path: one attempt; anything but GOOD goes through execute() (sense,
+        # retries, unit attentions) starting from this result.
+        result = await self._attempt(cdb, None, nbytes)
+        if result.response or result.status:
+            result = await self.execute(
+                cdb, data_in_len=nbytes, what=lambda: self._what(cdb, lba, count), first=result
+            )
         if len(result.data) != nbytes:
             self.stats.errors += 1
             raise HardwareError(
@@ -372,7 +403,11 @@ class ScsiDisk(BlockDevice):
     async def _write_chunk(self, lba: int, data: memoryview) -> None:
         count = len(data) // self.block_size
         cdb = C.write(lba, count)
-        await self.execute(cdb, data_out=data, what=lambda: self._what(cdb, lba, count))
+        result = await self._attempt(cdb, data, 0)
+        if result.response or result.status:
+            await self.execute(
+                cdb, data_out=data, what=lambda: self._what(cdb, lba, count), first=result
+            )
         self.stats.writes += 1
         self.stats.blocks_written += count
 
