@@ -155,7 +155,7 @@ def handler_crash_image(before: bytes, after: bytes, applied: float, bs: int = 5
             changed.append(n)
             empty = not any(a)
             ops.append(transactions.Operation(n, transactions.OI_EMPTY if empty else 0,
-                                              transactions.compress(bytes(bs) if empty else a, b)))
+                                              transactions.compress_from_zero(b) if empty else transactions.compress(a, b)))
     for i, n in enumerate(changed):
         if i >= len(changed) * applied:
             out[n * bs : (n + 1) * bs] = before[n * bs : (n + 1) * bs]

@@ -33,6 +33,7 @@ def test_simple_roundtrips(b: bytes) -> None:
     assert codec.AdminSpaceContainer.unpack(b).pack() == b
     assert codec.SoftLink.unpack(b).pack() == b
     assert codec.TransactionFailure.unpack(b).pack() == b
+    assert codec.TransactionStorage.unpack(b).pack() == b
     assert codec.RootInfo.unpack(b[-36:]).pack() == b[-36:]
 
 

@@ -738,6 +738,26 @@ class TransactionFailure:
 
 
 @dataclass(frozen=True)
+class TransactionStorage:
+    """``fsTransactionStorage`` (id TRST): one block of a transaction's record stream,
+    ``data`` from byte 16 to the block end, ``next`` the following block (0 = last)."""
+
+    id: int
+    checksum: int
+    ownblock: int
+    next: int
+    data: bytes
+
+    @classmethod
+    def unpack(cls, data: bytes) -> TransactionStorage:
+        v = struct.unpack_from(">IIII", data, 0)
+        return cls(v[0], v[1], v[2], v[3], bytes(data[16:]))
+
+    def pack(self) -> bytes:
+        return struct.pack(">IIII", self.id, self.checksum, self.ownblock, self.next) + self.data
+
+
+@dataclass(frozen=True)
 class JournalHeader:
     """Our journal's commit record (id AFJH), stored where the handler keeps TROK/TRFA
     (root ObjectContainer + 2), further records chained through ``next`` (0 = last).

@@ -1,39 +1,46 @@
 """Write side of the SFS engine: admin space, the object-node tree, object
-containers, hash chains, the extent B+-tree, file block allocation, and the journal.
+containers, hash chains, the extent B+-tree, file block allocation, and the commit.
 
 Model
     Metadata changes go into ``pending`` (block -> new contents); data blocks are
     written to the device directly, but only ever into blocks that are free in the
     committed state (blocks freed by the open transaction are *held* until it
-    commits).  Each Volume operation runs between ``begin()`` and ``end()``; on any
-    exception ``rollback()`` restores ``pending``, the bitmap and the caches, so an
+    commits); new contents of data blocks the committed state uses wait in
+    ``pending_data``.  Each Volume operation runs between ``begin()`` and ``end()``; on
+    any exception ``rollback()`` restores ``pending``, the bitmap and the caches, so an
     operation happens entirely or not at all.
 
-Commit (``commit()``), crash-safe at every step:
+Commit (``commit()``), in the handler's own transaction format and order (SFS 1.84
+``flushtransaction``; see docs/sfs.md), crash-safe at every step:
     1. bitmap blocks and the root info are brought up to date in ``pending``; every
        pending block gets its checksum;
-    2. a copy of every pending block is written to blocks that are free in both the
-       committed and the new state; flush;
-    3. the journal record (AFJH, at root OC + 2 where the handler keeps TROK/TRFA,
-       more records chained from it) listing (target, copy) pairs is written; flush;
-    4. the pending blocks are written in place; flush;
-    5. TROK is written back at root OC + 2; flush (before the copy blocks, free
-       again, can be reused).
-    A crash before 3 leaves the old state; after 3 ``replay()`` at the next open
-    finishes the job.  The real handler ignores AFJH (it only replays its own TRFA), so
-    a crash between 3 and 5 followed by mounting on AmigaOS *without* amigafuse first
-    shows a partly applied transaction: see docs/sfs.md.
+    2. one record per changed block (metadata compressed against its on-disk
+       original, or OI_EMPTY when it has none at hand; overwritten file data as
+       OI_EMPTY records) is stored in a TRST chain in blocks that are free in both the
+       committed and the new state; flush (this also makes the data written directly
+       durable);
+    3. TRFA (``firsttransaction`` = the chain's first block) at root OC + 2; flush;
+    4. the blocks are written in place, in ascending block order; flush;
+    5. TROK at root OC + 2; flush (before the chain's blocks, free, can be reused).
+    A crash before 3 leaves the old state; after 3 both the real handler (at its next
+    mount) and ``replay_transaction`` here rebuild every block from the chain.
+
+Invariant: ``originals[b]`` (blocks changed since the last commit) is block b's
+contents on the device, read before its first change; ``cache`` entries equal the
+device's contents (they come from reads and from commits), so a record compressed
+against either replays to the new block on the device.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 from amigafuse.amiga.dates import AMIGA_EPOCH_UNIX
 from amigafuse.errors import ChainLoopError, CorruptError, NoSpace
-from amigafuse.fs.sfs import codec
+from amigafuse.fs.sfs import codec, transactions
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import (
     AdminSpaceContainer,
@@ -86,7 +93,9 @@ class SfsWriter(SfsReader):
         self.full_for: dict[int, int] = {}
         self.max_extent = 0xFFFF
         self.tr_block = root.rootobjectcontainer + 2
-        self.sequence = 1
+        # On-disk contents of blocks changed since the last commit (the bases their
+        # transaction records are compressed against; see the module invariant).
+        self.originals: dict[int, bytes] = {}
         self.data_hint = root.bitmapbase + (root.totalblocks + codec.blocks_per_bitmap(self.block_size) - 1) // codec.blocks_per_bitmap(self.block_size)
 
     # ------------------------------------------------------------------ operations
@@ -174,6 +183,7 @@ class SfsWriter(SfsReader):
         self._record(block)
         buf = self.pending.get(block)
         if buf is None:
+            self.originals.setdefault(block, data)
             buf = bytearray(data)
             self.pending[block] = buf
         return buf
@@ -859,8 +869,10 @@ class SfsWriter(SfsReader):
         for data in self.pending.values():
             codec.set_checksum(data, self.sfs2)
 
-    def _journal_blocks(self, count: int) -> list[int]:
-        """``count`` blocks free now and in the committed state (not marked)."""
+    def _chain_blocks(self, count: int) -> list[int]:
+        """``count`` blocks free now and in the committed state (not marked): the
+        handler's TRST blocks are free blocks too (``savetransaction``: ``findspace``,
+        never marked), and ours must also survive a crash that keeps the old state."""
         start = self.freemap.find_run(count, self.data_hint)
         if start < 0:
             start = self.freemap.find_run(count, 0)
@@ -871,63 +883,66 @@ class SfsWriter(SfsReader):
         while len(out) < count:
             b = self.freemap.next_free(pos)
             if b < 0 or b < pos:
-                raise NoSpace("not enough free space for the SFS journal")
+                raise NoSpace("not enough free space for the SFS transaction records")
             out.append(b)
             pos = b + 1
         return out
 
-    async def _write_runs(self, items: dict[int, bytes | bytearray]) -> None:
+    def _operations(self) -> list[transactions.Operation]:
+        """One record per block the commit writes, in ascending block order (the
+        order of the handler's operation tree)."""
+        ops: list[transactions.Operation] = []
+        contents: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending}
+        for block in sorted(contents):
+            new = bytes(contents[block])
+            base = None if block in self.pending_data else self.originals.get(block, self.cache.get(block))
+            if base is None:
+                ops.append(transactions.Operation(block, transactions.OI_EMPTY, transactions.compress_from_zero(new)))
+            elif base != new:
+                ops.append(transactions.Operation(block, 0, transactions.compress(base, new)))
+        return ops
+
+    async def _write_runs(self, items: Mapping[int, bytes | bytearray]) -> None:
         for start, count in runs_of(list(items)):
             await self.io.write(start, b"".join(bytes(items[b]) for b in range(start, start + count)))
 
     async def commit(self) -> None:
         """Write the pending transaction (see module docstring).  Callers shield it
-        from cancellation."""
+        from cancellation.  Raises the device's errors (DeviceGone, IOError): the
+        volume on the device then holds the old state or an unfinished transaction
+        that the next open (ours or the handler's) replays."""
         if not self.pending and not self.freemap.dirty_blocks and not self.pending_data:
             return
         await self._prepare_commit()
-        meta = sorted(self.pending)
-        data = sorted(self.pending_data)
-        contents: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending}
-        cap = codec.journal_capacity(self.block_size)
-        nmeta = (len(meta) + cap - 1) // cap
-        ndata = (len(data) + cap - 1) // cap
-        try:
-            spare = self._journal_blocks(len(meta) + len(data) + nmeta + ndata - 1)
-        except NoSpace:
-            spare = []
-        if spare:
-            targets = meta + data
-            copies = spare[: len(targets)]
-            extra = spare[len(targets) :]
-            await self._write_runs({c: contents[t] for t, c in zip(targets, copies, strict=True)})
-            pairs = list(zip(targets, copies, strict=True))
-            chunks = [(codec.JOURNAL_HEADER_ID, pairs[i : i + cap]) for i in range(0, len(meta), cap)]
-            chunks += [(codec.JOURNAL_DATA_ID, pairs[len(meta) + i : len(meta) + i + cap]) for i in range(0, len(data), cap)]
-            headers = [self.tr_block, *extra]
-            records: dict[int, bytes | bytearray] = {}
-            for i, ((rid, chunk), hblock) in enumerate(zip(chunks, headers, strict=True)):
-                nxt = headers[i + 1] if i + 1 < len(headers) else 0
-                rec = codec.JournalHeader(rid, 0, hblock, self.sequence, len(chunk), nxt, tuple(chunk), b"")
-                raw = bytearray(rec.pack().ljust(self.block_size, b"\0"))
-                records[hblock] = self.finish(raw, rid, hblock)
-            await self._write_runs({b: d for b, d in records.items() if b != self.tr_block})
+        ops = self._operations()
+        written = {op.blckno for op in ops}
+        everything: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending}
+        contents = {b: c for b, c in everything.items() if b in written}
+        if ops:
+            stream = transactions.pack_operations(ops)
+            try:
+                chain = self._chain_blocks(transactions.storage_block_count(len(stream), self.block_size))
+            except NoSpace:
+                chain = []
+            if chain:
+                await self._write_runs(dict(transactions.storage_blocks(stream, chain, self.block_size, self.sfs2)))
+                await self.io.flush()
+                await self.io.write(self.tr_block, transactions.failure_block(self.tr_block, chain[0], self.block_size, self.sfs2))
+                await self.io.flush()
+            await self._write_runs(contents)
             await self.io.flush()
-            await self.io.write(self.tr_block, bytes(records[self.tr_block]))
-            await self.io.flush()
-        await self._write_runs(contents)
-        await self.io.flush()
-        if spare:
-            # TROK must be durable before anything reuses the (now free) copy blocks:
-            # a replay of this journal after that would copy their new contents.
-            ok = self.finish(bytearray(self.block_size), codec.TRANSACTIONOK_ID, self.tr_block)
-            await self.io.write(self.tr_block, bytes(ok))
-            await self.io.flush()
-        self.sequence += 1
+            if chain:
+                # TROK must be durable before anything reuses the (free) chain blocks:
+                # a replay after that would read records that are no longer there.
+                await self.io.write(self.tr_block, transactions.ok_block(self.tr_block, self.block_size, self.sfs2))
+                await self.io.flush()
+        else:
+            await self.io.flush()  # data written directly, nothing else changed
         for block, content in self.pending.items():
             self.cache[block] = bytes(content)
         self.pending.clear()
         self.pending_data.clear()
+        self.originals.clear()
         self.fresh.clear()
         self.freemap.committed()
 
@@ -994,17 +1009,32 @@ async def replay_journal(io: object, reader: SfsReader, apply: bool) -> str | No
     return f"an unfinished amigafuse transaction ({len(copies)} blocks) was applied in memory only (read-only)"
 
 
-async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
-    """Finish (``apply``) or overlay in memory the handler's unfinished transaction
-    (TRFA at root OC + 2).  Every rebuilt block must carry a valid checksum and its own
-    block number before any is written; otherwise CorruptError (open read-only)."""
-    from amigafuse.fs.sfs import transactions
+METADATA_IDS = frozenset({
+    codec.ROOT_ID_SFS0, codec.ROOT_ID_SFS2, codec.OBJECTCONTAINER_ID, codec.HASHTABLE_ID, codec.SOFTLINK_ID,
+    codec.NODECONTAINER_ID, codec.BNODECONTAINER_ID, codec.BITMAP_ID, codec.ADMINSPACECONTAINER_ID,
+})  # fmt: skip
 
+
+async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
+    """Finish (``apply``) or overlay in memory an unfinished transaction in the
+    handler's format (TRFA at root OC + 2), written by the handler or by amigafuse.
+
+    The steps follow the handler's mount-time replay (SFS 1.84 ``checkfortransaction``,
+    ``loadtransaction``, ``writeoperations``, ``removetransactionfailure``): the TRFA
+    block and every TRST block must carry their id, checksum and own block number; the
+    records are read across the chain up to a zero length; each block is rebuilt from
+    its on-disk contents (OI_EMPTY: from nothing) and written in ascending order; then
+    TROK.  Stricter than the handler, nothing is written unless every record describes
+    its whole block, no block has two records, none targets the chain or the TRFA
+    block, and every rebuilt metadata block verifies (checksum, own block number);
+    otherwise CorruptError (the caller opens read-only).  Rebuilt blocks that are not
+    metadata are file data (amigafuse journals overwritten file data this way)."""
     tr = reader.root.rootobjectcontainer + 2
     head = await reader.raw(tr)
     codec.check_block(head, tr, codec.TRANSACTIONFAILURE_ID, reader.sfs2)
     block = codec.TransactionFailure.unpack(head).firsttransaction
-    parts: list[bytes] = []
+    stream = bytearray()
+    pos = 0  # the next record's header in ``stream``
     seen: set[int] = set()
     while block:
         reader.check_pointer(block, tr, "transaction chain")
@@ -1013,22 +1043,28 @@ async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
         seen.add(block)
         data = await reader.io.read(block, 1)
         codec.check_block(data, block, codec.TRANSACTIONSTORAGE_ID, reader.sfs2)
-        parts.append(data[transactions.TRANSACTIONSTORAGE_HEADER :])
-        block = struct.unpack_from(">I", data, 12)[0]
-    ops = transactions.parse_operations(b"".join(parts))
+        ts = codec.TransactionStorage.unpack(data)
+        stream += ts.data
+        while pos + 2 <= len(stream) and (length := struct.unpack_from(">H", stream, pos)[0]):
+            pos += transactions.record_size(length)
+        if pos + 2 <= len(stream):
+            break  # the zero length ends the records; ``next`` past it is not followed
+        block = ts.next
+    ops = transactions.parse_operations(bytes(stream))
     rebuilt: dict[int, bytes] = {}
     for op in ops:
         if op.bits & transactions.OI_DELETE:
-            rebuilt.pop(op.blckno, None)
             continue
         reader.check_pointer(op.blckno, tr, "operation block")
-        if op.bits & transactions.OI_EMPTY:
-            base = bytes(reader.block_size)
-        else:
-            base = rebuilt.get(op.blckno) or await reader.io.read(op.blckno, 1)
-        new = transactions.uncompress(base, op.data)
-        if not codec.checksum_ok(new, reader.sfs2) or struct.unpack_from(">I", new, 8)[0] != op.blckno:
-            raise CorruptError("a block rebuilt from the handler's transaction does not verify", block=op.blckno, field="checksum")
+        if op.blckno in rebuilt or op.blckno in seen or op.blckno == tr:
+            raise CorruptError("two transaction records for one block, or one for the records themselves",
+                               block=op.blckno, field="blckno")  # fmt: skip
+        empty = bool(op.bits & transactions.OI_EMPTY)
+        base = bytes(reader.block_size) if empty else await reader.io.read(op.blckno, 1)
+        new = transactions.uncompress(base, op.data, empty=empty)
+        block_id, _, own = struct.unpack_from(">III", new, 0)
+        if block_id in METADATA_IDS and (not codec.checksum_ok(new, reader.sfs2) or own != op.blckno):
+            raise CorruptError("a block rebuilt from the transaction does not verify", block=op.blckno, field="checksum")
         rebuilt[op.blckno] = new
     reader.cache.clear()
     reader.parsed.clear()
@@ -1038,9 +1074,10 @@ async def replay_handler_transaction(reader: SfsReader, apply: bool) -> str:
         for target, content in sorted(rebuilt.items()):
             await reader.io.write(target, content)
         await reader.io.flush()
-        ok = codec.finish_block(bytearray(reader.block_size), codec.TRANSACTIONOK_ID, tr, reader.sfs2)
-        await reader.io.write(tr, bytes(ok))
+        await reader.io.write(tr, transactions.ok_block(tr, reader.block_size, reader.sfs2))
         await reader.io.flush()
         return f"an unfinished SmartFilesystem transaction ({len(rebuilt)} blocks) was replayed"
     reader.cache.update(rebuilt)
+    reader.overlay_data.update(rebuilt)
     return f"an unfinished SmartFilesystem transaction ({len(rebuilt)} blocks) was applied in memory only (read-only)"
+
