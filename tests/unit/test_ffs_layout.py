@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.fs.ffs.bitmap import Bitmap
@@ -27,6 +27,7 @@ from amigafuse.fs.ffs.layout import (
     boot_checksum,
     hash_name,
     lnfs_comment_fits,
+    table_size,
     upper_name,
     verify_checksum,
     with_checksum,
@@ -200,3 +201,163 @@ def test_runs_matches_a_plain_loop(steps: list[int], limit: int) -> None:
         else:
             plain.append((x, 1))
     assert runs(blocks, limit) == plain
+
+
+@given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 70))
+def test_runs_of_any_order_match_a_plain_loop(blocks: list[int], limit: int) -> None:
+    """Out-of-order stretches whose end points look consecutive ([5, 7, 6, 8]) too."""
+    from amigafuse.fs.ffs.layout import runs
+
+    plain: list[tuple[int, int]] = []
+    for x in blocks:
+        if plain and plain[-1][0] + plain[-1][1] == x and plain[-1][1] < limit:
+            plain[-1] = (plain[-1][0], plain[-1][1] + 1)
+        else:
+            plain.append((x, 1))
+    assert runs(blocks, limit) == plain
+
+
+def test_runs_with_end_points_that_look_consecutive() -> None:
+    from amigafuse.fs.ffs.layout import runs
+
+    assert runs([5, 7, 6, 8, 9], 100) == [(5, 1), (7, 1), (6, 1), (8, 2)]
+    assert runs([10, 12, 11, 13], 100) == [(10, 1), (12, 1), (11, 1), (13, 1)]
+    assert runs([*list(range(100, 200)), 300, *list(range(201, 300))], 1000) == [(100, 100), (300, 1), (201, 99)]
+
+
+# ------------------------------------------------------------ extension chain scanning
+
+
+def _ext_chain(
+    block_size: int, first_ext: int, step: int, tables: list[list[int]], reserved: bytes, parent: int = 7
+) -> tuple[bytes, int, list[int]]:
+    """Extension blocks first_ext, first_ext+step, ... holding ``tables`` (data blocks in
+    file order), packed by the codec with good checksums, laid out in one buffer from the
+    lowest block.  Returns (raw, lowest block, chain blocks)."""
+    chain = [first_ext + i * step for i in range(len(tables))]
+    lowest = min(chain)
+    raw = bytearray(block_size * len(chain))
+    n = table_size(block_size)
+    for i, (b, data) in enumerate(zip(chain, tables, strict=True)):
+        table = (0,) * (n - len(data)) + tuple(reversed(data))
+        x = replace(
+            FileExtBlock.new(block_size, b, parent), table=table, high_seq=len(data),
+            extension=chain[i + 1] if i + 1 < len(chain) else 0, unused=reserved,
+        )  # fmt: skip
+        raw[(b - lowest) * block_size : (b - lowest + 1) * block_size] = x.packed_with_checksum()
+    return bytes(raw), lowest, chain
+
+
+def _reference(raw: bytes, lowest: int, block_size: int, chain: list[int]) -> tuple[list[tuple[int, int]], int]:
+    from amigafuse.fs.ffs.layout import runs
+
+    data: list[int] = []
+    for b in chain:
+        x, total = FileExtBlock.unpack_summed(raw[(b - lowest) * block_size : (b - lowest + 1) * block_size])
+        assert total == 0
+        data.extend(reversed(x.table[len(x.table) - x.high_seq :]))
+    return runs(data, limit=1 << 62), len(data)
+
+
+@st.composite
+def ext_chains(draw: st.DrawFn) -> tuple[int, int, list[list[int]], bytes]:
+    block_size = draw(st.sampled_from([512, 1024, 4096]))
+    n = table_size(block_size)
+    count = draw(st.integers(1, 6))
+    next_block = draw(st.integers(10, 1 << 31))
+    tables: list[list[int]] = []
+    for i in range(count):
+        size = n if i + 1 < count else draw(st.integers(0, n))
+        style = draw(st.sampled_from(["run", "run", "jump", "shuffle"]))
+        data = list(range(next_block, next_block + size))
+        if style == "jump" and size > 2:
+            cut = draw(st.integers(1, size - 1))
+            data = data[:cut] + [b + 1000 for b in data[cut:]]
+        elif style == "shuffle" and size > 3:
+            data[1], data[2] = data[2], data[1]
+        tables.append(data)
+        next_block = (data[-1] if data else next_block) + draw(st.sampled_from([1, 1, 5]))
+    reserved = draw(st.sampled_from([bytes(188), bytes(187) + b"\x01", b"\xff" * 188]))
+    step = draw(st.sampled_from([1, -1]))
+    return block_size, step, tables, reserved
+
+
+@settings(max_examples=60, deadline=None)
+@given(ext_chains(), st.booleans())
+def test_scan_ext_chain_matches_the_codec(chain_spec: tuple[int, int, list[list[int]], bytes], prior: bool) -> None:
+    from amigafuse.fs.ffs.layout import scan_ext_chain
+
+    block_size, step, tables, reserved = chain_spec
+    first_ext = 50_000
+    raw, lowest, chain = _ext_chain(block_size, first_ext, step, tables, reserved)
+    want, want_count = _reference(raw, lowest, block_size, chain)
+    found: list[tuple[int, int]] = [(1, 5)] if prior else []
+    seen: set[int] = set()
+    nxt, listed, last = scan_ext_chain(raw, lowest, block_size, first_ext, found, seen, 100, {})
+    assert (nxt, listed, last) == (0, want_count, chain[-1])
+    assert found == ([(1, 5)] if prior else []) + want
+    assert seen == set(chain)
+
+
+def test_scan_ext_chain_stops_at_cached_and_missing_blocks() -> None:
+    from amigafuse.fs.ffs.layout import scan_ext_chain
+
+    n = table_size(512)
+    tables = [list(range(1000 + i * n, 1000 + (i + 1) * n)) for i in range(4)]
+    raw, lowest, _chain = _ext_chain(512, 100, 1, tables, bytes(188))
+    found: list[tuple[int, int]] = []
+    assert scan_ext_chain(raw, lowest, 512, 100, found, set(), 100, {102}) == (102, 2 * n, 101)
+    assert found == [(1000, 2 * n)]
+    # only the first two blocks held: stops before the third
+    found = []
+    assert scan_ext_chain(raw[:1024], lowest, 512, 100, found, set(), 100, ()) == (102, 2 * n, 101)
+    # a chain merges with the run found before it
+    seen: set[int] = set()
+    found = [(1000, 2 * n)]
+    assert scan_ext_chain(raw, lowest, 512, 102, found, seen, 100, ()) == (0, 2 * n, 103)
+    assert found == [(1000, 4 * n)]
+
+
+def test_scan_ext_chain_rejects_damage() -> None:
+    from amigafuse.errors import ChainLoopError, ChecksumError, CorruptError
+    from amigafuse.fs.ffs.layout import scan_ext_chain
+
+    n = table_size(512)
+    tables = [list(range(1000 + i * n, 1000 + (i + 1) * n)) for i in range(3)]
+    raw, lowest, _ = _ext_chain(512, 100, 1, tables, bytes(188))
+
+    def scan(buf: bytes | bytearray, limit: int = 100) -> None:
+        scan_ext_chain(bytes(buf), lowest, 512, 100, [], set(), limit, ())
+
+    for pos in (0, 8, 30, 400, 511, 512 + 300):  # any flipped bit: checksum
+        bad = bytearray(raw)
+        bad[pos] ^= 0x10
+        with pytest.raises(ChecksumError) as info:
+            scan(bad)
+        assert info.value.block == 100 + pos // 512
+    # wrong own number, with a good checksum
+    blk = FileExtBlock.unpack(raw[512:1024])
+    bad = bytearray(raw)
+    bad[512:1024] = replace(blk, header_key=55).packed_with_checksum()
+    with pytest.raises(CorruptError) as info:
+        scan(bad)
+    assert info.value.block == 101 and not isinstance(info.value, ChecksumError)
+    # high_seq past the table, with a good checksum
+    bad = bytearray(raw)
+    bad[512:1024] = replace(blk, high_seq=n + 1).packed_with_checksum()
+    with pytest.raises(CorruptError):
+        scan(bad)
+    # not a T_LIST block
+    bad = bytearray(raw)
+    bad[512:1024] = replace(blk, type=8).packed_with_checksum()
+    with pytest.raises(CorruptError):
+        scan(bad)
+    # a loop: the last block points back at the first
+    last = FileExtBlock.unpack(raw[1024:1536])
+    bad = bytearray(raw)
+    bad[1024:1536] = replace(last, extension=100).packed_with_checksum()
+    with pytest.raises(ChainLoopError):
+        scan(bad)
+    # too long a chain for the volume
+    with pytest.raises(ChainLoopError):
+        scan(raw, limit=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -57,7 +57,6 @@ from amigafuse.fs.ffs.layout import (
     T_DATA,
     T_DIRCACHE,
     T_HEADER,
-    T_LIST,
     BitmapBlock,
     BitmapExtBlock,
     BootBlock,
@@ -70,6 +69,8 @@ from amigafuse.fs.ffs.layout import (
     RootBlock,
     dostype_flags,
     hash_name,
+    runs,
+    scan_ext_chain,
     table_size,
     upper_name,
     verify_checksum,
@@ -80,8 +81,8 @@ log = logging.getLogger(__name__)
 ENTRY_TYPES = (ST_USERDIR, ST_FILE, ST_SOFTLINK, ST_LINKFILE, ST_LINKDIR)
 META_CACHE_LIMIT = 1 << 16  # decoded blocks kept; clean ones are dropped beyond this
 BLOCKLIST_CACHE_LIMIT = 4096
-MAX_RUN_BLOCKS = 2048
-INDEX_LIMIT = 1 << 18  # directory-index names kept  # longest single device request when coalescing data blocks
+INDEX_LIMIT = 1 << 18  # directory-index names kept
+EXT_PREFETCH_BYTES = 128 * 1024  # extension blocks read ahead in one request (at most)
 
 
 def root_block_for(reserved: int, block_count: int) -> int:
@@ -124,6 +125,7 @@ class FfsVolumeBase:
         self._b2id: dict[int, int] = {}
         self._next_fresh_id = 1 << 40
         self._gone: set[int] = set()  # header blocks whose object was deleted this session
+        self._ext_prefetch = max(1, EXT_PREFETCH_BYTES // self.block_size)
         self._lock = trio.Lock()
         self._closed = False
 
@@ -186,35 +188,37 @@ class FfsVolumeBase:
     async def _ext(self, block: int, owner: int, prefetch: int = 0) -> FileExtBlock:
         """Extension block ``block`` of file ``owner``.  ``prefetch`` > 0 (< 0) also reads
         that many following (preceding) blocks in the same request and keeps those that
-        are extension blocks of the same file (our writer puts them side by side)."""
+        are extension blocks of the same file with a good checksum (our writer puts them
+        side by side).  Raises ChecksumError/CorruptError for ``block`` itself."""
         obj = self._meta.get(block)
         if isinstance(obj, FileExtBlock):
             return obj
         if obj is not None:
             raise CorruptError("expected a file extension block", block=block, field="extension")
-        if prefetch:
-            lo = block if prefetch > 0 else max(self.reserved, block + prefetch)
-            hi = min(self.block_count, block + prefetch + 1) if prefetch > 0 else block + 1
-            self._check_ptr(block, owner, "extension")
-            raw = await self.io.read(lo, hi - lo)
-            bs = self.block_size
-            for i in range(hi - lo):
-                b = lo + i
-                if b == block or b in self._meta:
-                    continue
-                piece = raw[i * bs : (i + 1) * bs]
-                if piece[:4] != b"\0\0\0\x10":
-                    continue
-                x, total = FileExtBlock.unpack_summed(piece)
-                if total == 0 and x.header_key == b and x.parent == owner and x.high_seq <= self.ht_size:
-                    self._remember(b, x)
-            data = raw[(block - lo) * bs : (block - lo + 1) * bs]
-            x, total = FileExtBlock.unpack_summed(data)
-            if total != 0:
+        self._check_ptr(block, owner, "extension")
+        lo = block if prefetch >= 0 else max(self.reserved, block + prefetch)
+        hi = min(self.block_count, block + prefetch + 1) if prefetch > 0 else block + 1
+        raw = await self.io.read(lo, hi - lo)
+        # no awaits below: the cache changes all at once
+        parsed = FileExtBlock.unpack_run(raw, self.block_size)
+        meta = self._meta
+        for i, item in enumerate(parsed):
+            b = lo + i
+            if item is None or b == block or b in meta:
+                continue
+            x, total = item
+            if total == 0 and x.header_key == b and x.parent == owner and x.high_seq <= self.ht_size:
+                meta[b] = x
+        item = parsed[block - lo]
+        bs = self.block_size
+        if item is None:
+            if not verify_checksum(raw[(block - lo) * bs : (block - lo + 1) * bs]):
                 raise ChecksumError("block checksum does not verify", block=block, field="chksum")
-        else:
-            x = FileExtBlock.unpack(await self._read_checked(block, owner, "extension"))
-        if x.type != T_LIST or x.header_key != block or x.high_seq > self.ht_size:
+            raise CorruptError("bad file extension block (type is not T_LIST)", block=block, field="type")
+        x, total = item
+        if total != 0:
+            raise ChecksumError("block checksum does not verify", block=block, field="chksum")
+        if x.header_key != block or x.high_seq > self.ht_size:
             raise CorruptError("bad file extension block", block=block, field="type/header_key/high_seq")
         self._remember(block, x)
         return x
@@ -485,7 +489,9 @@ class FfsVolumeBase:
         return block, e
 
     async def _block_lists(self, block: int, e: EntryBlock) -> tuple[list[int], list[int]]:
-        """(data blocks, extension blocks) of a file header, from its tables."""
+        """(data blocks, extension blocks) of a file header, from its tables.  Every
+        extension block is left in the cache (the writer relies on it), every data block
+        pointer is range-checked.  Raises CorruptError (ChainLoopError, ChecksumError)."""
         cached = self._blists.get(block)
         if cached is not None:
             return cached
@@ -497,36 +503,131 @@ class FfsVolumeBase:
         exts: list[int] = []
         ext = e.extension
         seen: set[int] = set()
+        limit = self.block_count // n + 2
+        meta = self._meta
         prev = 0
         while ext:
-            if ext in seen or len(seen) > self.block_count // n + 2:
+            if ext in seen or len(seen) > limit:
                 raise ChainLoopError("extension chain loops", block=ext, field="extension")
             seen.add(ext)
-            left = -(-(e.byte_size - len(data) * self.payload) // (self.payload * n))
-            step = ext - prev if prev and abs(ext - prev) == 1 else 0
-            x = await self._ext(ext, block, step * min(max(left - 1, 0), 64))
-            prev = ext
-            data.extend(reversed(x.table[n - x.high_seq :]))
+            x = meta.get(ext)
+            if not isinstance(x, FileExtBlock):
+                # a miss: read the blocks the chain probably goes on to in the same
+                # request, as far as the file's size says there are more
+                left = -(-(e.byte_size - len(data) * self.payload) // (self.payload * n))
+                step = ext - prev if prev and abs(ext - prev) == 1 else 0
+                x = await self._ext(ext, block, step * min(max(left - 1, 0), self._ext_prefetch))
+            hs = x.high_seq
+            if hs:
+                data.extend(reversed(x.table[n - hs :]))
             exts.append(ext)
+            prev = ext
             ext = x.extension
-        if data and (min(data) < self.reserved or max(data) >= self.block_count):
-            for i, d in enumerate(data):
-                self._check_ptr(d, block, f"data block {i}")
+        extents = []
+        index = 0
+        lo, hi = self.reserved, self.block_count
+        for start, count in runs(data, limit=1 << 30):
+            if start < lo or start + count > hi:
+                for i, d in enumerate(data):
+                    self._check_ptr(d, block, f"data block {i}")
+            extents.append((index, start, count))
+            index += count
         self._blists[block] = (data, exts)
-        self._extents.pop(block, None)
+        self._extents[block] = extents
         return data, exts
 
     async def _file_extents(self, block: int, e: EntryBlock) -> list[tuple[int, int, int]]:
-        """(first index, first block, count) runs of the file's data blocks."""
+        """(first index, first block, count) runs of the file's data blocks, for reading.
+
+        Cached per file.  When the block lists are not cached, the extension chain is
+        walked on the raw blocks (:func:`scan_ext_chain`), read ahead in the chain's
+        direction, without building a FileExtBlock per block: blocks in the metadata
+        cache (perhaps changed, not yet written) are taken from it.  The same checks as
+        :meth:`_block_lists`: checksums, types, own numbers, table sizes, loops, every
+        data pointer in range.  Raises CorruptError (ChainLoopError, ChecksumError)."""
         ext = self._extents.get(block)
-        if ext is None:
-            data, _ = await self._block_lists(block, e)
-            ext = []
-            index = 0
-            for start, count in runs(data, limit=1 << 30):
-                ext.append((index, start, count))
-                index += count
+        if ext is not None:
+            return ext
+        lists = self._blists.get(block)
+        if lists is not None:  # the writer's lists (its tables may not be on the disk yet)
+            ext = self._extents_of(lists[0])
             self._extents[block] = ext
+            return ext
+        n = self.ht_size
+        if e.high_seq > n:
+            raise CorruptError(f"high_seq {e.high_seq} exceeds the table size {n}", block=block, field="high_seq")
+        hs = e.high_seq
+        found = runs(e.table[n - 1 : n - 1 - hs : -1] if hs < n else e.table[::-1], limit=1 << 62)
+        nblocks = e.high_seq
+        xblock = e.extension
+        seen: set[int] = set()
+        limit = self.block_count // n + 2
+        meta = self._meta
+        bs = self.block_size
+        raw = b""
+        raw_lo = raw_hi = 0  # blocks [raw_lo, raw_hi) of the volume are in raw
+        prev = 0
+        while xblock:
+            obj = meta.get(xblock)
+            if obj is not None:
+                if xblock in seen or len(seen) > limit:
+                    raise ChainLoopError("extension chain loops", block=xblock, field="extension")
+                seen.add(xblock)
+                if not isinstance(obj, FileExtBlock):
+                    raise CorruptError("expected a file extension block", block=xblock, field="extension")
+                hs = obj.high_seq
+                chunk = runs(obj.table[n - 1 : n - 1 - hs : -1] if hs < n else obj.table[::-1], limit=1 << 62)
+                nxt = obj.extension
+            elif raw_lo <= xblock < raw_hi:
+                xblock, listed, prev = scan_ext_chain(raw, raw_lo, bs, xblock, found, seen, limit, meta)
+                nblocks += listed
+                continue
+            else:
+                self._check_ptr(xblock, block, "extension")
+                # read ahead in the direction the chain has been going, as far as the
+                # file's size says there are more extension blocks; the scan above
+                # takes them from there
+                left = -(-(e.byte_size - nblocks * self.payload) // (self.payload * n))
+                ahead = min(max(left - 1, 0), self._ext_prefetch)
+                step = xblock - prev if prev and abs(xblock - prev) == 1 else 0
+                if step > 0:
+                    raw_lo, raw_hi = xblock, min(self.block_count, xblock + ahead + 1)
+                elif step < 0:
+                    raw_lo, raw_hi = max(self.reserved, xblock - ahead), xblock + 1
+                else:
+                    raw_lo, raw_hi = xblock, xblock + 1
+                raw = await self.io.read(raw_lo, raw_hi - raw_lo)
+                continue
+            for start, count in chunk:
+                if found and found[-1][0] + found[-1][1] == start:
+                    found[-1] = (found[-1][0], found[-1][1] + count)
+                else:
+                    found.append((start, count))
+            nblocks += hs
+            prev = xblock
+            xblock = nxt
+        ext = []
+        index = 0
+        lo, hi = self.reserved, self.block_count
+        for start, count in found:
+            if start < lo or start + count > hi:
+                bad = start if start < lo or start >= hi else hi
+                raise CorruptError(
+                    f"pointer {bad} lies outside the volume ({lo}..{hi - 1})",
+                    block=block, field=f"data block {index + bad - start}",
+                )  # fmt: skip
+            ext.append((index, start, count))
+            index += count
+        self._extents[block] = ext
+        return ext
+
+    @staticmethod
+    def _extents_of(data: list[int]) -> list[tuple[int, int, int]]:
+        ext = []
+        index = 0
+        for start, count in runs(data, limit=1 << 62):
+            ext.append((index, start, count))
+            index += count
         return ext
 
     async def _read_blocks(self, blocks: list[int]) -> list[bytes]:
@@ -545,16 +646,15 @@ class FfsVolumeBase:
         end = min(size, offset + length)
         first = offset // self.payload
         last = (end - 1) // self.payload
-        data, _ = await self._block_lists(block, e)
-        if len(data) <= last:
-            raise CorruptError(
-                f"file header lists {len(data)} data blocks, its size {size} needs {last + 1}",
-                block=block, field="high_seq",
-            )  # fmt: skip
-        wanted = data[first : last + 1]
         if self.ffs:
             pieces: list[bytes] = []
             extents = await self._file_extents(block, e)
+            listed = extents[-1][0] + extents[-1][2] if extents else 0
+            if listed <= last:
+                raise CorruptError(
+                    f"file header lists {listed} data blocks, its size {size} needs {last + 1}",
+                    block=block, field="high_seq",
+                )  # fmt: skip
             k = bisect.bisect_right(extents, (first, 1 << 62, 0)) - 1
             index = first
             while index <= last:
@@ -566,6 +666,13 @@ class FfsVolumeBase:
                 k += 1
             buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         else:
+            data, _ = await self._block_lists(block, e)
+            if len(data) <= last:
+                raise CorruptError(
+                    f"file header lists {len(data)} data blocks, its size {size} needs {last + 1}",
+                    block=block, field="high_seq",
+                )  # fmt: skip
+            wanted = data[first : last + 1]
             raws = await self._read_blocks(wanted)
             parts = []
             for i, raw in enumerate(raws):
@@ -753,49 +860,6 @@ class FfsVolumeBase:
                         used.update(data)
                         used.update(exts)
         return used
-
-
-def runs(blocks: Iterable[int], limit: int = MAX_RUN_BLOCKS) -> list[tuple[int, int]]:
-    """Coalesce block numbers into (start, count) runs of consecutive blocks, each at
-    most ``limit`` long."""
-    seq = blocks if isinstance(blocks, list) else list(blocks)
-    found: list[tuple[int, int]] = []
-    _runs_into(seq, 0, len(seq), found)
-    out: list[tuple[int, int]] = []
-    for start, count in found:
-        while count > limit:
-            out.append((start, limit))
-            start += limit
-            count -= limit
-        out.append((start, count))
-    return out
-
-
-def _runs_into(seq: list[int], lo: int, hi: int, out: list[tuple[int, int]]) -> None:
-    """Runs of ``seq[lo:hi]`` appended to ``out`` (merged with its last run when they
-    touch).  Contiguous stretches are recognised by comparing with a range in C, halving
-    the stretch until it is, so long files cost O(runs * log n) Python steps."""
-    if lo >= hi:
-        return
-    first = seq[lo]
-    if seq[hi - 1] - first == hi - 1 - lo and (hi - lo < 3 or seq[lo:hi] == list(range(first, first + hi - lo))):
-        if out and out[-1][0] + out[-1][1] == first:
-            start, count = out[-1]
-            out[-1] = (start, count + hi - lo)
-        else:
-            out.append((first, hi - lo))
-        return
-    if hi - lo <= 16:
-        for i in range(lo, hi):
-            b = seq[i]
-            if out and out[-1][0] + out[-1][1] == b:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
-            else:
-                out.append((b, 1))
-        return
-    mid = (lo + hi) // 2
-    _runs_into(seq, lo, mid, out)
-    _runs_into(seq, mid, hi, out)
 
 
 async def read_boot_and_root(

@@ -1,0 +1,144 @@
+"""The FFS large-file read path: data-block runs found from the raw extension chain
+(read ahead, checked like every other block), against the block lists the writer and
+checker use; the metadata cache taking precedence over the disk; damage mid-chain."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from amigafuse.amiga.geometry import VolumeGeometry
+from amigafuse.blockdev.memory import MemoryBlockDevice
+from amigafuse.errors import ChainLoopError, ChecksumError, CorruptError
+from amigafuse.fs.ffs import ENGINE, open_volume
+from amigafuse.fs.ffs.layout import FileExtBlock, with_checksum
+from amigafuse.fs.ffs.volume import FfsVolumeBase
+from tests.engine.test_ffs_common import content
+
+DOS3 = 0x444F5303
+PIECE = 64 * 1024
+
+
+async def build(block_size: int, blocks: int, big_bytes: int) -> tuple[MemoryBlockDevice, VolumeGeometry, int, int]:
+    """A volume with two files written in alternating pieces (so both are fragmented)
+    and one written at once.  Returns (device, geometry, fragmented id, whole id)."""
+    dev = MemoryBlockDevice(blocks * block_size // 512)
+    geo = VolumeGeometry(dostype=DOS3, fs_block_size=block_size, fs_block_count=blocks, reserved=2)
+    await ENGINE.format_volume(dev, geo, "Reads")
+    vol = await open_volume(dev, geo, False)
+    a = await vol.create(vol.root_id, "a")
+    b = await vol.create(vol.root_id, "b")
+    data_a, data_b = content("a", big_bytes), content("b", big_bytes // 2)
+    for off in range(0, big_bytes, PIECE):
+        await vol.write(a.object_id, off, data_a[off : off + PIECE])
+        if off < len(data_b):
+            await vol.write(b.object_id, off, data_b[off : off + PIECE])
+    whole = await vol.create(vol.root_id, "whole")
+    await vol.write(whole.object_id, 0, content("w", big_bytes))
+    await vol.close()
+    return dev, geo, a.object_id, whole.object_id
+
+
+async def read_all(vol: object, object_id: int, size: int, piece: int) -> bytes:
+    out = bytearray()
+    for off in range(0, size, piece):
+        out += await vol.read(object_id, off, piece)  # type: ignore[attr-defined]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("block_size", [512, 4096])
+async def test_cold_reads_match_the_block_lists(block_size: int) -> None:
+    big = 3 * 1024 * 1024 + 1234
+    dev, geo, frag, whole = await build(block_size, 6 * 1024 * 1024 // block_size * 2, big)
+    for oid, name in ((frag, "a"), (whole, "w")):
+        vol = await open_volume(dev, geo, True)
+        assert isinstance(vol, FfsVolumeBase)
+        assert await read_all(vol, oid, big, 1 << 20) == content(name, big)
+        e = await vol._entry(oid)
+        extents = vol._extents[oid]
+        fresh = await open_volume(dev, geo, True)
+        assert isinstance(fresh, FfsVolumeBase)
+        data, _ = await fresh._block_lists(oid, e)
+        assert extents == FfsVolumeBase._extents_of(data)
+        assert sum(count for _, _, count in extents) == len(data)
+    # odd offsets and lengths, cold
+    vol = await open_volume(dev, geo, True)
+    want = content("a", big)
+    for off, length in ((0, 1), (511, 2), (big - 5, 100), (block_size * 73 + 7, 300_000), (big, 10)):
+        assert await vol.read(frag, off, length) == want[off : off + length]
+
+
+async def test_the_extension_chain_is_read_ahead() -> None:
+    big = 4 * 1024 * 1024  # 8192 data blocks: 113 extension blocks of 72
+    dev, geo, _, whole = await build(512, 24_000, big)
+    vol = await open_volume(dev, geo, True)
+    await vol.getattr(whole)
+    before = dev.reads
+    assert await vol.read(whole, 0, 4096) == content("w", big)[:4096]
+    # the header's extension pointer, then the rest in one or two requests, then data
+    assert dev.reads - before <= 5
+
+
+async def test_cached_unwritten_tables_take_precedence() -> None:
+    dev, geo, frag, _ = await build(512, 24_000, 2 * 1024 * 1024)
+    vol = await open_volume(dev, geo, False)
+    assert isinstance(vol, FfsVolumeBase)
+    more = content("more", 300_000)
+    size = 2 * 1024 * 1024
+    await vol.write(frag, size, more)  # new extension blocks, in the cache only
+    want = content("a", size) + more
+    # forget the lists, as after eviction: the walk must take the cached blocks
+    vol._blists.clear()
+    vol._extents.clear()
+    assert await read_all(vol, frag, len(want), 1 << 20) == want
+    await vol.truncate(frag, 100_000)
+    vol._blists.clear()
+    vol._extents.clear()
+    assert await read_all(vol, frag, 200_000, 65536) == want[:100_000]
+    await vol.close()
+
+
+async def _ext_blocks(dev: MemoryBlockDevice, geo: VolumeGeometry, oid: int) -> list[int]:
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    _, exts = await vol._block_lists(oid, await vol._entry(oid))
+    return exts
+
+
+async def test_damage_mid_chain_is_eio_for_that_file_only() -> None:
+    dev, geo, frag, whole = await build(512, 24_000, 2 * 1024 * 1024)
+    exts = await _ext_blocks(dev, geo, whole)
+    assert len(exts) > 10
+    good = bytes(dev.data)
+
+    async def fails(exc: type[Exception], offset: int) -> CorruptError:
+        vol = await open_volume(dev, geo, True)
+        with pytest.raises(exc) as info:
+            await vol.read(whole, offset, 4096)
+        assert await vol.read(frag, 0, 100) == content("a", 100)  # the rest reads
+        assert isinstance(info.value, CorruptError)
+        return info.value
+
+    # a flipped bit in the sixth extension block: checksum error naming it
+    x = exts[5]
+    dev.data[x * 512 + 100] ^= 0x04
+    err = await fails(ChecksumError, 0)
+    assert err.block == x
+    # the seventh points back at the third: a loop
+    dev.data[:] = good
+    blk = FileExtBlock.unpack(good[exts[6] * 512 : exts[6] * 512 + 512])
+    dev.data[exts[6] * 512 : exts[6] * 512 + 512] = with_checksum(replace(blk, extension=exts[2]).pack())
+    await fails(ChainLoopError, 0)
+    # a data pointer outside the volume (good checksum)
+    dev.data[:] = good
+    blk = FileExtBlock.unpack(good[exts[3] * 512 : exts[3] * 512 + 512])
+    table = (24_000 + 5, *blk.table[1:])
+    dev.data[exts[3] * 512 : exts[3] * 512 + 512] = with_checksum(replace(blk, table=table).pack())
+    err = await fails(CorruptError, 0)
+    assert "outside the volume" in str(err)
+    # an extension pointer to a data block (not T_LIST)
+    dev.data[:] = good
+    blk = FileExtBlock.unpack(good[exts[0] * 512 : exts[0] * 512 + 512])
+    dev.data[exts[0] * 512 : exts[0] * 512 + 512] = with_checksum(replace(blk, extension=blk.table[-1]).pack())
+    await fails(CorruptError, 0)
