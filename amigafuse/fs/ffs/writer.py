@@ -8,6 +8,19 @@ Write ordering and cancellation
     ``sync`` writes dirty metadata blocks (coalesced), then the bitmap pages, then the
     root, and flushes.
 
+Staged data
+    Small data writes (a small file's whole contents, ``STAGE_MAX_WRITE_BYTES`` at most)
+    are held in memory by :class:`StagedBlockIO` instead of costing one device request
+    each.  They go out at the next write-back *together with* the dirty metadata, in one
+    sorted pass of coalesced runs (a small file's header and data blocks are neighbours,
+    so thousands of small files become a few large requests), still before the bitmap
+    and the root; or alone when more than ``STAGE_LIMIT_BYTES`` are held, or on
+    ``io.flush()``.  So for staged data "data before metadata" weakens to "data no later
+    than its metadata" (same write-back pass; a crash inside that pass can leave a header
+    whose data did not land, on a volume whose bitmap is marked invalid and will be
+    validated).  Reads see staged blocks; a write-through of a block replaces its staged
+    copy; freed blocks are dropped.
+
 Bitmap-valid protocol
     Opening read-write clears the root's ``bm_flag`` on disk at once (AmigaOS would
     validate the volume if we crashed); ``close`` syncs, sets it again and flushes.  A
@@ -25,6 +38,7 @@ import trio
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
+from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
     DirectoryNotEmpty,
     Exists,
@@ -37,6 +51,7 @@ from amigafuse.errors import (
     NotADirectory,
     NotFound,
     ReadOnlyFilesystem,
+    WriteProtected,
 )
 from amigafuse.fs.api import FIBF_ARCHIVE, SetAttrs, Stat, Volume
 from amigafuse.fs.ffs.format import encode_label
@@ -72,8 +87,101 @@ ZERO_CHUNK = 1 << 20
 DIRTY_SYNC_LIMIT = 1 << 14  # dirty metadata blocks that trigger a write-back
 
 
+STAGE_MAX_WRITE_BYTES = 64 << 10  # data writes up to this size are staged
+STAGE_LIMIT_BYTES = 4 << 20  # staged data beyond this is written out at once
+STAGE_RUN_BLOCKS_BYTES = 1 << 20  # longest device request when writing staged data
+
+
 def now() -> DateStamp:
     return DateStamp.from_unix(time.time())
+
+
+class StagedBlockIO(FsBlockIO):
+    """:class:`FsBlockIO` that can hold whole-block data writes in memory (see "Staged
+    data" above).  ``read`` overlays staged blocks; ``write`` (write-through) replaces
+    the staged copies of the blocks it writes; ``flush`` writes staged data first.
+
+    Invariant: a block number is in ``_staged`` only while its newest contents are not
+    on the device."""
+
+    def __init__(self, device: BlockDevice, fs_block_size: int) -> None:
+        super().__init__(device, fs_block_size)
+        self._staged: dict[int, bytes] = {}
+
+    @property
+    def staged_bytes(self) -> int:
+        return len(self._staged) * self.fs_block_size
+
+    def stage(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        """Hold whole blocks ``data`` for blocks ``block``... (no I/O).  Raises
+        WriteProtected, OutOfRange, ValueError as :meth:`write` would."""
+        if self.device.read_only:
+            raise WriteProtected("the volume's device is read-only")
+        bs = self.fs_block_size
+        if len(data) % bs:
+            raise ValueError(f"write of {len(data)} bytes is not whole {bs}-byte blocks")
+        count = len(data) // bs
+        self._check(block, count)
+        view = memoryview(data)
+        for i in range(count):
+            self._staged[block + i] = bytes(view[i * bs : (i + 1) * bs])
+
+    def drop(self, blocks: list[int]) -> None:
+        """Forget staged contents of ``blocks`` (freed: nobody reads them any more)."""
+        if self._staged:
+            for b in blocks:
+                self._staged.pop(b, None)
+
+    def _staged_in(self, block: int, count: int) -> list[int]:
+        staged = self._staged
+        if count <= len(staged):
+            return [b for b in range(block, block + count) if b in staged]
+        return [b for b in staged if block <= b < block + count]
+
+    async def read(self, block: int, count: int = 1) -> bytes:
+        if not self._staged:
+            return await super().read(block, count)
+        before = {b: self._staged[b] for b in self._staged_in(block, count)}
+        raw = await super().read(block, count)
+        # what is staged now is newest; what was staged when we started and has been
+        # written out meanwhile is what the device holds (our read may predate it)
+        hits = {**before, **{b: self._staged[b] for b in self._staged_in(block, count)}}
+        if not hits:
+            return raw
+        bs = self.fs_block_size
+        buf = bytearray(raw)
+        for b, data in hits.items():
+            buf[(b - block) * bs : (b - block + 1) * bs] = data
+        return bytes(buf)
+
+    async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        if self._staged and len(data) % self.fs_block_size == 0:
+            for b in self._staged_in(block, len(data) // self.fs_block_size):
+                del self._staged[b]
+        await super().write(block, data)
+
+    async def flush_staged(self, extra: dict[int, bytes] | None = None) -> None:
+        """Write every staged block and the whole blocks in ``extra`` (block -> bytes;
+        they replace staged copies of the same blocks) together, in coalesced runs.
+        DeviceError on failure (staged blocks not written stay staged)."""
+        out = dict(self._staged)
+        if extra:
+            for b in extra:
+                self._staged.pop(b, None)
+            out.update(extra)
+        if not out:
+            return
+        limit = max(1, STAGE_RUN_BLOCKS_BYTES // self.fs_block_size)
+        for start, count in runs(sorted(out), limit=limit):
+            chunk = [out[b] for b in range(start, start + count)]
+            await super().write(start, b"".join(chunk))
+            for i, data in enumerate(chunk):
+                if self._staged.get(start + i) is data:  # not restaged meanwhile
+                    del self._staged[start + i]
+
+    async def flush(self) -> None:
+        await self.flush_staged()
+        await super().flush()
 
 
 class FfsVolume(FfsVolumeBase, Volume):
@@ -111,6 +219,8 @@ class FfsVolume(FfsVolumeBase, Volume):
         return found
 
     def _free(self, blocks: list[int]) -> None:
+        if isinstance(self.io, StagedBlockIO):
+            self.io.drop(blocks)
         for b in blocks:
             if self.bitmap.in_range(b):
                 self.bitmap.mark(b, True)
@@ -514,7 +624,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             view = memoryview(payload)
             pos = 0
             for start, count in runs(targets):
-                await self.io.write(start, view[pos * p : (pos + count) * p])
+                await self._data_write(start, view[pos * p : (pos + count) * p])
                 pos += count
         else:
             # old contents of partly overwritten blocks
@@ -542,7 +652,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             view = memoryview(out)
             pos = 0
             for start, count in runs(targets):
-                await self.io.write(start, view[pos * bs : (pos + count) * bs])
+                await self._data_write(start, view[pos * bs : (pos + count) * bs])
                 pos += count
         # ---- metadata, no awaits below
         self.bitmap.mark_blocks(new_data, False)
@@ -556,6 +666,16 @@ class FfsVolume(FfsVolumeBase, Volume):
         self._set(block, evolve(e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE).with_date(t))
         self._dc_refresh(block)
         self._touch()
+
+    async def _data_write(self, start: int, data: memoryview) -> None:
+        """File data for blocks ``start``...: staged when small (see "Staged data")."""
+        io = self.io
+        if isinstance(io, StagedBlockIO) and len(data) <= STAGE_MAX_WRITE_BYTES:
+            io.stage(start, data)
+            if io.staged_bytes > STAGE_LIMIT_BYTES:
+                await io.flush_staged()
+        else:
+            await io.write(start, data)
 
     def _set_tables(self, block: int, data: list[int], exts: list[int], changed_from: int) -> None:
         """Store the data-block list in the header and extension blocks.  Tables from the
@@ -943,16 +1063,16 @@ class FfsVolume(FfsVolumeBase, Volume):
             await self._write_back()
 
     async def _write_back(self) -> None:
-        """Write dirty blocks (coalesced), then bitmap pages, then the root."""
+        """Write staged data and dirty metadata blocks (together, coalesced), then the
+        bitmap pages, then the root."""
         bs = self.block_size
-        blocks = sorted(b for b in self._dirty if b != self.root_block)
-        for start, count in runs(blocks):
-            buf = bytearray()
-            for b in range(start, start + count):
-                buf += self._pack(self._meta[b])
-            await self.io.write(start, bytes(buf))
-            for b in range(start, start + count):
-                self._dirty.discard(b)
+        packed = {b: self._pack(self._meta[b]) for b in self._dirty if b != self.root_block}
+        if isinstance(self.io, StagedBlockIO):
+            await self.io.flush_staged(packed)
+        else:
+            for start, count in runs(sorted(packed)):
+                await self.io.write(start, b"".join(packed[b] for b in range(start, start + count)))
+        self._dirty.difference_update(packed)
         for page in sorted(self.bitmap.dirty_pages):
             await self.io.write(self.bitmap_blocks[page], BitmapBlock.with_map(self.bitmap.page_map(page)).pack())
             self.bitmap.dirty_pages.discard(page)
@@ -1062,6 +1182,8 @@ async def open_volume(
     CorruptError when there is no valid FFS volume, DeviceError on I/O failure."""
     io, dostype, count, root_block, root = await read_boot_and_root(device, geometry)
     ro = read_only or device.read_only
+    if not ro:
+        io = StagedBlockIO(io.device, io.fs_block_size)
     vol = FfsVolume(io, geometry, dostype, root_block, root, count, ro)
     await vol._load_bitmap()
     vol.opened_invalid = root.bm_flag != BM_VALID
