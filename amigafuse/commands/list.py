@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from amigafuse.amiga.dostype import common_name, dostype_to_str
+from amigafuse.errors import (
+    AmigaFuseError,
+    CorruptError,
+    DeviceError,
+    DeviceGone,
+    NotAvailable,
+    UsageError,
+)
 from amigafuse.rdb.blocks import cstr_decode
 from amigafuse.rdb.mounter import Announcement, Mounter, announce_unit
 from amigafuse.rdb.scan import DiskLayout, FileSystemHandler
-from amigafuse.sources import BACKENDS, TRANSPORTS, Unit, format_size, open_units
+from amigafuse.sources import (
+    BACKENDS,
+    TRANSPORTS,
+    Unit,
+    _check_sources,
+    _driver,
+    _scsi_unit,
+    format_size,
+    open_units,
+)
 
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
@@ -36,7 +55,10 @@ def register(sub: Any) -> None:
             "Show each disk (vendor, product, capacity, block size, RDB geometry) and each "
             "partition (DOS name, DosType, size, byte range, boot priority, flags, "
             "filesystem handlers stored in the RDB, and whether amigafuse can mount it). "
-            "SOURCE is an image file (.hdf, .adf, raw dump), qemu:SOCKET,SHM or vfio:BDF."
+            "SOURCE is an image file (.hdf, .adf, raw dump), qemu:SOCKET,SHM or vfio:BDF. "
+            "A disk that does not come up (an empty image, a target whose INQUIRY, TEST "
+            "UNIT READY or READ CAPACITY fails, unreadable first blocks) is shown as FAILED "
+            "with the reason, the others are listed all the same, and the exit status is 1."
         ),
     )
     p.add_argument("sources", nargs="+", metavar="SOURCE")
@@ -53,28 +75,166 @@ def engine_name(dostype: int) -> str | None:
     return engine.name if engine is not None else None
 
 
-async def gather(
-    sources: list[str], backend: str, transport: str
-) -> list[tuple[Unit, DiskLayout, list[Announcement]]]:
+@dataclass(frozen=True)
+class FailedUnit:
+    """A disk that did not come up (its image refused, its target failing INQUIRY, TEST
+    UNIT READY or READ CAPACITY, or its first blocks unreadable): what to call it and
+    why."""
+
+    name: str
+    source: str
+    backend: str
+    target: int | None
+    error: AmigaFuseError
+
+    @property
+    def reason(self) -> str:
+        """The error's message, without the unit's name when it already starts so."""
+        message = self.error.message
+        return message.removeprefix(f"{self.name}: ")
+
+
+Listed = tuple[Unit, DiskLayout, list[Announcement]]
+
+
+@dataclass
+class Listing:
+    """What ``list`` shows: the disks that came up and the ones that did not, each in
+    the order of the SOURCEs (or of the targets of a ``qemu:``/``vfio:`` controller)."""
+
+    units: list[Listed] = field(default_factory=list)
+    failed: list[FailedUnit] = field(default_factory=list)
+    order: list[Listed | FailedUnit] = field(default_factory=list)
+
+    def add(self, entry: Listed | FailedUnit) -> None:
+        if isinstance(entry, FailedUnit):
+            self.failed.append(entry)
+        else:
+            self.units.append(entry)
+        self.order.append(entry)
+
+
+async def announce(mounter: Mounter, unit: Unit, target: int | None) -> Listed | FailedUnit:
+    """The unit's layout and partitions, or a FailedUnit when its first blocks cannot be
+    read (the other units are listed all the same).  DeviceGone (QEMU died) is raised."""
+    try:
+        layout, anns = await announce_unit(mounter, unit.name, unit.device)
+    except DeviceGone:
+        raise
+    except (DeviceError, CorruptError) as exc:
+        return FailedUnit(unit.name, unit.source, unit.backend, target, exc)
+    return unit, layout, anns
+
+
+async def list_controller(
+    listing: Listing, mounter: Mounter, controller: Any, prefix: str, backend: str
+) -> None:
+    """Add the disks of a driver Controller (and its failed targets), in target order."""
+    entries: list[tuple[int, Unit | FailedUnit]] = []
+    for i, disk in enumerate(controller.disks):
+        unit = _scsi_unit(prefix, disk, i, backend)
+        entries.append((getattr(disk, "target", i), unit))
+    for failure in getattr(controller, "failed", ()):
+        name = f"{prefix}#{failure.target}"
+        entries.append((failure.target, FailedUnit(name, prefix, backend, failure.target, failure.error)))
+    for target, entry in sorted(entries, key=lambda e: e[0]):
+        listing.add(entry if isinstance(entry, FailedUnit) else await announce(mounter, entry, target))
+
+
+async def gather(sources: list[str], backend: str, transport: str) -> Listing:
+    """Open ``sources`` read-only and list them; a disk that does not come up is
+    recorded in ``failed`` and the others are listed.  Raises UsageError for bad
+    arguments, NotAvailable/DeviceError when the controller itself does not come up,
+    DeviceGone when QEMU dies."""
     mounter = Mounter(engine_name)
-    out = []
-    async with open_units(sources, backend=backend, transport=transport, read_only=True) as units:
-        for unit in units:
-            layout, anns = await announce_unit(mounter, unit.name, unit.device)
-            out.append((unit, layout, anns))
-    return out
+    listing = Listing()
+    _check_sources(sources)
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: use qemu or file")
+    if transport not in TRANSPORTS:
+        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+    first = sources[0]
+    if backend == "file" and not first.startswith(("qemu:", "vfio:")):
+        async with open_units(sources, backend=backend, transport=transport, read_only=True) as units:
+            for unit in units:
+                listing.add(await announce(mounter, unit, None))
+        return listing
+    if first.startswith("vfio:"):
+        bdf = first.removeprefix("vfio:")
+        open_vfio = _driver("backends.vfio", "the VFIO backend").open_vfio
+        async with open_vfio(bdf, transport=transport) as controller:
+            await list_controller(listing, mounter, controller, f"vfio:{bdf}", "vfio")
+        return listing
+    if first.startswith("qemu:"):
+        socket_path, sep, shm_path = first.removeprefix("qemu:").partition(",")
+        if not sep or not socket_path or not shm_path:
+            raise UsageError(f"{first}: write qemu:SOCKET,SHM (the qtest socket and the RAM file)")
+        attach_qemu = _driver("controller", "the QEMU backend").attach_qemu
+        async with attach_qemu(socket_path, shm_path, transport=transport) as controller:
+            await list_controller(listing, mounter, controller, first, "qemu")
+        return listing
+    await list_images(listing, mounter, sources, transport)
+    return listing
+
+
+async def list_images(listing: Listing, mounter: Mounter, sources: list[str], transport: str) -> None:
+    """Image files on a QEMU we start: SOURCE i is SCSI target i.  An image QEMU cannot
+    take (empty, unreadable...) is reported and left out; the others are attached."""
+    driver = _driver("controller", "the QEMU backend")
+    if len(sources) > driver.MAX_IMAGES:
+        driver.check_images([driver.DiskImage(path=src) for src in sources])  # raises
+    refused: dict[int, FailedUnit] = {}
+    images = []
+    for target, src in enumerate(sources):
+        image = driver.DiskImage(path=src, read_only=True, target=target)
+        try:
+            driver.check_images([image])
+        except UsageError as exc:
+            refused[target] = FailedUnit(src, src, "qemu", target, exc)
+            continue
+        images.append(image)
+    if not images:
+        for target in sorted(refused):
+            listing.add(refused[target])
+        return
+    async with driver.open_qemu(images, transport=transport) as controller:
+        disks = {d.target: d for d in controller.disks}
+        failures = {f.target: f for f in controller.failed}
+        for target, src in enumerate(sources):
+            if target in refused:
+                listing.add(refused[target])
+            elif target in disks:
+                disk = disks[target]
+                listing.add(await announce(mounter, Unit(src, src, disk, disk.info, "qemu"), target))
+            elif target in failures:
+                listing.add(FailedUnit(src, src, "qemu", target, failures[target].error))
+            else:
+                listing.add(
+                    FailedUnit(
+                        src, src, "qemu", target,
+                        NotAvailable(f"QEMU's controller shows no disk at target {target}; try --backend file"),
+                    )
+                )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     found = trio.run(gather, list(args.sources), args.backend, args.transport)
     if args.json:
-        print(json.dumps([unit_json(u, lay, anns) for u, lay, anns in found], indent=2))
+        out = [
+            failed_json(e) if isinstance(e, FailedUnit) else unit_json(*e) for e in found.order
+        ]
+        print(json.dumps(out, indent=2))
     else:
-        for i, (u, lay, anns) in enumerate(found):
+        for i, entry in enumerate(found.order):
             if i:
                 print()
-            print_unit(u, lay, anns)
-    return 0
+            if isinstance(entry, FailedUnit):
+                print_failed(entry)
+            else:
+                print_unit(*entry)
+    for failed in found.failed:
+        print(f"amigafuse list: {failed.name}: {failed.reason}", file=sys.stderr)
+    return 1 if found.failed else 0
 
 
 # --------------------------------------------------------------------------- JSON
@@ -137,6 +297,19 @@ def ann_json(a: Announcement, lay: DiskLayout) -> dict[str, Any]:
     }
 
 
+def failed_json(f: FailedUnit) -> dict[str, Any]:
+    """A disk that did not come up: ``failed`` true, the error and its errno."""
+    return {
+        "name": f.name,
+        "source": f.source,
+        "backend": f.backend,
+        "target": f.target,
+        "failed": True,
+        "error": f.error.message,
+        "errno": f.error.errno,
+    }
+
+
 def unit_json(u: Unit, lay: DiskLayout, anns: list[Announcement]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": u.name,
@@ -177,6 +350,11 @@ def unit_json(u: Unit, lay: DiskLayout, anns: list[Announcement]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- text
+
+
+def print_failed(f: FailedUnit) -> None:
+    where = f" (SCSI target {f.target})" if f.target is not None else ""
+    print(f"{f.name}: FAILED [{f.backend}]{where}: {f.reason}")
 
 
 def print_unit(u: Unit, lay: DiskLayout, anns: list[Announcement]) -> None:

@@ -18,11 +18,11 @@ import shutil
 import stat
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from amigafuse.driver.scsi.disk import ScsiDisk, scan
+from amigafuse.driver.scsi.disk import ScsiDisk, TargetFailure, scan_targets
 from amigafuse.driver.scsi.transport import ScsiTransport
 from amigafuse.errors import NotAvailable, UsageError
 
@@ -37,21 +37,28 @@ class DiskImage:
     """An image file to attach as one SCSI disk (target = its index in the list).
 
     ``read_only`` attaches it with ``readonly=on`` (the disk reports write protect);
-    ``logical_block_size`` is the sector size the disk reports (512 or 4096).
+    ``logical_block_size`` is the sector size the disk reports (512 or 4096);
+    ``target`` places it at another SCSI target than its index (0..7, each used once).
     """
 
     path: str | os.PathLike[str]
     read_only: bool = False
     logical_block_size: int = 512
+    target: int | None = None
 
 
 @dataclass
 class Controller:
-    """A running virtio-scsi controller and the disks found on it."""
+    """A running virtio-scsi controller and the disks found on it.
+
+    ``failed`` lists the targets that answered but did not come up as disks (their
+    INQUIRY, TEST UNIT READY or READ CAPACITY failed), each with its error; the other
+    disks are in ``disks`` all the same."""
 
     disks: list[ScsiDisk]
     transport_name: str
     transport: ScsiTransport
+    failed: list[TargetFailure] = field(default_factory=list)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -140,8 +147,9 @@ async def open_qemu(
     """Start QEMU with ``images`` as SCSI targets 0..n-1 and yield the :class:`Controller`.
 
     Raises UsageError (bad image list: more than 8, missing, wrong size or permissions),
-    NotAvailable (QEMU not installed), DeviceError subclasses when the controller or a
-    disk does not come up, DeviceGone when QEMU dies.  Leaving the context stops QEMU.
+    NotAvailable (QEMU not installed), DeviceError subclasses when the controller does
+    not come up, DeviceGone when QEMU dies.  A disk that does not come up is left out of
+    ``disks`` and named in ``failed``.  Leaving the context stops QEMU.
     """
     checked = check_images(images)
     if transport not in ("auto", "legacy", "modern"):
@@ -158,6 +166,7 @@ async def open_qemu(
             path=str(image.path),
             read_only=image.read_only,
             logical_block_size=image.logical_block_size,
+            target=image.target,
         )
         for image in checked
     ]
@@ -181,7 +190,8 @@ async def attach_qemu(
     line).  Leaving the context detaches; QEMU keeps running.
 
     Raises UsageError for a bad transport name, NotAvailable/DeviceGone when the socket
-    or memory file cannot be used, DeviceErrors when disks do not come up.
+    or memory file cannot be used, DeviceErrors when the controller does not come up
+    (a disk that does not is named in ``failed``).
     """
     if transport not in ("auto", "legacy", "modern"):
         raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
@@ -231,12 +241,14 @@ def _transport_name(scsi: Any, requested: str) -> str:
 
 @asynccontextmanager
 async def _controller(scsi: ScsiTransport, name: str) -> AsyncIterator[Controller]:
-    found = await scan(scsi)
-    controller = Controller(disks=found, transport_name=name, transport=scsi)
+    found = await scan_targets(scsi)
+    controller = Controller(
+        disks=found.disks, transport_name=name, transport=scsi, failed=found.failed
+    )
     try:
         yield controller
     finally:
-        for disk in found:
+        for disk in found.disks:
             await disk.aclose()
 
 

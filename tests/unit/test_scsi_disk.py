@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from amigafuse.driver.scsi import cdb as C
 from amigafuse.driver.scsi import sense as S
 from amigafuse.driver.scsi import transport as vt
-from amigafuse.driver.scsi.disk import RETRY_LIMIT, ScsiDisk, scan
+from amigafuse.driver.scsi.disk import RETRY_LIMIT, ScsiDisk, scan, scan_targets
 from amigafuse.errors import (
     DeviceGone,
     DiskChanged,
@@ -309,6 +309,60 @@ async def test_bad_block_size_from_device_is_refused() -> None:
     )
     with pytest.raises(HardwareError, match="block length 520"):
         await scan(t)
+
+
+async def test_scan_goes_on_past_targets_that_do_not_come_up() -> None:
+    # Target 1: NOT READY "medium not present" to everything after INQUIRY; target 2: a
+    # UNIT ATTENTION that never clears; target 4: READ CAPACITY returns garbage.  Targets
+    # 0, 3 and 5 come up all the same, in order; the failures carry what went wrong.
+    luns = {t: FakeLun(64 + t) for t in (0, 1, 2, 3, 4, 5)}
+    t = FakeTransport(luns)
+
+    def faults(target: int, cdb: bytes) -> vt.ScsiCommandResult | None:
+        if cdb[0] == C.INQUIRY:
+            return None
+        if target == 1:
+            return _check(S.NOT_READY, 0x3A, 0)
+        if target == 2:
+            return _check(S.UNIT_ATTENTION, 0x28, 0)
+        if target == 4 and cdb[0] == C.READ_CAPACITY_10:
+            return _ok(b"\x01\x02")
+        return None
+
+    t.hooks.append(faults)
+    found = await scan_targets(t)
+    assert [d.target for d in found.disks] == [0, 3, 5]
+    assert [d.block_count for d in found.disks] == [64, 67, 69]
+    assert [(f.target, f.lun, type(f.error)) for f in found.failed] == [
+        (1, 0, NoMedium),
+        (2, 0, DiskChanged),
+        (4, 0, HardwareError),
+    ]
+    assert "SCSI target 1" in found.failed[0].message and "medium not present" in found.failed[0].message
+    assert "TEST UNIT READY" in found.failed[0].message
+    assert "READ CAPACITY(10)" in found.failed[2].message
+    # The disks that came up work.
+    await found.disks[1].write(3, b"x" * 512)
+    assert await found.disks[1].read(3, 1) == b"x" * 512
+    # scan() keeps its contract: the first failure is raised.
+    t2 = FakeTransport({0: FakeLun(8), 1: FakeLun(8)})
+    t2.hooks.append(faults)
+    with pytest.raises(NoMedium):
+        await scan(t2)
+
+
+async def test_scan_stops_when_the_backend_is_gone() -> None:
+    t = FakeTransport({0: FakeLun(8), 1: FakeLun(8)})
+
+    def die(target: int, cdb: bytes) -> vt.ScsiCommandResult | None:
+        if target == 1:
+            t.dead = True
+            raise DeviceGone("QEMU exited")
+        return None
+
+    t.hooks.append(die)
+    with pytest.raises(DeviceGone):
+        await scan_targets(t)
 
 
 ops = st.lists(

@@ -73,6 +73,9 @@ class QemuDisk:
     that touches 512-byte sector 2048 with EIO; ``blkdebug_rules`` is raw blkdebug config
     text appended to those.  Errors are reported to the driver
     (``rerror=report,werror=report``), which sees them as SCSI MEDIUM ERROR / sense.
+    ``no_medium`` attaches a removable ``scsi-hd`` whose drive is empty (``path`` is
+    ignored): it answers INQUIRY, and NOT READY "medium not present" to everything
+    else, for ever (a test of a target that does not come up).
     """
 
     path: Path | str
@@ -82,6 +85,7 @@ class QemuDisk:
     blkdebug_errors: Sequence[tuple[str, int, int]] = ()
     blkdebug_rules: str | None = None
     serial: str | None = None
+    no_medium: bool = False
 
     def blkdebug_config(self) -> str | None:
         """The blkdebug config text for this disk, or None when no errors are injected."""
@@ -161,6 +165,13 @@ def qemu_command(
             raise UsageError(
                 f"disk {disk.path}: block size {disk.logical_block_size} is not supported"
             )
+        if disk.no_medium:
+            cmd += [
+                "-drive", f"if=none,id=vd{index}",
+                "-device", f"scsi-hd,drive=vd{index},bus=scsi0.0,channel=0,scsi-id={target},"
+                "lun=0,removable=on",
+            ]  # fmt: skip
+            continue
         path = str(Path(disk.path).resolve())
         rules = disk.blkdebug_config()
         if rules is not None:
@@ -765,7 +776,7 @@ async def launch_qemu(
     if aio == "auto":
         aio = "io_uring" if await io_uring_usable(binary) else "threads"
     for disk in disks:
-        if not Path(disk.path).is_file():
+        if not disk.no_medium and not Path(disk.path).is_file():
             raise UsageError(f"disk image {disk.path} does not exist or is not a file")
     if ram_mib < 32:
         raise UsageError(f"ram_mib must be at least 32, got {ram_mib}")

@@ -502,35 +502,86 @@ class ScsiDisk(BlockDevice):
         )
 
 
-async def scan(transport: ScsiTransport, *, max_target: int = MAX_SCAN_TARGET) -> list[ScsiDisk]:
+@dataclass(frozen=True)
+class TargetFailure:
+    """A target that answered INQUIRY but did not come up as a disk (see
+    :func:`scan_targets`): its address and the error that stopped it."""
+
+    target: int
+    lun: int
+    error: DeviceError
+
+    @property
+    def message(self) -> str:
+        return self.error.message
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan_targets` found: the disks, in target order, and the targets that
+    failed to come up, in target order."""
+
+    disks: list[ScsiDisk]
+    failed: list[TargetFailure]
+
+
+async def scan_targets(
+    transport: ScsiTransport, *, max_target: int = MAX_SCAN_TARGET
+) -> ScanResult:
     """Find the direct-access disks: INQUIRY on LUN 0 of targets ``0..max_target``
-    (bounded by the controller's max_target), in target order.
+    (bounded by the controller's max_target), then :meth:`ScsiDisk.open` of each disk.
 
     Targets that answer BAD_TARGET (nothing there) or are not direct-access (qualifier 0,
-    type 0) are skipped.  Raises DeviceGone when the backend died, other DeviceErrors if
-    a present disk fails to come up.
+    type 0) are skipped.  A target whose INQUIRY, TEST UNIT READY, READ CAPACITY or
+    another command of the bring-up fails (a CHECK CONDITION that does not go away
+    within the retry budget, garbage in a reply) is recorded in ``failed`` with its
+    error, and the scan goes on with the next target.  Raises DeviceGone when the
+    backend died (then no target can answer), HardwareError when the controller itself
+    broke the virtqueue protocol.
     """
     disks: list[ScsiDisk] = []
+    failed: list[TargetFailure] = []
     last = min(max_target, transport.max_target)
     for target in range(last + 1):
-        result = await transport.execute(target, 0, C.inquiry(allocation_length=96), data_in_len=96)
-        if result.response == VIRTIO_SCSI_S_BAD_TARGET:
+        try:
+            disk = await _bring_up(transport, target)
+        except DeviceGone:
+            raise
+        except HardwareError as exc:
+            if getattr(transport, "failure", None) is not None:
+                raise  # the controller is broken, not this target
+            failed.append(TargetFailure(target, 0, exc))
             continue
-        verdict = classify(
-            result.response, result.status, result.sense, what=f"SCSI target {target}: INQUIRY"
+        except DeviceError as exc:
+            failed.append(TargetFailure(target, 0, exc))
+            continue
+        if disk is not None:
+            disks.append(disk)
+    return ScanResult(disks, failed)
+
+
+async def _bring_up(transport: ScsiTransport, target: int) -> ScsiDisk | None:
+    """The disk at ``target`` LUN 0, or None when there is none (or it is no disk)."""
+    what = f"SCSI target {target}: INQUIRY"
+    result = await transport.execute(target, 0, C.inquiry(allocation_length=96), data_in_len=96)
+    if result.response == VIRTIO_SCSI_S_BAD_TARGET:
+        return None
+    verdict = classify(result.response, result.status, result.sense, what=what)
+    if verdict.action is not Action.OK:
+        # Retry through the full path (UNIT ATTENTION etc.).
+        result = await execute_with_retry(
+            transport, target, 0, C.inquiry(allocation_length=96), what=what, data_in_len=96
         )
-        if verdict.action is not Action.OK:
-            # Retry through the full path (UNIT ATTENTION etc.).
-            result = await execute_with_retry(
-                transport,
-                target,
-                0,
-                C.inquiry(allocation_length=96),
-                what=f"SCSI target {target}: INQUIRY",
-                data_in_len=96,
-            )
-        inquiry = C.parse_standard_inquiry(result.data)
-        if not inquiry.is_connected_disk:
-            continue
-        disks.append(await ScsiDisk.open(transport, target, 0, inquiry=inquiry))
-    return disks
+    inquiry = C.parse_standard_inquiry(result.data)
+    if not inquiry.is_connected_disk:
+        return None
+    return await ScsiDisk.open(transport, target, 0, inquiry=inquiry)
+
+
+async def scan(transport: ScsiTransport, *, max_target: int = MAX_SCAN_TARGET) -> list[ScsiDisk]:
+    """The disks :func:`scan_targets` finds; raises the error of the first target that
+    failed to come up (use :func:`scan_targets` to go on past failed targets)."""
+    found = await scan_targets(transport, max_target=max_target)
+    if found.failed:
+        raise found.failed[0].error
+    return found.disks

@@ -285,6 +285,12 @@ class VirtioScsiController:
     def transport_kind(self) -> str:
         return self.transport.kind
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that put the whole controller out of service (every request fails
+        with it from then on), or None while it works."""
+        return self._failure
+
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise _fresh(self._failure)
