@@ -239,6 +239,8 @@ async def test_full_volume_gives_nospace_and_stays_consistent() -> None:
     st = await vol.getattr(big.object_id)
     assert st.size == written
     await vol.close()
+    # Every commit, even on the full volume, wrote its records (TRST chain) first.
+    assert vol.w is not None and vol.w.unrecorded_commits == 0  # type: ignore[attr-defined]
     rep = await check_volume(dev, geo, False)
     assert rep.clean, rep.errors
     vol = await open_volume(dev, geo, False)
@@ -249,6 +251,7 @@ async def test_full_volume_gives_nospace_and_stays_consistent() -> None:
     st = await vol.create(vol.root_id, "after")
     await vol.write(st.object_id, 0, b"ok" * 1000)
     await vol.close()
+    assert vol.w is not None and vol.w.unrecorded_commits == 0  # type: ignore[attr-defined]
     assert (await check_volume(dev, geo, False)).clean
 
 

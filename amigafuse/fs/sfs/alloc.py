@@ -7,7 +7,9 @@ returns the bytes after its 12-byte header.
 Invariants: ``free_count`` equals the number of set bits below ``total``; bits at and
 above ``total`` (padding of the last bitmap block) are 0.  Blocks freed by the
 transaction being built are kept in ``held`` and are not handed out again until the
-transaction commits (the committed metadata may still reference them).
+transaction commits (the committed metadata may still reference them).  The last
+``reserve`` usable blocks are not handed out by ``allocate``: they keep room for a
+transaction's records (the handler keeps ALWAYSFREE blocks for the same reason).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class FreeMap:
         self.dirty_blocks: set[int] = set()
         self.held: set[int] = set()
         self.changes: list[tuple[int, int, bool]] | None = None  # undo log: (start, count, was_free)
+        self.reserve = 0
 
     # ------------------------------------------------------------------ queries
     def is_free(self, block: int) -> bool:
@@ -105,9 +108,10 @@ class FreeMap:
     def allocate(self, count: int, hint: int) -> list[tuple[int, int]]:
         """``count`` blocks as (start, length) runs, marked used: one run at ``hint`` if
         possible, else the first run after it (then from 0) that holds them all, else
-        free pieces in disk order from ``hint``.  NoSpace when they are not there."""
-        if count > self.usable_count():
-            raise NoSpace(f"the SFS volume is full ({self.usable_count()} blocks free, {count} needed)")
+        free pieces in disk order from ``hint``.  NoSpace when they are not there (the
+        ``reserve`` excluded)."""
+        if count > self.usable_count() - self.reserve:
+            raise NoSpace(f"the SFS volume is full ({max(0, self.usable_count() - self.reserve)} blocks free, {count} needed)")
         runs: list[tuple[int, int]] = []
         need = count
         hint = hint if 0 <= hint < self.total else 0

@@ -31,6 +31,7 @@ from amigafuse.errors import (
     InvalidName,
     IsADirectory,
     NameTooLong,
+    NoSpace,
     NotADirectory,
     NotFound,
     NotSupported,
@@ -295,22 +296,46 @@ class SfsVolume(Volume):
 
     # ------------------------------------------------------------------ mutations
     async def _mutate(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one mutation atomically (rolled back on any exception or cancellation)."""
+        """Run one mutation atomically (rolled back on any exception or cancellation).
+
+        A mutation that finds no space (NoSpace from the allocator, or records of its
+        transaction that would not fit in the blocks usable for a TRST chain) is undone
+        and retried after ``_free_up_space`` (the handler's ``freeupspace``: commit the
+        pending transaction, purge ``.recycled``), until nothing more can be freed;
+        then NoSpace.  So no commit ever writes in place without its records."""
         async with self._lock:
             self._check_writable()
             w = self.w
             assert w is not None
-            w.begin()
-            try:
-                result = await fn()
-            except BaseException:
-                w.rollback()
-                raise
-            w.end()
+            while True:
+                w.begin()
+                try:
+                    result = await fn()
+                    if not w.chain_fits():
+                        raise NoSpace("the SFS volume is too full to record this change safely")
+                except NoSpace:
+                    w.rollback()
+                    if await self._free_up_space(w):
+                        continue
+                    raise
+                except BaseException:
+                    w.rollback()
+                    raise
+                w.end()
+                break
             if w.needs_commit():
                 with trio.CancelScope(shield=True):
                     await w.commit()
             return result
+
+    async def _free_up_space(self, w: SfsWriter) -> bool:
+        """Make room as the handler's ``freeupspace`` does; whether anything changed.
+        Called under the lock, with no operation running."""
+        if w.has_pending():
+            with trio.CancelScope(shield=True):
+                await w.commit()  # blocks freed by it become usable
+            return True
+        return False
 
     @property
     def w(self) -> SfsWriter | None:
