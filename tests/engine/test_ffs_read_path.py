@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import trio
 
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.memory import MemoryBlockDevice
@@ -142,3 +143,92 @@ async def test_damage_mid_chain_is_eio_for_that_file_only() -> None:
     blk = FileExtBlock.unpack(good[exts[0] * 512 : exts[0] * 512 + 512])
     dev.data[exts[0] * 512 : exts[0] * 512 + 512] = with_checksum(replace(blk, extension=blk.table[-1]).pack())
     await fails(CorruptError, 0)
+
+
+class SlowDevice(MemoryBlockDevice):
+    """A memory device whose reads take ``delay`` seconds and return the blocks as
+    they are at the end (as a real transfer would); counts reads in flight."""
+
+    def __init__(self, data: bytes | bytearray, delay: float) -> None:
+        super().__init__(data=data)
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def read(self, lba: int, count: int) -> bytes:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.delay)
+            return await super().read(lba, count)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_reads_overlap_at_the_device() -> None:
+    big = 2 * 1024 * 1024
+    dev, geo, _frag, whole = await build(512, 24_000, big)
+    slow = SlowDevice(dev.data, 0.02)
+    vol = await open_volume(slow, geo, True)
+    await vol.read(whole, 0, 1)  # the file's block lists, read once
+    slow.max_in_flight = 0
+    want = content("w", big)
+    got: dict[int, bytes] = {}
+
+    async def one(off: int) -> None:
+        got[off] = await vol.read(whole, off, 128 * 1024)
+
+    async with trio.open_nursery() as nursery:
+        for off in range(0, big, 128 * 1024):
+            nursery.start_soon(one, off)
+    assert all(got[off] == want[off : off + 128 * 1024] for off in got) and len(got) == 16
+    assert slow.max_in_flight >= 8  # not one at a time
+
+
+async def test_changes_wait_for_reads_in_flight() -> None:
+    big = 1024 * 1024
+    dev, geo, _frag, whole = await build(512, 24_000, big)
+    slow = SlowDevice(dev.data, 0)
+    vol = await open_volume(slow, geo, False)
+    assert isinstance(vol, FfsVolumeBase)
+    await vol._block_lists(whole, await vol._entry(whole))  # the changes need no reads
+    await vol.read(whole, 0, 1)
+    old = content("w", big)
+    new = content("new", big)
+    results: list[bytes] = []
+    order: list[str] = []
+
+    async def reader() -> None:
+        results.append(await vol.read(whole, 0, big))
+        order.append("read")
+
+    async def changer() -> None:
+        await trio.sleep(0.01)  # the read is at the device now
+        await vol.truncate(whole, 0)  # frees every block the read is reading...
+        await vol.write(whole, 0, new)  # ...and this reuses and overwrites them
+        order.append("changed")
+
+    slow.delay = 0.05
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(changer)
+    assert results == [old] and order == ["read", "changed"]
+    slow.delay = 0
+    assert await vol.read(whole, 0, big) == new
+    await vol.close()
+
+
+async def test_a_cancelled_read_does_not_block_later_changes() -> None:
+    big = 256 * 1024
+    dev, geo, _, whole = await build(512, 24_000, big)
+    slow = SlowDevice(dev.data, 0.01)
+    vol = await open_volume(slow, geo, False)
+    await vol.read(whole, 0, 1)
+    slow.delay = 10
+    with trio.move_on_after(0.05):
+        await vol.read(whole, 0, big)
+    slow.delay = 0
+    with trio.fail_after(5):
+        await vol.truncate(whole, 10)
+        assert await vol.read(whole, 0, 100) == content("w", 10)
+    await vol.close()

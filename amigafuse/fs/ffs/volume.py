@@ -2,7 +2,12 @@
 
 Invariants
     * One ``trio.Lock`` (``self._lock``) serialises every public operation, so between
-      two awaits inside an operation nothing else changes the volume.  Metadata changes
+      two awaits inside an operation nothing else changes the volume.  One exception:
+      ``read`` finds the device ranges of the data under the lock, then releases it and
+      reads them (``self._data_reads`` counts such reads), so several reads can be at the
+      device at once (the driver takes 16).  ``_locked`` waits, holding the lock (so no
+      new read starts), until no such read is in flight: no operation can free, reuse or
+      overwrite blocks a read is still reading.  Metadata changes
       are made in the block cache without awaiting in between, after everything they
       need has been read, so a cancelled call leaves the cache either unchanged or
       changed entirely.
@@ -127,6 +132,9 @@ class FfsVolumeBase:
         self._gone: set[int] = set()  # header blocks whose object was deleted this session
         self._ext_prefetch = max(1, EXT_PREFETCH_BYTES // self.block_size)
         self._lock = trio.Lock()
+        self._data_reads = 0  # reads at the device outside the lock (see the invariants)
+        self._reads_done = trio.Event()
+        self._reads_done.set()
         self._closed = False
 
     # ================================================================== basics
@@ -250,14 +258,19 @@ class FfsVolumeBase:
         return c
 
     @contextlib.asynccontextmanager
-    async def _locked(self) -> AsyncIterator[None]:
+    async def _locked(self, *, beside_reads: bool = False) -> AsyncIterator[None]:
         """The volume lock.  Taken without a trip through the scheduler when it is free
-        (reads from the page cache are shorter than a reschedule); waits otherwise."""
+        (reads from the page cache are shorter than a reschedule); waits otherwise.
+        Then waits, holding it, until no data read is in flight outside the lock, unless
+        ``beside_reads`` (``read`` itself: it only adds readers).  Cancellation while
+        waiting releases the lock and changes nothing."""
         try:
             self._lock.acquire_nowait()
         except trio.WouldBlock:
             await self._lock.acquire()
         try:
+            while self._data_reads and not beside_reads:
+                await self._reads_done.wait()
             yield
         finally:
             self._lock.release()
@@ -640,14 +653,28 @@ class FfsVolumeBase:
         return out
 
     async def _read_file(self, block: int, e: EntryBlock, offset: int, length: int) -> bytes:
+        """``length`` bytes of file ``block`` from ``offset`` (fewer at its end).  Called
+        with the lock held.  Raises CorruptError, DeviceError."""
+        plan = await self._plan_read(block, e, offset, length)
+        if isinstance(plan, bytes):
+            return plan
+        return await self._read_planned(*plan)
+
+    async def _plan_read(
+        self, block: int, e: EntryBlock, offset: int, length: int
+    ) -> bytes | tuple[list[tuple[int, int]], int, int]:
+        """What a read needs from the device: ``(device ranges (first block, count) in
+        file order, bytes to skip at the start, bytes wanted)`` for FFS data, or the data
+        itself (OFS, or nothing to read).  Called with the lock held; its own metadata
+        reads happen here.  Raises CorruptError, DeviceError."""
         size = e.byte_size
         if offset >= size or length <= 0:
             return b""
         end = min(size, offset + length)
         first = offset // self.payload
         last = (end - 1) // self.payload
+        skip = offset - first * self.payload
         if self.ffs:
-            pieces: list[bytes] = []
             extents = await self._file_extents(block, e)
             listed = extents[-1][0] + extents[-1][2] if extents else 0
             if listed <= last:
@@ -655,40 +682,47 @@ class FfsVolumeBase:
                     f"file header lists {listed} data blocks, its size {size} needs {last + 1}",
                     block=block, field="high_seq",
                 )  # fmt: skip
+            ranges: list[tuple[int, int]] = []
             k = bisect.bisect_right(extents, (first, 1 << 62, 0)) - 1
             index = first
             while index <= last:
                 ex_first, ex_block, ex_count = extents[k]
                 skip_blocks = index - ex_first
                 take = min(ex_count - skip_blocks, last + 1 - index)
-                pieces.append(await self.io.read(ex_block + skip_blocks, take))
+                ranges.append((ex_block + skip_blocks, take))
                 index += take
                 k += 1
-            buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        else:
-            data, _ = await self._block_lists(block, e)
-            if len(data) <= last:
-                raise CorruptError(
-                    f"file header lists {len(data)} data blocks, its size {size} needs {last + 1}",
-                    block=block, field="high_seq",
-                )  # fmt: skip
-            wanted = data[first : last + 1]
-            raws = await self._read_blocks(wanted)
-            parts = []
-            for i, raw in enumerate(raws):
-                # FFS 40.1 itself writes wrong seq_num/next_data after a seek past EOF
-                # (see docs/ffs.md), so only type and owner are required here.
-                d = OfsDataBlock.unpack(raw)
-                if d.type != T_DATA or d.header_key != block:
-                    raise CorruptError("OFS data block does not belong to this file", block=wanted[i], field="type/header_key")
-                if not verify_checksum(raw):
-                    raise ChecksumError("OFS data block checksum does not verify", block=wanted[i], field="chksum")
-                parts.append(d.data)
-            buf = b"".join(parts)
-        skip = offset - first * self.payload
-        if skip == 0 and len(buf) == end - offset:
-            return buf
+            return ranges, skip, end - offset
+        data, _ = await self._block_lists(block, e)
+        if len(data) <= last:
+            raise CorruptError(
+                f"file header lists {len(data)} data blocks, its size {size} needs {last + 1}",
+                block=block, field="high_seq",
+            )  # fmt: skip
+        wanted = data[first : last + 1]
+        raws = await self._read_blocks(wanted)
+        parts = []
+        for i, raw in enumerate(raws):
+            # FFS 40.1 itself writes wrong seq_num/next_data after a seek past EOF
+            # (see docs/ffs.md), so only type and owner are required here.
+            d = OfsDataBlock.unpack(raw)
+            if d.type != T_DATA or d.header_key != block:
+                raise CorruptError("OFS data block does not belong to this file", block=wanted[i], field="type/header_key")
+            if not verify_checksum(raw):
+                raise ChecksumError("OFS data block checksum does not verify", block=wanted[i], field="chksum")
+            parts.append(d.data)
+        buf = b"".join(parts)
         return buf[skip : skip + (end - offset)]
+
+    async def _read_planned(self, ranges: list[tuple[int, int]], skip: int, nbytes: int) -> bytes:
+        """The bytes a :meth:`_plan_read` plan names: one device request per range."""
+        if len(ranges) == 1:
+            buf = await self.io.read(*ranges[0])
+        else:
+            buf = b"".join([await self.io.read(start, count) for start, count in ranges])
+        if skip == 0 and len(buf) == nbytes:
+            return buf
+        return buf[skip : skip + nbytes]
 
     # ================================================================== public reads
     @property
@@ -742,10 +776,23 @@ class FfsVolumeBase:
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
-        async with self._locked():
+        async with self._locked(beside_reads=True):
             self._maybe_evict()
             block, e = await self._file(object_id)
-            return await self._read_file(block, e, offset, length)
+            plan = await self._plan_read(block, e, offset, length)
+            if isinstance(plan, bytes):
+                return plan
+            # the data is read outside the lock, beside other reads; operations that
+            # change blocks wait for it (see the invariants)
+            self._data_reads += 1
+            if self._data_reads == 1:
+                self._reads_done = trio.Event()
+        try:
+            return await self._read_planned(*plan)
+        finally:
+            self._data_reads -= 1
+            if not self._data_reads:
+                self._reads_done.set()
 
     async def readlink(self, object_id: int) -> str:
         async with self._locked():
