@@ -11,7 +11,8 @@ import trio
 
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.memory import MemoryBlockDevice
-from amigafuse.errors import ChainLoopError, ChecksumError, CorruptError
+from amigafuse.errors import ChainLoopError, ChecksumError, CorruptError, MediumError
+from amigafuse.fs.api import SetAttrs
 from amigafuse.fs.ffs import ENGINE, open_volume
 from amigafuse.fs.ffs.layout import FileExtBlock, with_checksum
 from amigafuse.fs.ffs.volume import FfsVolumeBase
@@ -232,3 +233,87 @@ async def test_a_cancelled_read_does_not_block_later_changes() -> None:
         await vol.truncate(whole, 10)
         assert await vol.read(whole, 0, 100) == content("w", 10)
     await vol.close()
+
+
+# ------------------------------------------------------------ directory listings
+
+
+async def small_files(count: int, dostype: int = DOS3) -> tuple[MemoryBlockDevice, VolumeGeometry, int]:
+    dev = MemoryBlockDevice(8000)
+    geo = VolumeGeometry(dostype=dostype, fs_block_count=8000, reserved=2)
+    await ENGINE.format_volume(dev, geo, "Dir")
+    vol = await open_volume(dev, geo, False)
+    d = await vol.mkdir(vol.root_id, "d")
+    for i in range(count):
+        f = await vol.create(d.object_id, f"f{i:04d}")
+        await vol.write(f.object_id, 0, content(str(i), 100 + 37 * i % 1500))
+    await vol.close()
+    return dev, geo, d.object_id
+
+
+@pytest.mark.parametrize("dostype", [DOS3, 0x444F5305, 0x444F5307])
+async def test_a_listing_reads_headers_in_few_requests(dostype: int) -> None:
+    dev, geo, d = await small_files(400, dostype)
+    vol = await open_volume(dev, geo, True)
+    await vol.getattr(d)
+    before = dev.reads
+    names = sorted(st.name for st in await vol.readdir(d))
+    assert names == [f"f{i:04d}" for i in range(400)]
+    assert dev.reads - before < 40  # one request per entry before
+    # the listing left every header cached: lookups and getattrs read nothing
+    before = dev.reads
+    for i in range(0, 400, 7):
+        st = await vol.lookup(d, f"F{i:04d}")
+        assert st.size == 100 + 37 * i % 1500
+    assert dev.reads == before
+
+
+async def test_a_listing_shows_unwritten_changes_and_not_deleted_headers() -> None:
+    dev, geo, d = await small_files(60)
+    vol = await open_volume(dev, geo, False)
+    assert isinstance(vol, FfsVolumeBase)
+    f3 = await vol.lookup(d, "f0003")
+    await vol.unlink(d, "f0005")  # its header stays on the disk, unlinked
+    await vol.close()
+    vol = await open_volume(dev, geo, False)
+    assert isinstance(vol, FfsVolumeBase)
+    await vol.setattr(f3.object_id, SetAttrs(protection=0x0F, comment="changed"))
+    await vol.rename(d, "f0007", d, "renamed")
+    vol._index.clear()
+    vol._maybe_evict()
+    listing = {st.name: st for st in await vol.readdir(d)}
+    assert "f0005" not in listing and "renamed" in listing and "f0007" not in listing
+    assert len(listing) == 59
+    assert listing["f0003"].protection == 0x0F and listing["f0003"].comment == "changed"
+    await vol.close()
+    vol = await open_volume(dev, geo, True)
+    listing = {st.name: st for st in await vol.readdir(d)}
+    assert "f0005" not in listing and "renamed" in listing and len(listing) == 59
+    assert listing["f0003"].comment == "changed"
+
+
+class BadSectorDevice(MemoryBlockDevice):
+    """Reads that include block ``bad`` fail, as with an unreadable sector."""
+
+    def __init__(self, data: bytes | bytearray, bad: int) -> None:
+        super().__init__(data=data)
+        self.bad = bad
+
+    async def read(self, lba: int, count: int) -> bytes:
+        if lba <= self.bad < lba + count:
+            raise MediumError(f"block {self.bad} is unreadable")
+        return await super().read(lba, count)
+
+
+async def test_a_bad_block_near_the_headers_does_not_fail_the_listing() -> None:
+    dev, geo, d = await small_files(50)
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    f1 = await vol.lookup(d, "f0001")
+    data, _ = await vol._block_lists(f1.object_id, await vol._entry(f1.object_id))
+    faulty = BadSectorDevice(dev.data, data[0])
+    vol = await open_volume(faulty, geo, True)
+    assert len(await vol.readdir(d)) == 50
+    with pytest.raises(MediumError):
+        await vol.read(f1.object_id, 0, 10)
+    assert await vol.read((await vol.lookup(d, "f0002")).object_id, 0, 10) == content("2", 10)

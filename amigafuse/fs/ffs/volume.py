@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +39,7 @@ from amigafuse.errors import (
     ChainLoopError,
     ChecksumError,
     CorruptError,
+    DeviceError,
     InvalidArgument,
     InvalidName,
     IsADirectory,
@@ -88,6 +90,11 @@ META_CACHE_LIMIT = 1 << 16  # decoded blocks kept; clean ones are dropped beyond
 BLOCKLIST_CACHE_LIMIT = 4096
 INDEX_LIMIT = 1 << 18  # directory-index names kept
 EXT_PREFETCH_BYTES = 128 * 1024  # extension blocks read ahead in one request (at most)
+HEADER_GAP_BYTES = 32 * 1024  # header reads of a directory listing: gaps bridged
+HEADER_SPAN_BYTES = 1024 * 1024  # ... and the longest request
+HEADER_READS_IN_FLIGHT = 8
+_T_HEADER_LONG = struct.pack(">L", T_HEADER)
+_LONG = struct.Struct(">L")
 
 
 def root_block_for(reserved: int, block_count: int) -> int:
@@ -368,6 +375,7 @@ class FfsVolumeBase:
         """Every entry of a directory, in ExamineNext order; corrupt chains are skipped
         (logged, and noted) so the rest stays readable."""
         table = await self._dir_table(dir_block)
+        await self._prefetch_chains(dir_block, [h for h in table if h])
         out: list[tuple[int, EntryBlock]] = []
         complete = True
         for head in table:
@@ -389,6 +397,88 @@ class FfsVolumeBase:
             else:
                 out.sort(key=lambda be: order.get(be[0], 1 << 40))
         return out
+
+    async def _prefetch_chains(self, dir_block: int, heads: list[int]) -> None:
+        """Warm the cache for a walk of a directory's hash chains: level by level (every
+        chain's first headers, then their successors...), the headers not cached are
+        read in as few requests as their spacing allows (:meth:`_prefetch_headers`), so
+        a directory costs a few requests per chain length, not one per entry.  Best
+        effort: what it cannot read or validate is left for the walk to report."""
+        frontier = heads
+        seen: set[int] = set()
+        meta = self._meta
+        while frontier and len(seen) <= self.block_count:
+            await self._prefetch_headers(frontier, dir_block)
+            nxt = []
+            for b in frontier:
+                seen.add(b)
+                e = meta.get(b)
+                if isinstance(e, EntryBlock) and e.hash_chain and e.hash_chain not in seen:
+                    nxt.append(e.hash_chain)
+            frontier = nxt
+
+    async def _prefetch_headers(self, blocks: list[int], parent: int) -> None:
+        """Read the uncached ``blocks`` in as few requests as their spacing allows (runs
+        with gaps of up to HEADER_GAP_BYTES, each at most HEADER_SPAN_BYTES, several at
+        the device at once) and cache every valid header of an entry of directory
+        ``parent`` found in what was read, neighbours included (writers put a
+        directory's headers near each other).  Valid: checksum, T_HEADER, its own
+        number, that parent, a known secondary type.  Blocks already cached (perhaps
+        changed, not yet written) are never replaced.  A request that fails is skipped
+        (the walk reads what it needs itself and reports the error)."""
+        meta = self._meta
+        want = sorted({b for b in blocks if self.reserved <= b < self.block_count and b not in meta})
+        if not want:
+            return
+        gap = max(1, HEADER_GAP_BYTES // self.block_size)
+        span = max(1, HEADER_SPAN_BYTES // self.block_size)
+        ranges: list[tuple[int, int]] = []
+        start = prev = want[0]
+        for b in want[1:]:
+            if b - prev > gap or b - start >= span:
+                ranges.append((start, prev - start + 1))
+                start = b
+            prev = b
+        ranges.append((start, prev - start + 1))
+        pending = iter(ranges)
+
+        async def worker() -> None:
+            for first, count in pending:
+                try:
+                    raw = await self.io.read(first, count)
+                except DeviceError as exc:  # a bad neighbour must not fail the listing
+                    log.debug("header read-ahead of blocks %d+%d failed: %s", first, count, exc)
+                    continue
+                self._cache_headers(raw, first, parent)  # no await: all or nothing
+
+        if len(ranges) == 1:
+            await worker()
+            return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(HEADER_READS_IN_FLIGHT, len(ranges))):
+                nursery.start_soon(worker)
+
+    def _cache_headers(self, raw: bytes, first: int, parent: int) -> None:
+        bs = self.block_size
+        meta = self._meta
+        for i in range(len(raw) // bs):
+            offset = i * bs
+            if not raw.startswith(_T_HEADER_LONG, offset):
+                continue
+            b = first + i
+            if b in meta:
+                continue
+            key, = _LONG.unpack_from(raw, offset + 4)
+            owner, = _LONG.unpack_from(raw, offset + bs - 12)
+            if key != b or owner != parent:
+                continue
+            piece = raw[offset : offset + bs]
+            if not verify_checksum(piece):
+                continue
+            e = EntryBlock.unpack(piece, self.lnfs)
+            if e.sec_type in ENTRY_TYPES:
+                meta[b] = e
 
     def _note(self, text: str) -> None:
         if text not in self.notes and len(self.notes) < 50:
