@@ -362,11 +362,14 @@ class Controller:
     ``modern``: ``virtio-scsi-pci-non-transitional`` with ``iommu_platform=on`` (what VFIO
     needs behind the vIOMMU); otherwise the transitional ``virtio-scsi-pci`` (QEMU 7.2
     refuses ``iommu_platform`` on it, so its DMA bypasses the vIOMMU).
+    ``msix_vectors``: QEMU's ``vectors`` property (None: QEMU's default, MSI-X with
+    num_queues + 3 vectors; 0: no MSI-X capability at all, INTx only).
     """
 
     disks: tuple[Disk, ...] = ()
     addr: str = "04.0"
     modern: bool = True
+    msix_vectors: int | None = None
 
     @property
     def bdf(self) -> str:
@@ -515,10 +518,11 @@ def run_in_guest(
             argv.add("-device", f"virtserialport,bus=vser.0,nr={nr},chardev=c{name},name={name}")
         for ci, ctl in enumerate(controllers):
             ctl_id = f"scsi{ci}"
+            vectors = "" if ctl.msix_vectors is None else f",vectors={ctl.msix_vectors}"
             if ctl.modern:
-                argv.add("-device", f"virtio-scsi-pci-non-transitional,id={ctl_id},addr={ctl.addr},iommu_platform=on")
+                argv.add("-device", f"virtio-scsi-pci-non-transitional,id={ctl_id},addr={ctl.addr},iommu_platform=on{vectors}")
             else:
-                argv.add("-device", f"virtio-scsi-pci,id={ctl_id},addr={ctl.addr}")
+                argv.add("-device", f"virtio-scsi-pci,id={ctl_id},addr={ctl.addr}{vectors}")
             for n, disk in enumerate(ctl.disks):
                 _drive_args(argv, ctl_id, n, disk)
         argv.add(*extra_qemu_args)

@@ -184,23 +184,30 @@ def test_find_common_cfg_distrusts_the_device() -> None:
 # The interrupt path on real eventfds (the kernel's side of VFIO is not needed for it).
 
 
-def _backend_with_eventfds(req: bool = True) -> vfio.VfioBackend:
+def _backend_with_eventfds(
+    req: bool = True, index: int = vfio.VFIO_PCI_INTX_IRQ_INDEX
+) -> vfio.VfioBackend:
     import os
 
     backend = vfio.VfioBackend("0000:00:04.0")
     backend._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     if req:
         backend._req_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    backend._intx_enabled = True
+    backend._irq_index = index
     return backend
 
 
-async def test_wait_interrupt_sleeps_until_the_eventfd_fires() -> None:
+@pytest.mark.parametrize(
+    ("index", "mode"),
+    [(vfio.VFIO_PCI_INTX_IRQ_INDEX, "intx"), (vfio.VFIO_PCI_MSIX_IRQ_INDEX, "msix")],
+)
+async def test_wait_interrupt_sleeps_until_the_eventfd_fires(index: int, mode: str) -> None:
     import os
 
     import trio
 
-    backend = _backend_with_eventfds()
+    backend = _backend_with_eventfds(index=index)
+    assert backend.interrupt_mode == mode
     try:
         with trio.move_on_after(0.2) as scope:
             await backend.wait_interrupt()
@@ -321,3 +328,31 @@ async def test_req_releases_the_device_at_once() -> None:
             await backend.sync()
     finally:
         backend._release()
+
+
+async def test_interrupt_mode_choice_without_a_kernel() -> None:
+    """INTx forced: enable_msix declines (no ioctl) and says why; an unknown mode is a
+    usage error; before anything is enabled the mode reads intx and waiting is refused."""
+    with pytest.raises(UsageError, match="interrupt mode"):
+        vfio.VfioBackend("0000:00:04.0", interrupts="msi")  # type: ignore[arg-type]
+    backend = vfio.VfioBackend("0000:00:04.0", interrupts="intx")
+    try:
+        assert backend.interrupt_mode == "intx"
+        assert await backend.enable_msix(backend.devfn) is False
+        assert backend.msix_note == "INTx asked for (interrupts=intx)"
+        with pytest.raises(DeviceError, match="before enable_interrupts"):
+            await backend.wait_interrupt()
+        with pytest.raises(DeviceError, match="no device at devfn"):
+            await backend.enable_msix(backend.devfn + 1)
+    finally:
+        backend._release()
+
+
+def test_msix_demanded_but_missing_is_an_error_that_says_what_to_do() -> None:
+    backend = vfio.VfioBackend("0000:00:04.0", interrupts="msix")
+    with pytest.raises(NotAvailable, match=r"no MSI-X .*interrupts=auto"):
+        backend._no_msix("the function has no MSI-X capability")
+    assert backend.msix_note == "the function has no MSI-X capability"
+    auto = vfio.VfioBackend("0000:00:04.0")
+    assert auto._no_msix("VFIO refused to enable it: Invalid argument") is False
+    assert auto.msix_note.startswith("VFIO refused")  # type: ignore[union-attr]

@@ -16,9 +16,11 @@ The device must be bound to ``vfio-pci`` (``amigafuse bind-vfio BDF``).  Then:
   bypasses the IOMMU (QEMU's transitional virtio-scsi-pci) DMAs to physical addresses:
   it gets one 2 MiB huge page, pinned at IOVA = its physical address (from
   /proc/self/pagemap), as its arena (``dma="physical"``, chosen by "auto");
-* INTx is signalled on an eventfd (``VFIO_DEVICE_SET_IRQS``, ACTION_TRIGGER) that trio
-  waits on without polling (:func:`trio.lowlevel.wait_readable`); the kernel masks the
-  line on each interrupt and :meth:`VfioBackend.ack_interrupt` unmasks it;
+* interrupts are signalled on an eventfd (``VFIO_DEVICE_SET_IRQS``, ACTION_TRIGGER) that
+  trio waits on without polling (:func:`trio.lowlevel.wait_readable`): MSI-X vector 0
+  where the function has MSI-X (:meth:`VfioBackend.enable_msix`; one message per event,
+  no ISR read, nothing to unmask), else INTx, which the kernel masks on each interrupt
+  and :meth:`VfioBackend.ack_interrupt` unmasks.  ``interrupts="intx"`` forces INTx;
 * the device's REQ interrupt (the kernel asking for the device back, e.g. on unbind) is
   an eventfd too: when it fires the backend is declared dead (DeviceGone);
 * closing resets the device (``VFIO_DEVICE_RESET``), unmaps the arena and closes the fds.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as _errno
+import logging
 import mmap
 import os
 import re
@@ -50,6 +53,8 @@ from amigafuse.errors import DeviceError, DeviceGone, HardwareError, NotAvailabl
 
 if TYPE_CHECKING:
     from amigafuse.driver.controller import Controller
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- ABI (linux/vfio.h)
 
@@ -144,6 +149,9 @@ PHYSICAL_MAX_TRANSFER = 64 << 10
 PAGEMAP_PFN_MASK = (1 << 55) - 1
 PAGEMAP_PRESENT = 1 << 63
 DmaMode = Literal["auto", "iommu", "physical"]
+#: "auto": MSI-X where the function has it, else INTx; "msix": MSI-X or an error;
+#: "intx": INTx even where MSI-X is offered.
+InterruptMode = Literal["auto", "msix", "intx"]
 PREFERRED_IOVA = 0x1000_0000  # 256 MiB: below 4 GiB, clear of the x86 MSI window
 
 
@@ -358,9 +366,21 @@ class VfioBackend(Backend):
     #: VIRTIO_F_ACCESS_PLATFORM (bit 33); without it the arena's bus address is wrong.
     requires_access_platform = True
 
-    def __init__(self, bdf: str, *, mmap_bars: bool = True, dma: DmaMode = "auto") -> None:
+    def __init__(
+        self,
+        bdf: str,
+        *,
+        mmap_bars: bool = True,
+        dma: DmaMode = "auto",
+        interrupts: InterruptMode = "auto",
+    ) -> None:
         if dma not in ("auto", "iommu", "physical"):
             raise UsageError(f"unknown DMA mode {dma!r}: use auto, iommu or physical")
+        if interrupts not in ("auto", "msix", "intx"):
+            raise UsageError(f"unknown interrupt mode {interrupts!r}: use auto, msix or intx")
+        self._irq_request: InterruptMode = interrupts
+        #: Why MSI-X is not in use (None while it is, or before interrupts are enabled).
+        self.msix_note: str | None = None
         self.bdf = parse_bdf(bdf)
         self.mmap_bars = mmap_bars
         self._dma_request: DmaMode = dma
@@ -384,7 +404,8 @@ class VfioBackend(Backend):
         self._closed = False
         self._interrupts = 0
         self._irq_pending = False
-        self._intx_enabled = False
+        #: VFIO_PCI_INTX_IRQ_INDEX or VFIO_PCI_MSIX_IRQ_INDEX once interrupts are on.
+        self._irq_index: int | None = None
         self._unmask = irq_set(
             VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_INTX_IRQ_INDEX, 0, 1
         )
@@ -816,17 +837,107 @@ class VfioBackend(Backend):
             raise self.gone_error()
         await trio.lowlevel.checkpoint()
 
-    async def enable_interrupts(self, devfn: int) -> None:
+    @property
+    def interrupt_mode(self) -> str:
+        return "msix" if self._irq_index == VFIO_PCI_MSIX_IRQ_INDEX else "intx"
+
+    def _irq_info(self, index: int, what: str) -> tuple[int, int]:
+        """``(count, flags)`` of VFIO IRQ ``index``.  Raises OSError."""
+        info = bytearray(IRQ_INFO.size)
+        IRQ_INFO.pack_into(info, 0, IRQ_INFO.size, 0, index, 0)
+        _ioctl(self._device_fd, VFIO_DEVICE_GET_IRQ_INFO, info, f"GET_IRQ_INFO({what})")
+        _a, flags, _index, count = IRQ_INFO.unpack(info)
+        return count, flags
+
+    def _no_msix(self, note: str) -> bool:
+        """Record why MSI-X is not used; raise NotAvailable if it was demanded
+        (``interrupts="msix"``), else log a debug note and return False."""
+        self.msix_note = note
+        if self._irq_request == "msix":
+            raise NotAvailable(f"PCI device {self.bdf}: no MSI-X ({note}); use interrupts=auto")
+        log.debug("VFIO device %s: INTx, not MSI-X: %s", self.bdf, note)
+        return False
+
+    async def enable_msix(self, devfn: int) -> bool:
+        """Route MSI-X vector 0 to :meth:`wait_interrupt` (one eventfd), unless INTx was
+        asked for (``interrupts="intx"``), the function has no MSI-X, or VFIO refuses
+        it: then False (with ``interrupts="msix"``: NotAvailable) and the reason in
+        :attr:`msix_note`.  Raises DeviceGone once the backend is dead."""
         if not self._check_devfn(devfn):
             raise DeviceError(f"VFIO backend for {self.bdf} has no device at devfn {devfn:#x}")
         if self.dead:
             raise self.gone_error()
-        if self._intx_enabled:
+        if self._irq_index is not None:
+            return self._irq_index == VFIO_PCI_MSIX_IRQ_INDEX
+        if self._irq_request == "intx":
+            self.msix_note = "INTx asked for (interrupts=intx)"
+            return False
+        try:
+            count, flags = self._irq_info(VFIO_PCI_MSIX_IRQ_INDEX, "MSI-X")
+        except OSError as exc:
+            return self._no_msix(f"GET_IRQ_INFO failed: {exc.strerror}")
+        if count < 1 or not flags & VFIO_IRQ_INFO_EVENTFD:
+            return self._no_msix("the function has no MSI-X capability")
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            _ioctl(
+                self._device_fd,
+                VFIO_DEVICE_SET_IRQS,
+                irq_set(
+                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    VFIO_PCI_MSIX_IRQ_INDEX,
+                    0,
+                    1,
+                    struct.pack("<i", fd),
+                ),
+                "SET_IRQS(MSI-X)",
+            )
+        except OSError as exc:
+            os.close(fd)
+            return self._no_msix(f"VFIO refused to enable it: {exc.strerror}")
+        self._irq_fd = fd
+        self._irq_index = VFIO_PCI_MSIX_IRQ_INDEX
+        self.msix_note = None
+        await trio.lowlevel.checkpoint()
+        return True
+
+    def _disable_irq(self) -> None:
+        """Switch the enabled interrupt off and close its eventfd.  Called while the
+        device is brought up, before any task waits on the eventfd."""
+        if self._irq_index is None:
             return
-        info = bytearray(IRQ_INFO.size)
-        IRQ_INFO.pack_into(info, 0, IRQ_INFO.size, 0, VFIO_PCI_INTX_IRQ_INDEX, 0)
-        _ioctl(self._device_fd, VFIO_DEVICE_GET_IRQ_INFO, info, "GET_IRQ_INFO(INTx)")
-        _a, flags, _index, count = IRQ_INFO.unpack(info)
+        with contextlib.suppress(OSError):
+            _ioctl(
+                self._device_fd,
+                VFIO_DEVICE_SET_IRQS,
+                irq_set(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self._irq_index, 0, 0),
+            )
+        if self._irq_fd >= 0:
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.notify_closing(self._irq_fd)
+            os.close(self._irq_fd)
+            self._irq_fd = -1
+        self._irq_index = None
+        self._irq_pending = False
+
+    async def enable_interrupts(self, devfn: int) -> None:
+        """Route INTx to :meth:`wait_interrupt`.  After :meth:`enable_msix` (the device
+        refused the vector) MSI-X is switched off first; with ``interrupts="msix"`` that
+        is an error (NotAvailable).  Raises NotAvailable when the function has no INTx
+        VFIO can signal, DeviceGone when the backend is dead."""
+        if not self._check_devfn(devfn):
+            raise DeviceError(f"VFIO backend for {self.bdf} has no device at devfn {devfn:#x}")
+        if self.dead:
+            raise self.gone_error()
+        if self._irq_index == VFIO_PCI_INTX_IRQ_INDEX:
+            return
+        if self._irq_index == VFIO_PCI_MSIX_IRQ_INDEX:
+            self._disable_irq()
+            self._no_msix("the device refused MSI-X vector 0 for its queue")
+        try:
+            count, flags = self._irq_info(VFIO_PCI_INTX_IRQ_INDEX, "INTx")
+        except OSError as exc:
+            raise self._fail("GET_IRQ_INFO(INTx)", exc) from None
         if count < 1 or not flags & VFIO_IRQ_INFO_EVENTFD:
             raise NotAvailable(
                 f"PCI device {self.bdf} has no INTx interrupt VFIO can signal (interrupt pin "
@@ -848,19 +959,20 @@ class VfioBackend(Backend):
             )
         except OSError as exc:
             raise self._fail("enabling INTx", exc) from None
-        self._intx_enabled = True
+        self._irq_index = VFIO_PCI_INTX_IRQ_INDEX
         await trio.lowlevel.checkpoint()
 
     async def wait_interrupt(self) -> None:
-        """Sleep (no polling) until INTx fired since the previous call returned.
+        """Sleep (no polling) until the interrupt (INTx or MSI-X vector 0) fired since
+        the previous call returned.
 
         The eventfd counter is consumed into ``_irq_pending`` before the checkpoint that
         may deliver a cancellation, and cleared only after it: a cancelled wait leaves
         the interrupt pending for the next call.  Raises DeviceGone once the backend is
         dead (REQ from the kernel, closed, failed access).
         """
-        if not self._intx_enabled:
-            raise DeviceError("wait_interrupt before enable_interrupts")
+        if self._irq_index is None:
+            raise DeviceError("wait_interrupt before enable_interrupts or enable_msix")
         while True:
             if not self._irq_pending:
                 if self.dead:
@@ -877,7 +989,7 @@ class VfioBackend(Backend):
             return
 
     async def _wait_event(self) -> None:
-        """Sleep until the INTx or the REQ eventfd is readable (no polling), or until the
+        """Sleep until the interrupt or the REQ eventfd is readable (no polling), or until the
         backend closes them (then the caller sees ``dead``)."""
         irq_fd, req_fd = self._irq_fd, self._req_fd
         if irq_fd < 0:
@@ -903,8 +1015,12 @@ class VfioBackend(Backend):
                 raise _rest from None
 
     def ack_interrupt(self) -> None:
-        if self._gone is not None or self._device_fd < 0 or not self._intx_enabled:
-            return
+        if (
+            self._gone is not None
+            or self._device_fd < 0
+            or self._irq_index != VFIO_PCI_INTX_IRQ_INDEX
+        ):
+            return  # MSI-X needs no unmask
         try:
             _ioctl(
                 self._device_fd, VFIO_DEVICE_SET_IRQS, bytearray(self._unmask), "SET_IRQS(unmask)"
@@ -936,7 +1052,10 @@ class VfioBackend(Backend):
                     (cmd & ~PCI_COMMAND_MASTER).to_bytes(2, "little"),
                     self._config.offset + PCI_COMMAND,
                 )
-            for index in (VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX):
+            irq_indexes = [VFIO_PCI_REQ_IRQ_INDEX]
+            if self._irq_index is not None:
+                irq_indexes.insert(0, self._irq_index)
+            for index in irq_indexes:
                 with contextlib.suppress(OSError):
                     _ioctl(
                         self._device_fd,
@@ -986,6 +1105,7 @@ async def open_vfio_backend(
     arena_bytes: int = DEFAULT_ARENA_BYTES,
     mmap_bars: bool = True,
     dma: DmaMode = "auto",
+    interrupts: InterruptMode = "auto",
 ) -> AsyncIterator[VfioBackend]:
     """Open ``bdf`` (bound to vfio-pci) as a :class:`VfioBackend`; close it on exit.
 
@@ -993,13 +1113,15 @@ async def open_vfio_backend(
     VIRTIO_F_ACCESS_PLATFORM); "physical" uses one 2 MiB huge page at its physical
     address (for devices that bypass the IOMMU: transitional/legacy virtio; needs root
     and a free huge page); "auto" picks iommu when the device offers the feature.
+    ``interrupts``: "auto" uses MSI-X where the function has it (INTx otherwise, with a
+    debug note), "msix" insists on it, "intx" forces INTx.
 
     Raises UsageError (bad or unknown address) and NotAvailable with what to do (not bound
     to vfio-pci — the message lists the bind commands —, no IOMMU, group not viable,
     no permission on /dev/vfio, DMA mapping refused, no huge page).  Opening is
     synchronous work done in this task (a few ioctls).
     """
-    backend = VfioBackend(bdf, mmap_bars=mmap_bars, dma=dma)
+    backend = VfioBackend(bdf, mmap_bars=mmap_bars, dma=dma, interrupts=interrupts)
     try:
         backend._open(arena_bytes)
     except OSError as exc:
@@ -1097,6 +1219,7 @@ async def open_vfio(
     arena_bytes: int = DEFAULT_ARENA_BYTES,
     mmap_bars: bool = True,
     dma: DmaMode = "auto",
+    interrupts: InterruptMode = "auto",
 ) -> AsyncIterator[Controller]:
     """The virtio-scsi controller at ``bdf`` (bound to vfio-pci) with its disks: the VFIO
     twin of :func:`amigafuse.driver.controller.open_qemu` (same Controller shape).
@@ -1104,6 +1227,8 @@ async def open_vfio(
     A device offering VIRTIO_F_ACCESS_PLATFORM (QEMU ``iommu_platform=on``) gets an IOVA
     arena; one that bypasses the IOMMU (transitional ``virtio-scsi-pci``) gets a huge-page
     arena at its physical address and requests of at most 64 KiB (see ``dma``).
+    Interrupts: MSI-X vector 0 where the function has it, else INTx (``interrupts``, see
+    :func:`open_vfio_backend`).
     Raises what :func:`open_vfio_backend` raises, plus DeviceError subclasses when the
     controller or a disk does not come up.
     """
@@ -1112,7 +1237,7 @@ async def open_vfio(
     from amigafuse.driver.controller import open_transport
 
     async with open_vfio_backend(
-        bdf, arena_bytes=arena_bytes, mmap_bars=mmap_bars, dma=dma
+        bdf, arena_bytes=arena_bytes, mmap_bars=mmap_bars, dma=dma, interrupts=interrupts
     ) as backend:
         kwargs: dict[str, int] = {}
         if backend.dma_mode == "iommu":

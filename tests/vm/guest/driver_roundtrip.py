@@ -3,7 +3,8 @@ VfioBackend on the controller at argv[1].  Prints one JSON object.
 
 Per disk: INQUIRY identity, capacity, block size; block 0 read; a write/read round trip
 of distinct patterns at several LBAs (concurrent), flush; then reads of the
-``--bad-lba`` (blkdebug-injected error) if given.
+``--bad-lba`` (blkdebug-injected error) if given.  ``--interrupts auto|msix|intx``
+chooses the interrupt mode; the one used is reported (``interrupt_mode``, ``msix_note``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import trio
 
 from amigafuse.driver.backends.vfio import open_vfio
+from amigafuse.driver.virtio.scsi import read_scsi_config
 from amigafuse.errors import AmigaFuseError
 
 
@@ -23,11 +25,22 @@ async def _check(disk: Any, lba: int, expected: bytes, got: dict[int, bool]) -> 
 
 
 async def run(
-    bdf: str, bad_lba: int | None, bad_write_lba: int | None, transport: str = "auto"
+    bdf: str,
+    bad_lba: int | None,
+    bad_write_lba: int | None,
+    transport: str = "auto",
+    interrupts: str = "auto",
 ) -> dict[str, object]:
     out: dict[str, object] = {}
-    async with open_vfio(bdf, transport=transport) as controller:  # type: ignore[arg-type]
+    async with open_vfio(bdf, transport=transport, interrupts=interrupts) as controller:  # type: ignore[arg-type]
         out["transport"] = controller.transport_name
+        backend = controller.transport.backend  # type: ignore[attr-defined]
+        out["interrupt_mode"] = backend.interrupt_mode
+        out["msix_note"] = backend.msix_note
+        # The device config read again now that interrupts are set up (legacy with MSI-X:
+        # it moved from 0x14 to 0x18) matches what was read at open.
+        scsi = controller.transport
+        out["config_stable"] = await read_scsi_config(scsi.transport) == scsi.config  # type: ignore[attr-defined]
         disks = []
         for disk in controller.disks:
             entry: dict[str, object] = {
@@ -87,8 +100,11 @@ def main() -> int:
         int(sys.argv[sys.argv.index("--bad-write-lba") + 1]) if "--bad-write-lba" in sys.argv else None
     )
     transport = sys.argv[sys.argv.index("--transport") + 1] if "--transport" in sys.argv else "auto"
+    interrupts = (
+        sys.argv[sys.argv.index("--interrupts") + 1] if "--interrupts" in sys.argv else "auto"
+    )
     try:
-        result = trio.run(run, bdf, bad, bad_write, transport)
+        result = trio.run(run, bdf, bad, bad_write, transport, interrupts)
     except AmigaFuseError as exc:
         print(json.dumps({"error": type(exc).__name__, "message": exc.message}))
         return 3
