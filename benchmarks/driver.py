@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from amigafuse.driver.controller import DiskImage, open_qemu
 from amigafuse.driver.scsi.disk import ScsiDisk
+from benchmarks.parallel import run_parallel
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -82,23 +82,6 @@ def pread_random(path: Path, size: int, limit_bytes: int, count: int) -> float:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-async def run_parallel(
-    jobs: list[tuple[int, int]], depth: int, op: Callable[[int, int], Awaitable[None]]
-) -> float:
-    """Run ``op(lba, count)`` for every job with ``depth`` workers; return seconds."""
-    it = iter(jobs)
-
-    async def worker() -> None:
-        for lba, count in it:
-            await op(lba, count)
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(depth, len(jobs))):
-            nursery.start_soon(worker)
-    return time.perf_counter() - start
 
 
 def counters(controller_stats: dict[str, Any]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VFIO benchmark: the driver through VFIO beside the QEMU-socket backend, in one guest.
 
-Usage: .venv/bin/python benchmarks/vfio.py [--mib N] [IMAGE]
+Usage: .venv/bin/python benchmarks/vfio.py [--mib N] [--runs N] [IMAGE]
 
 This machine has no VFIO, so the benchmark boots the Linux test guest
 (scripts/vm/guest.py: Debian 6.1 under TCG with a vIOMMU) with a private copy of IMAGE
@@ -12,10 +12,13 @@ Inside the guest, in one run and on the same TCG CPU:
 * ``qemu``: the driver through the QEMU-socket backend (a nested QEMU in the guest,
   ``open_qemu``) on the same image file;
 * ``vfio``: the driver through VFIO (``open_vfio``) on the modern controller the outer
-  QEMU provides (IOVA arena, BARs mmap'ed); ``vfio_pread``: a second modern controller
-  (00:06.0) driven with pread/pwrite BAR access; ``vfio_transitional_legacy``: a
-  transitional controller (00:05.0) with the legacy transport (physical-DMA huge-page
-  arena, 64 KiB requests).  Each controller has its own copy of the image.
+  QEMU provides (IOVA arena, BARs mmap'ed, MSI-X); ``vfio_intx``: the same on a second
+  modern controller (00:07.0) with INTx forced (an ISR read and an unmask per
+  interrupt); ``vfio_pread``: a modern controller (00:06.0) driven with pread/pwrite BAR
+  access; ``vfio_transitional_legacy``: a transitional controller (00:05.0) with the
+  legacy transport (physical-DMA huge-page arena, 64 KiB requests, MSI-X), and
+  ``vfio_transitional_legacy_intx`` the same at 00:08.0 with INTx.  Each controller has
+  its own copy of the image; each result names its ``interrupt_mode``.
 
 Each: sequential read and write with 64 KiB requests 16 in flight (MB/s), 4 KiB random
 reads at depth 1 and 16 (IOPS), interrupts and kicks per request.  All controllers are
@@ -23,6 +26,9 @@ open at once and each workload runs on each in turn, 3 rounds, the fastest pass 
 (load on the shared machine then hits all of them alike).  Only ratios inside
 the one guest mean anything (TCG is ~10-50x slower than the host).  Prints one JSON
 object.  The guest-side part is this file run with ``--in-guest``.
+
+``--runs N`` boots N guests one after the other and adds ``spread``: for each ratio
+(VFIO over QEMU socket, MSI-X over INTx) its value in every run and min/median/max.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +50,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.parallel import run_parallel  # noqa: E402 (after the path set-up)
+
 KIB = 1024
 MIB = 1024 * 1024
 DEPTH = 16
@@ -50,6 +59,15 @@ REPEAT = 3
 BDF = "0000:00:04.0"
 LEGACY_BDF = "0000:00:05.0"  # transitional controller: physical-DMA mode, 64 KiB requests
 PREAD_BDF = "0000:00:06.0"  # a second modern controller, driven with pread/pwrite BAR access
+INTX_BDF = "0000:00:07.0"  # a modern controller with INTx forced (vs MSI-X on BDF)
+LEGACY_INTX_BDF = "0000:00:08.0"  # transitional, legacy transport, INTx forced
+WORKLOADS = ("seq_read_64k_qd16", "seq_write_64k_qd16", "rand_read_4k_qd1", "rand_read_4k_qd16")
+#: (ratio name prefix, numerator backend, denominator backend)
+RATIOS = (
+    ("vfio_over_qemu", "vfio", "qemu"),
+    ("msix_over_intx", "vfio", "vfio_intx"),
+    ("legacy_msix_over_intx", "vfio_transitional_legacy", "vfio_transitional_legacy_intx"),
+)
 
 
 # ----------------------------------------------------------------------------- guest side
@@ -83,24 +101,6 @@ def pread_rand(path: Path, limit_bytes: int, count: int) -> float:
         os.close(fd)
 
 
-async def run_parallel(
-    jobs: list[tuple[int, int]], depth: int, op: Callable[[int, int], Awaitable[None]]
-) -> float:
-    import trio
-
-    it = iter(jobs)
-
-    async def worker() -> None:
-        for lba, count in it:
-            await op(lba, count)
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(depth, len(jobs))):
-            nursery.start_soon(worker)
-    return time.perf_counter() - start
-
-
 def _int_counters(stats: dict[str, Any]) -> dict[str, int]:
     return {k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)}
 
@@ -114,7 +114,11 @@ class _Bench:
         self.bs = self.disk.block_size
         self.region_blocks = min(self.disk.block_count, limit_bytes // self.bs)
         self.payload = os.urandom(64 * KIB)
-        self.results: dict[str, Any] = {"transport": controller.transport_name}
+        backend = getattr(controller.transport, "backend", None)
+        self.results: dict[str, Any] = {
+            "transport": controller.transport_name,
+            "interrupt_mode": getattr(backend, "interrupt_mode", "?"),
+        }
 
     async def reader(self, lba: int, count: int) -> None:
         await self.disk.read(lba, count)
@@ -221,17 +225,26 @@ def in_guest(image: Path, limit_bytes: int, rand_count: int) -> dict[str, Any]:
     }
 
     def vfio_opener(
-        bdf: str, mmap_bars: bool = True, transport: str = "modern"
+        bdf: str, mmap_bars: bool = True, transport: str = "modern", interrupts: str = "auto"
     ) -> Callable[[], AbstractAsyncContextManager[Any]]:
-        return lambda: open_vfio(bdf, transport=transport, mmap_bars=mmap_bars)  # type: ignore[arg-type]
+        return lambda: open_vfio(
+            bdf,
+            transport=transport,  # type: ignore[arg-type]
+            mmap_bars=mmap_bars,
+            interrupts=interrupts,  # type: ignore[arg-type]
+        )
 
     def qemu_opener() -> AbstractAsyncContextManager[Any]:
         return open_qemu([DiskImage(image)], transport="modern")
 
     openers = {
         "vfio": vfio_opener(BDF),
+        "vfio_intx": vfio_opener(INTX_BDF, interrupts="intx"),
         "vfio_pread": vfio_opener(PREAD_BDF, mmap_bars=False),
         "vfio_transitional_legacy": vfio_opener(LEGACY_BDF, transport="legacy"),
+        "vfio_transitional_legacy_intx": vfio_opener(
+            LEGACY_INTX_BDF, transport="legacy", interrupts="intx"
+        ),
         "qemu": qemu_opener,
     }
     out.update(trio.run(bench_all, openers, limit_bytes, rand_count))
@@ -241,72 +254,105 @@ def in_guest(image: Path, limit_bytes: int, rand_count: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- host side
 
 
+def ratios_of(result: dict[str, Any]) -> dict[str, float]:
+    """IOPS ratios between backends of one run (see RATIOS), where both have the workload."""
+    out: dict[str, float] = {}
+    for prefix, num, den in RATIOS:
+        for key in WORKLOADS:
+            a, b = result.get(num, {}).get(key), result.get(den, {}).get(key)
+            if a and b:
+                out[f"{key}_{prefix}"] = round(a["iops"] / b["iops"], 2)
+    return out
+
+
+def spread_of(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """For every ratio: its value in each run, and min/median/max."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted({k for r in runs for k in r}):
+        values = [r[key] for r in runs if key in r]
+        out[key] = {
+            "runs": values,
+            "min": min(values),
+            "median": round(statistics.median(values), 2),
+            "max": max(values),
+        }
+    return out
+
+
+def one_run(image: Path | None, mib: int, rand: int) -> dict[str, Any] | None:
+    """Boot one guest, run the benchmark in it; the result, or None (reported)."""
+    from scripts.vm.guest import Controller, Disk, GuestError, guest_modprobe, run_in_guest
+
+    limit = mib * MIB
+    modern = {"vfio": ("04.0", True), "pread": ("06.0", True), "intx": ("07.0", True)}
+    transitional = {"legacy": ("05.0", False), "legacy_intx": ("08.0", False)}
+    with tempfile.TemporaryDirectory(prefix="amigafuse-vfio-bench-") as tmp:
+        copies = {name: Path(tmp) / f"{name}.img" for name in (*modern, *transitional, "qemu")}
+        size = max(limit, 64 * MIB)
+        first = copies["vfio"]
+        if image:
+            shutil.copyfile(image, first)
+            size = first.stat().st_size
+        else:
+            with open(first, "wb") as f:
+                f.truncate(size)
+        for path in copies.values():
+            if path != first:
+                shutil.copyfile(first, path)
+        controllers = [
+            Controller(disks=(Disk(copies[name]),), addr=addr, modern=is_modern)
+            for name, (addr, is_modern) in (*modern.items(), *transitional.items())
+        ]
+        binds = "".join(
+            f"$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {c.bdf} >&2 || exit 90\n"
+            for c in controllers
+        )
+        script = (
+            guest_modprobe("vfio_pci", "vfio_iommu_type1")
+            + "\n"
+            + binds
+            + "echo 4 > /proc/sys/vm/nr_hugepages\n"
+            + f"$AMIGAFUSE_GUEST_PYTHON benchmarks/vfio.py --in-guest {copies['qemu']} "
+            + f"--mib {mib} --rand {rand}\n"
+        )
+        try:
+            res = run_in_guest(script, controllers=controllers, memory_mb=1024, timeout=2400)
+        except GuestError as exc:
+            print(f"vfio benchmark: {exc}", file=sys.stderr)
+            return None
+    sys.stderr.write(res.stderr)  # progress lines from the guest
+    if res.rc != 0:
+        print(f"vfio benchmark: guest failed ({res.rc}):\n{res.stderr[-4000:]}", file=sys.stderr)
+        return None
+    result: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    result["guest_seconds"] = round(res.seconds, 1)
+    result["image"] = str(image) if image else f"zero image of {size} bytes"
+    result["ratios"] = ratios_of(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image", nargs="?", type=Path, help="disk image (a private copy is used)")
     parser.add_argument("--mib", type=int, default=32, help="MiB of the image the workload touches")
     parser.add_argument("--rand", type=int, default=1000, help="random 4 KiB reads per depth")
+    parser.add_argument("--runs", type=int, default=1, help="guests booted one after the other")
     parser.add_argument("--in-guest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    limit = args.mib * MIB
     if args.in_guest:
-        print(json.dumps(in_guest(args.in_guest, limit, args.rand)))
+        print(json.dumps(in_guest(args.in_guest, args.mib * MIB, args.rand)))
         return 0
-
-    from scripts.vm.guest import Controller, Disk, GuestError, guest_modprobe, run_in_guest
-
-    with tempfile.TemporaryDirectory(prefix="amigafuse-vfio-bench-") as tmp:
-        vfio_copy = Path(tmp) / "vfio.img"
-        legacy_copy = Path(tmp) / "legacy.img"
-        pread_copy = Path(tmp) / "pread.img"
-        qemu_copy = Path(tmp) / "qemu.img"
-        size = max(limit, 64 * MIB)
-        if args.image:
-            shutil.copyfile(args.image, vfio_copy)
-            size = vfio_copy.stat().st_size
-        else:
-            with open(vfio_copy, "wb") as f:
-                f.truncate(size)
-        shutil.copyfile(vfio_copy, qemu_copy)
-        shutil.copyfile(vfio_copy, legacy_copy)
-        shutil.copyfile(vfio_copy, pread_copy)
-        script = (
-            guest_modprobe("vfio_pci", "vfio_iommu_type1")
-            + f"\n$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {BDF} >&2 || exit 90\n"
-            + f"$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {LEGACY_BDF} >&2 || exit 90\n"
-            + f"$AMIGAFUSE_GUEST_PYTHON -m amigafuse bind-vfio {PREAD_BDF} >&2 || exit 90\n"
-            + "echo 4 > /proc/sys/vm/nr_hugepages\n"
-            + f"$AMIGAFUSE_GUEST_PYTHON benchmarks/vfio.py --in-guest {qemu_copy} "
-            + f"--mib {args.mib} --rand {args.rand}\n"
-        )
-        try:
-            res = run_in_guest(
-                script,
-                controllers=[
-                    Controller(disks=(Disk(vfio_copy),)),
-                    Controller(disks=(Disk(legacy_copy),), addr="05.0", modern=False),
-                    Controller(disks=(Disk(pread_copy),), addr="06.0"),
-                ],
-                memory_mb=1024,
-                timeout=1800,
-            )
-        except GuestError as exc:
-            print(f"vfio benchmark: {exc}", file=sys.stderr)
+    runs = []
+    for n in range(args.runs):
+        print(f"vfio benchmark: run {n + 1} of {args.runs}", file=sys.stderr)
+        result = one_run(args.image, args.mib, args.rand)
+        if result is None:
             return 1
-    sys.stderr.write(res.stderr)  # progress lines from the guest
-    if res.rc != 0:
-        print(f"vfio benchmark: guest failed ({res.rc}):\n{res.stderr[-4000:]}", file=sys.stderr)
-        return 1
-    result = json.loads(res.stdout.strip().splitlines()[-1])
-    result["guest_seconds"] = round(res.seconds, 1)
-    result["image"] = str(args.image) if args.image else f"zero image of {size} bytes"
-    ratios: dict[str, float] = {}
-    for key in ("seq_read_64k_qd16", "seq_write_64k_qd16", "rand_read_4k_qd1", "rand_read_4k_qd16"):
-        v, q = result.get("vfio", {}).get(key), result.get("qemu", {}).get(key)
-        if v and q:
-            ratios[f"{key}_vfio_over_qemu"] = round(v["iops"] / q["iops"], 2)
-    result["ratios"] = ratios
-    print(json.dumps(result, indent=2))
+        runs.append(result)
+    out: dict[str, Any] = dict(runs[-1]) if args.runs == 1 else {"runs": runs}
+    if args.runs > 1:
+        out["spread"] = spread_of([r["ratios"] for r in runs])
+    print(json.dumps(out, indent=2))
     return 0
 
 
