@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno as _errno
+import json
 import mmap
 import os
 import shutil
@@ -122,11 +123,13 @@ def qemu_command(
     blkdebug_dir: str | None = None,
     qemu_binary: str = QEMU_BINARY,
     aio: Literal["threads", "io_uring"] = "threads",
+    qmp_path: str | None = None,
 ) -> list[str]:
     """The QEMU command line :func:`launch_qemu` runs (pure; exposed for docs and tests).
 
     ``aio`` is QEMU's file I/O engine: io_uring halves QEMU's cost per request against
-    the thread pool, where the kernel allows it (see :func:`io_uring_usable`)."""
+    the thread pool, where the kernel allows it (see :func:`io_uring_usable`).
+    ``qmp_path``: also serve QMP on that unix socket (QEMU listens)."""
     if aio not in ("threads", "io_uring"):
         raise UsageError(f"aio must be 'threads' or 'io_uring', not {aio!r}")
     if device not in ("transitional", "modern"):
@@ -155,6 +158,8 @@ def qemu_command(
         "-device",
         f"{model},id=scsi0,addr=04.0",
     ]
+    if qmp_path is not None:
+        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
     used_targets: set[int] = set()
     for index, disk in enumerate(disks):
         target = index if disk.target is None else disk.target
@@ -328,6 +333,8 @@ class QtestBackend(Backend):
         self._closed = False
         #: Informational: files that launch_qemu owns and removes (None when attached).
         self.shm_path: Path | None = None
+        #: QEMU's monitor, when launch_qemu was asked for it (qmp=True).
+        self.qmp: QmpClient | None = None
         self.workdir: Path | None = None
 
     # ----------------------------------------------------------------- state
@@ -609,6 +616,123 @@ class QtestBackend(Backend):
             self._ram.close()
 
 
+# --------------------------------------------------------------------------- QMP
+
+
+class QmpClient:
+    """A minimal QMP client on QEMU's monitor socket, for what qtest cannot do: hot-plug
+    (``device_add``/``device_del``), fault injection through HMP ``qemu-io`` (blkdebug
+    ``break``/``resume``).  Used by tests and tools; the driver itself never needs it.
+
+    One command at a time (a trio lock); asynchronous events that arrive meanwhile are
+    kept in ``events`` (bounded) for :meth:`wait_event`.  Every reply is awaited on the
+    socket; a closed socket raises DeviceGone.
+    """
+
+    MAX_EVENTS = 256
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self._lock = trio.Lock()
+        self.events: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=self.MAX_EVENTS
+        )
+
+    async def _line(self) -> dict[str, object]:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                raise DeviceGone("QEMU closed its QMP socket")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise HardwareError(f"malformed QMP line {line[:80]!r}") from None
+        if not isinstance(message, dict):
+            raise HardwareError(f"malformed QMP line {line[:80]!r}")
+        return message
+
+    async def _reply(self) -> object:
+        while True:
+            message = await self._line()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            if "error" in message:
+                error = message["error"]
+                desc = error.get("desc", error) if isinstance(error, dict) else error
+                raise HardwareError(f"QMP command failed: {desc}")
+            if "return" in message:
+                return message["return"]
+
+    async def handshake(self) -> None:
+        """Read the greeting and leave capabilities negotiation mode."""
+        async with self._lock:
+            greeting = await self._line()
+            if "QMP" not in greeting:
+                raise HardwareError(f"not a QMP greeting: {str(greeting)[:80]}")
+        await self.execute("qmp_capabilities")
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run one QMP command; its ``return`` value.  Raises HardwareError for an error
+        reply, DeviceGone when QEMU went away."""
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        async with self._lock:
+            try:
+                await self._stream.send_all(json.dumps(request).encode() + b"\n")
+                return await self._reply()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise DeviceGone(f"QEMU's QMP socket failed: {exc}") from exc
+
+    async def hmp(self, command_line: str) -> str:
+        """An HMP command (e.g. ``qemu-io vd0 "break read_aio A"``) through QMP; its
+        output text."""
+        out = await self.execute("human-monitor-command", {"command-line": command_line})
+        return out if isinstance(out, str) else ""
+
+    async def wait_event(self, name: str) -> dict[str, object]:
+        """The first event called ``name`` (removed from ``events``), waiting for it.
+        Cancellable (bound it with a trio timeout)."""
+        while True:
+            for event in list(self.events):
+                if event.get("event") == name:
+                    self.events.remove(event)
+                    return event
+            async with self._lock:
+                message = await self._line()
+                if "event" in message:
+                    self.events.append(message)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._stream.aclose()
+
+
+async def _connect_qmp(path: Path, proc: QemuProcess, timeout: float) -> QmpClient:
+    """Connect to QEMU's QMP server socket (it appears during QEMU's startup)."""
+    with trio.move_on_after(timeout):
+        while True:
+            if proc.poll() is not None:
+                raise DeviceGone(f"QEMU exited (status {proc.returncode}) before its QMP socket")
+            try:
+                stream = await trio.open_unix_socket(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await trio.sleep(0.02)
+                continue
+            client = QmpClient(stream)
+            try:
+                await client.handshake()
+            except BaseException:
+                await client.aclose()
+                raise
+            return client
+    raise DeviceGone(f"QEMU's QMP socket {path} did not answer within {timeout:g} s")
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -759,8 +883,12 @@ async def launch_qemu(
     qemu_binary: str = QEMU_BINARY,
     start_timeout: float = 20.0,
     aio: Literal["auto", "threads", "io_uring"] = "auto",
+    qmp: bool = False,
 ) -> AsyncIterator[QtestBackend]:
     """Start and own a QEMU with a virtio-scsi controller at 04.0 and ``disks`` on it.
+
+    ``qmp``: also connect to QEMU's monitor; ``backend.qmp`` is then a
+    :class:`QmpClient` (hot-plug and fault injection in tests).
 
     ``device`` "transitional" is ``virtio-scsi-pci`` (legacy + modern, device id 0x1004),
     "modern" is ``virtio-scsi-pci-non-transitional`` (0x1048).  ``ram_mib`` is guest RAM;
@@ -803,6 +931,7 @@ async def launch_qemu(
             blkdebug_dir=str(tmpdir),
             qemu_binary=binary,
             aio=aio,
+            qmp_path=str(tmpdir / "qmp.sock") if qmp else None,
         )
         stderr_path = tmpdir / "stderr.txt"
         with open(stderr_path, "wb") as stderr_file:
@@ -815,6 +944,8 @@ async def launch_qemu(
         backend = QtestBackend(conn, ram, process=proc, stderr_fd=stderr_fd)
         backend.shm_path = shm_path
         backend.workdir = tmpdir
+        if qmp:
+            backend.qmp = await _connect_qmp(tmpdir / "qmp.sock", proc, start_timeout)
         # The body's exception is re-raised outside the nursery, so callers see it
         # as itself and not wrapped in an ExceptionGroup.
         body_error: BaseException | None = None
@@ -839,6 +970,9 @@ async def launch_qemu(
             except BaseException as exc:
                 body_error = exc
             finally:
+                if backend.qmp is not None:
+                    with trio.CancelScope(shield=True):
+                        await backend.qmp.aclose()
                 await backend.aclose()
                 await _stop_process(proc)
                 nursery.cancel_scope.cancel()

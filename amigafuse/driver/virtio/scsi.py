@@ -42,7 +42,7 @@ import trio
 
 from amigafuse.driver.backends.base import Backend, DmaArena
 from amigafuse.driver.pci import PciFunction, configure_function, enumerate_bus
-from amigafuse.driver.scsi.transport import ScsiCommandResult
+from amigafuse.driver.scsi.transport import VIRTIO_SCSI_S_FAILURE, ScsiCommandResult
 from amigafuse.driver.virtio.device import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -51,8 +51,13 @@ from amigafuse.driver.virtio.device import (
     negotiate,
 )
 from amigafuse.driver.virtio.ring import DESC_SIZE, RingLayout, Segment, SplitRing
-from amigafuse.driver.virtio.transport import VIRTIO_PCI_VENDOR, VirtioTransport, open_transport
-from amigafuse.errors import DeviceGone, HardwareError, UsageError
+from amigafuse.driver.virtio.transport import (
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_VENDOR,
+    VirtioTransport,
+    open_transport,
+)
+from amigafuse.errors import DeviceGone, HardwareError, NotAvailable, UsageError
 
 VIRTIO_SCSI_LEGACY_ID = 0x1004
 VIRTIO_SCSI_MODERN_ID = 0x1048
@@ -73,6 +78,32 @@ CONFIG_FIELDS = {
 }
 
 _RESP_HEAD = struct.Struct("<IIHBB")  # sense_len, residual, status_qualifier, status, response
+
+CONTROL_QUEUE = 0
+# virtio-scsi task management (virtio 1.x §5.6.6.2): struct virtio_scsi_ctrl_tmf_req
+VIRTIO_SCSI_T_TMF = 0
+VIRTIO_SCSI_T_TMF_ABORT_TASK = 0
+VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET = 5
+VIRTIO_SCSI_S_FUNCTION_COMPLETE = 0
+VIRTIO_SCSI_S_FUNCTION_SUCCEEDED = 10
+VIRTIO_SCSI_S_FUNCTION_REJECTED = 11
+_TMF_REQ = struct.Struct("<II8sQ")  # type, subtype, lun[8], id (the command's tag)
+TMF_SLOTS = 4
+TMF_NAMES = {
+    VIRTIO_SCSI_T_TMF_ABORT_TASK: "ABORT TASK",
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET: "LOGICAL UNIT RESET",
+}
+
+
+def pack_tmf_req(subtype: int, target: int, lun: int, tag: int) -> bytes:
+    """struct virtio_scsi_ctrl_tmf_req: type TMF, ``subtype``, the LUN, the tag of the
+    command it concerns (ABORT TASK; 0 for a LOGICAL UNIT RESET)."""
+    return _TMF_REQ.pack(VIRTIO_SCSI_T_TMF, subtype, encode_lun(target, lun), tag)
+
+
+def tmf_succeeded(response: int) -> bool:
+    """Whether a TMF response says the function was carried out."""
+    return response in (VIRTIO_SCSI_S_FUNCTION_COMPLETE, VIRTIO_SCSI_S_FUNCTION_SUCCEEDED)
 DEFAULT_MAX_TRANSFER = 1 << 20
 MAX_INDIRECT = 4
 
@@ -167,6 +198,29 @@ def plan_arena(
     return slots
 
 
+@dataclass(frozen=True)
+class ControlLayout:
+    """Offsets inside the arena of the control queue's ring and its TMF buffers (pure)."""
+
+    ring: int
+    requests: tuple[int, ...]
+    responses: tuple[int, ...]
+    end: int
+
+
+def plan_control(start: int, ring: RingLayout, slots: int = TMF_SLOTS) -> ControlLayout:
+    """Place the control ring (4096-aligned) at or after ``start``, then ``slots``
+    request/response pairs, 64-byte aligned each."""
+    ring_offset = _align(start, 4096)
+    offset = ring_offset + _align(ring.total_bytes, 64)
+    requests, responses = [], []
+    for _ in range(slots):
+        requests.append(offset)
+        responses.append(offset + 64)
+        offset += 128
+    return ControlLayout(ring_offset, tuple(requests), tuple(responses), offset)
+
+
 def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
@@ -184,7 +238,9 @@ def _fresh(exc: BaseException) -> BaseException:
 
 
 class _Slot:
-    __slots__ = ("error", "index", "layout", "state", "task", "written")
+    __slots__ = (
+        "aborted", "error", "index", "layout", "lun_bytes", "state", "tag", "task", "written",
+    )  # fmt: skip
 
     def __init__(self, index: int, layout: SlotLayout) -> None:
         self.index = index
@@ -193,6 +249,9 @@ class _Slot:
         self.task: trio.lowlevel.Task | None = None  # the caller sleeping on completion
         self.written = 0
         self.error: BaseException | None = None
+        self.tag = 0  # the command's tag (what ABORT TASK names)
+        self.lun_bytes = b""  # the command's 8-byte virtio-scsi LUN
+        self.aborted: str | None = None  # why the watchdog aborted it, if it did
 
     def abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         """Its caller was cancelled before completion: the completion path frees it."""
@@ -208,12 +267,40 @@ _TABLE3 = struct.Struct("<QIHH QIHH QIHH")
 _RESP_CLEAR = bytes(_RESP_HEAD.size)
 
 
+class _TmfSlot:
+    """One task-management request buffer pair on the control queue."""
+
+    __slots__ = ("done", "index", "request", "response", "state", "value")
+
+    def __init__(self, index: int, request: int, response: int) -> None:
+        self.index = index
+        self.request = request
+        self.response = response
+        self.state = _FREE
+        self.done = trio.Event()
+        self.value = 0  # the device's response code
+
+
+class _ControlQueue:
+    """The control queue: its ring and TMF slots (None when the arena had no room)."""
+
+    def __init__(self, ring: SplitRing[_TmfSlot], layout: ControlLayout) -> None:
+        self.ring = ring
+        self.slots = [
+            _TmfSlot(i, req, resp)
+            for i, (req, resp) in enumerate(zip(layout.requests, layout.responses, strict=True))
+        ]
+
+
 @dataclass
 class ControllerStats:
     requests: int = 0
     kicks: int = 0
     interrupts: int = 0
     completions: int = 0
+    #: task management sent by the watchdog for requests that took too long
+    aborts: int = 0
+    lun_resets: int = 0
 
 
 class VirtioScsiController:
@@ -229,8 +316,10 @@ class VirtioScsiController:
         ring: SplitRing[_Slot],
         slots: list[_Slot],
         max_transfer_bytes: int,
+        control: _ControlQueue | None = None,
     ) -> None:
         self.backend = backend
+        self._control = control
         self.transport = transport
         self.config = config
         self.features = features
@@ -257,11 +346,16 @@ class VirtioScsiController:
         self._msix = backend.interrupt_mode == "msix"
         self._cycle_publish_pending = False
         self._busy = trio.Event()  # set while requests may be in flight (watchdog)
+        self._progress: trio.Event | None = None  # set at harvests while recovery waits
+        self._tmf_free = trio.Event()  # set when a TMF slot was freed
         #: see _harvest; tunable for benchmarks
         self.coalesce_divisor = 0
         #: a request alone in flight that moves at least this many bytes is published and
         #: kicked at once (others are too whenever more are in flight)
         self.immediate_kick_bytes = 128 << 10
+        #: with others in flight, publish once this many requests wait unpublished (1:
+        #: each at once; more: fewer kicks, later start); the rest at the batch's end
+        self.publish_batch = 1
 
     # ------------------------------------------------------------- ScsiTransport
 
@@ -341,7 +435,11 @@ class VirtioScsiController:
             self._free.append(slot)
             self._slot_lot.unpark()
             raise
-        if self._ring.in_flight > 1 or max(out_len, data_in_len) >= self.immediate_kick_bytes:
+        ring = self._ring
+        if (
+            ring.in_flight > 1
+            and (ring.avail_idx - ring.published_idx) & 0xFFFF >= self.publish_batch
+        ) or max(out_len, data_in_len) >= self.immediate_kick_bytes:
             # Others are in flight (or this is a big transfer): publish now, and kick
             # if the device drained the ring and waits (EVENT_IDX).  The device then
             # works on this request while we prepare the next: with QEMU on the other
@@ -419,6 +517,9 @@ class VirtioScsiController:
         slot.state = _IN_FLIGHT
         slot.task = None
         slot.error = None
+        slot.tag = self._tag
+        slot.lun_bytes = lun_bytes
+        slot.aborted = None
         self.stats.requests += 1
         if not self._busy.is_set():
             self._busy.set()
@@ -463,6 +564,9 @@ class VirtioScsiController:
                 residual = data_in_len
             got = data_in_len - residual
             data = bytes(mem[lay.data : lay.data + got]) if got else b""
+            if slot.aborted is not None and (response or status):
+                # The watchdog aborted it: say so, rather than let the disk retry it.
+                raise HardwareError(slot.aborted)
         finally:
             self._release(slot)
         return ScsiCommandResult(response, status, sense, data, residual)
@@ -490,17 +594,35 @@ class VirtioScsiController:
 
     def _harvest(self) -> None:
         ring = self._ring
+        control = self._control
         while self._failure is None:
+            if control is not None and control.ring.in_flight:
+                self._harvest_control(control)
             for slot, written in ring.harvest():
                 self._complete(slot, written)
+            if self._progress is not None:
+                self._progress.set()
             # Interrupt coalescing: with n > 0 requests in flight, ask for the interrupt
             # after (n - 1) // coalesce_divisor + 1 more completions, never more than n
             # (or it would never come); divisor 0 (the default): at the next completion.
             in_flight = ring.in_flight
             divisor = self.coalesce_divisor
             after = (in_flight - 1) // divisor if divisor and in_flight else 0
-            if not ring.enable_interrupts(after):
+            more = ring.enable_interrupts(after)
+            if control is not None and control.ring.in_flight and control.ring.enable_interrupts():
+                more = True
+            if not more:
                 return
+
+    def _harvest_control(self, control: _ControlQueue) -> None:
+        mem = self._mem
+        for slot, _written in control.ring.harvest():
+            if slot.state == _ABANDONED:
+                slot.state = _FREE
+                continue
+            slot.value = mem[slot.response]
+            slot.state = _COMPLETED
+            slot.done.set()
 
     async def _completion_loop(self) -> None:
         try:
@@ -530,9 +652,13 @@ class VirtioScsiController:
             self._fail_all(exc)
 
     async def _watchdog(self, timeout: float) -> None:
-        """Fail everything when requests are in flight and none completes for
-        ``timeout`` seconds (a hung QEMU or image): better EIO than a hang.  Sleeps on
-        an event while nothing is in flight."""
+        """Recover from requests that stop completing: when requests are in flight and
+        none completes for ``timeout`` seconds (a hung QEMU or image), abort them (TMF
+        ABORT TASK on the control queue), then reset their LUNs (LOGICAL UNIT RESET),
+        each bounded by ``timeout``; if they still do not complete (or there is no
+        control queue), fail everything with DeviceGone: better EIO than a hang.  An
+        aborted request fails with HardwareError saying so; the others go on.  Sleeps
+        on an event while nothing is in flight."""
         last = self.stats.completions
         since = trio.current_time()
         while self._failure is None:
@@ -546,13 +672,110 @@ class VirtioScsiController:
             if self.stats.completions != last or self._ring.in_flight == 0:
                 last, since = self.stats.completions, now
             elif now - since >= timeout:
-                self._fail_all(
-                    DeviceGone(
-                        f"the virtio-scsi device completed none of {self._ring.in_flight} "
-                        f"requests in {timeout:g} s; giving up on it (is QEMU stopped, or "
-                        "its disk image on a hung filesystem?)"
-                    )
+                await self._recover(timeout)
+                last, since = self.stats.completions, trio.current_time()
+
+    async def _recover(self, timeout: float) -> None:
+        """Abort, then reset, the requests in flight (see :meth:`_watchdog`)."""
+        stuck = [(slot, slot.tag) for slot in self._slots if slot.state == _IN_FLIGHT]
+        gone = DeviceGone(
+            f"the virtio-scsi device completed none of {len(stuck)} requests in "
+            f"{timeout:g} s; giving up on it (is QEMU stopped, or its disk image on a "
+            "hung filesystem?)"
+        )
+        if self._control is None:
+            self._fail_all(gone)
+            return
+        for slot, _tag in stuck:
+            target, lun = _lun_address(slot.lun_bytes)
+            slot.aborted = (
+                f"SCSI target {target} LUN {lun}: the command did not complete within "
+                f"{timeout:g} s and was aborted (is the disk image on a hung filesystem?)"
+            )
+        self.stats.aborts += len(stuck)
+        await self._tmf_round(
+            [(VIRTIO_SCSI_T_TMF_ABORT_TASK, slot.lun_bytes, tag) for slot, tag in stuck],
+            stuck,
+            timeout,
+        )
+        left = [(slot, tag) for slot, tag in stuck if _still_in_flight(slot, tag)]
+        if not left or self._failure is not None:
+            return
+        luns = sorted({slot.lun_bytes for slot, _ in left})
+        self.stats.lun_resets += len(luns)
+        await self._tmf_round(
+            [(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, lun_bytes, 0) for lun_bytes in luns],
+            left,
+            timeout,
+        )
+        left = [(slot, tag) for slot, tag in left if _still_in_flight(slot, tag)]
+        if left and self._failure is None:
+            self._fail_all(
+                DeviceGone(
+                    f"{gone.message}; ABORT TASK and LOGICAL UNIT RESET did not bring "
+                    f"{len(left)} of them back"
                 )
+            )
+
+    async def _tmf_round(
+        self,
+        functions: list[tuple[int, bytes, int]],
+        stuck: list[tuple[_Slot, int]],
+        timeout: float,
+    ) -> None:
+        """Send the task-management ``functions`` (subtype, LUN, tag) and wait, at most
+        ``timeout`` seconds, until they are done and ``stuck`` requests completed."""
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for subtype, lun_bytes, tag in functions:
+                    nursery.start_soon(self.task_management, subtype, lun_bytes, tag)
+            while self._failure is None and any(_still_in_flight(s, t) for s, t in stuck):
+                self._progress = trio.Event()
+                await self._progress.wait()
+        self._progress = None
+
+    async def task_management(self, subtype: int, lun_bytes: bytes, tag: int = 0) -> int:
+        """Send one TMF (``subtype``: ABORT TASK naming the command ``tag``, LOGICAL UNIT
+        RESET...) for the LUN ``lun_bytes`` on the control queue; the device's response
+        code (:func:`tmf_succeeded` judges it).  Raises NotAvailable without a control
+        queue, DeviceGone/HardwareError when the controller failed.  Cancellation: the
+        request stays owned by the device until it completes (its slot is freed then)."""
+        control = self._control
+        if control is None:
+            raise NotAvailable("this virtio-scsi controller has no control queue")
+        self._raise_if_failed()
+        while True:
+            slot = next((t for t in control.slots if t.state == _FREE), None)
+            if slot is not None:
+                break
+            self._tmf_free = trio.Event()
+            await self._tmf_free.wait()
+            self._raise_if_failed()
+        mem, bus = self._mem, self._bus
+        _TMF_REQ.pack_into(mem, slot.request, VIRTIO_SCSI_T_TMF, subtype, lun_bytes, tag)
+        mem[slot.response] = 0xFF
+        slot.state = _IN_FLIGHT
+        slot.done = trio.Event()
+        control.ring.add(
+            [Segment(bus + slot.request, _TMF_REQ.size), Segment(bus + slot.response, 16, True)],
+            slot,
+        )
+        control.ring.enable_interrupts()
+        old, new = control.ring.publish()
+        if control.ring.kick_needed(old, new):
+            self.transport.notify(CONTROL_QUEUE)
+        self.backend.flush_posted()
+        try:
+            await slot.done.wait()
+        except BaseException:
+            if slot.state == _IN_FLIGHT:
+                slot.state = _ABANDONED  # the completion path frees it
+            raise
+        value = slot.value
+        slot.state = _FREE
+        self._tmf_free.set()
+        self._raise_if_failed()
+        return value
 
     def _fail_all(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -566,6 +789,24 @@ class VirtioScsiController:
                     slot.task = None
                     trio.lowlevel.reschedule(task)
         self._slot_lot.unpark_all()
+        if self._control is not None:
+            for tmf in self._control.slots:
+                if tmf.state == _IN_FLIGHT:
+                    tmf.value = VIRTIO_SCSI_S_FAILURE
+                    tmf.done.set()
+        self._tmf_free.set()
+        if self._progress is not None:
+            self._progress.set()
+
+
+def _still_in_flight(slot: _Slot, tag: int) -> bool:
+    """Whether the command ``tag`` still owns ``slot`` (a slot is reused after it)."""
+    return slot.state in (_IN_FLIGHT, _ABANDONED) and slot.tag == tag
+
+
+def _lun_address(lun_bytes: bytes) -> tuple[int, int]:
+    """(target, lun) of an 8-byte virtio-scsi LUN (inverse of :func:`encode_lun`)."""
+    return lun_bytes[1], ((lun_bytes[2] & 0x3F) << 8) | lun_bytes[3]
 
 
 async def read_scsi_config(transport: VirtioTransport) -> VirtioScsiConfig:
@@ -587,6 +828,37 @@ async def find_virtio_scsi(backend: Backend) -> PciFunction:
     raise HardwareError("no virtio-scsi controller (1af4:1004 or 1af4:1048) found on PCI bus 0")
 
 
+async def _setup_control(
+    vt: VirtioTransport, arena: DmaArena, start: int, msix: bool, event_idx: bool
+) -> _ControlQueue | None:
+    """Set up the control queue (task management) after ``start`` in the arena; None
+    when the device has none, the arena has no room, or its MSI-X vector is refused
+    (the watchdog then fails a hung controller as a whole)."""
+    queue_max = await vt.queue_max_size(CONTROL_QUEUE)
+    if queue_max == 0:
+        return None
+    size = queue_max if vt.queue_size_fixed else min(queue_max, 16)
+    layout = RingLayout.contiguous(size, 4096)
+    plan = plan_control(start, layout)
+    if plan.end > arena.size_bytes:
+        return None
+    ring: SplitRing[_TmfSlot] = SplitRing(
+        arena.view[plan.ring : plan.ring + layout.total_bytes], layout, event_idx=event_idx
+    )
+    base = arena.bus_address + plan.ring
+    vector = await vt.setup_queue(
+        CONTROL_QUEUE,
+        size,
+        base + layout.desc_offset,
+        base + layout.avail_offset,
+        base + layout.used_offset,
+        msix_vector=0 if msix else VIRTIO_MSI_NO_VECTOR,
+    )
+    if msix and vector != 0:
+        return None
+    return _ControlQueue(ring, plan)
+
+
 @contextlib.asynccontextmanager
 async def open_virtio_scsi(
     backend: Backend,
@@ -603,11 +875,15 @@ async def open_virtio_scsi(
     transitional 0x1004, modern for 0x1048), negotiates INDIRECT_DESC and EVENT_IDX
     (``features`` overrides the wanted set, for tests), sets up request queue 2 with
     ``queue_depth`` slots of ``max_transfer_bytes`` (capped by the device's
-    max_sectors), and starts the completion task.  If requests are in flight and none
-    completes for ``request_timeout`` seconds (None: wait forever), the controller gives
-    up: every request fails with DeviceGone, and so does every later one.  On exit the
-    device is reset (so it no longer touches the arena) and every request still waiting
-    fails with DeviceGone.
+    max_sectors), sets up the control queue (task management) when the arena has room,
+    and starts the completion task.  If requests are in flight and none completes for
+    ``request_timeout`` seconds (None: wait forever), they are aborted (ABORT TASK; the
+    callers get HardwareError saying so) and, if that does not bring them back within
+    another ``request_timeout``, their LUNs reset; if even that fails (or there is no
+    control queue) the controller gives up: every request fails with DeviceGone, and so
+    does every later one (at most about 3 x ``request_timeout`` after the last
+    completion).  On exit the device is reset (so it no longer touches the arena) and
+    every request still waiting fails with DeviceGone.
     Raises HardwareError/DeviceGone when the device misbehaves or the backend dies.
     """
     if not 1 <= queue_depth <= 256:
@@ -685,9 +961,15 @@ async def _open_virtio_scsi(
     if not msix or vector != 0:
         await backend.enable_interrupts(function.devfn)
         vt.set_msix(False)
+        msix = False
     ring.enable_interrupts()
+    control = await _setup_control(
+        vt, arena, slot_layouts[-1].data + max_transfer, msix, ring.event_idx
+    )
     await driver_ok(vt)
-    controller = VirtioScsiController(backend, vt, config, accepted, ring, slots, max_transfer)
+    controller = VirtioScsiController(
+        backend, vt, config, accepted, ring, slots, max_transfer, control
+    )
     # The body's exception is re-raised outside the nursery (not in an ExceptionGroup).
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:

@@ -1,0 +1,115 @@
+"""Task management on the control queue (queue 0) against real QEMU.
+
+A request that hangs is made with blkdebug's ``break`` (through QMP/HMP ``qemu-io``):
+QEMU suspends the read inside its block layer.  The watchdog then sends ABORT TASK for
+it; once the read is resumed QEMU completes it as aborted, the caller gets an error
+saying it was aborted, and the controller goes on.  If the request never comes back, a
+LOGICAL UNIT RESET follows and then DeviceGone: an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from amigafuse.driver.backends.qtest import QemuDisk, launch_qemu
+from amigafuse.driver.scsi import cdb as C
+from amigafuse.driver.virtio.scsi import (
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
+    VirtioScsiController,
+    encode_lun,
+    open_virtio_scsi,
+    tmf_succeeded,
+)
+from amigafuse.errors import DeviceGone, HardwareError
+from tests.driver.conftest import device_for
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
+    ),
+]
+
+MIB = 1 << 20
+
+
+async def _settle(ctl: VirtioScsiController) -> None:
+    """Consume the power-on UNIT ATTENTION."""
+    for _ in range(3):
+        if (await ctl.execute(0, 0, C.test_unit_ready())).status == 0:
+            return
+    raise AssertionError("TEST UNIT READY never succeeded")
+
+
+def _image(tmp_path: Path) -> tuple[Path, bytes]:
+    data = random.Random(3).randbytes(MIB)
+    path = tmp_path / "disk.img"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("transport", ["legacy", "modern"])
+async def test_a_hung_request_is_aborted_and_the_controller_goes_on(
+    tmp_path: Path, transport: str
+) -> None:
+    path, data = _image(tmp_path)
+    disk = QemuDisk(path, blkdebug_rules="")  # blkdebug in the chain, no errors
+    async with (
+        launch_qemu([disk], device=device_for(transport), qmp=True) as backend,  # type: ignore[arg-type]
+        open_virtio_scsi(backend, transport=transport, request_timeout=1.0) as ctl,  # type: ignore[arg-type]
+    ):
+        assert backend.qmp is not None
+        await _settle(ctl)
+        # A LOGICAL UNIT RESET on an idle LUN is carried out (the control queue works).
+        assert tmf_succeeded(
+            await ctl.task_management(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, encode_lun(0, 0))
+        )
+        await _settle(ctl)  # the reset queued a UNIT ATTENTION
+        await backend.qmp.hmp('qemu-io vd0 "break read_aio hang"')
+        errors: list[BaseException] = []
+
+        async def hung_reader() -> None:
+            try:
+                await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
+            except HardwareError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hung_reader)
+            with trio.fail_after(15):
+                while ctl.stats.aborts == 0:
+                    await trio.sleep(0.05)
+            # The device holds the request (suspended in blkdebug) until we resume it.
+            assert not errors
+            await backend.qmp.hmp('qemu-io vd0 "resume hang"')
+        assert len(errors) == 1
+        assert "did not complete within 1 s and was aborted" in str(errors[0])
+        assert "SCSI target 0 LUN 0" in str(errors[0])
+        assert ctl.stats.aborts == 1 and ctl.stats.lun_resets == 0
+        assert ctl.failure is None
+        # The controller goes on: reads return the image's bytes.
+        result = await ctl.execute(0, 0, C.read(8, 8), data_in_len=4096)
+        assert result.status == 0 and result.data == data[8 * 512 : 16 * 512]
+
+
+async def test_a_request_that_never_returns_ends_in_device_gone(tmp_path: Path) -> None:
+    path, _ = _image(tmp_path)
+    disk = QemuDisk(path, blkdebug_rules="")
+    async with (
+        launch_qemu([disk], qmp=True) as backend,
+        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
+    ):
+        assert backend.qmp is not None
+        await _settle(ctl)
+        await backend.qmp.hmp('qemu-io vd0 "break read_aio never"')
+        with trio.fail_after(20), pytest.raises(DeviceGone) as gone:
+            await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
+        assert "ABORT TASK and LOGICAL UNIT RESET did not bring 1 of them back" in str(gone.value)
+        assert ctl.stats.aborts == 1 and ctl.stats.lun_resets == 1
+        with pytest.raises(DeviceGone):
+            await ctl.execute(0, 0, C.read(0, 1), data_in_len=512)
