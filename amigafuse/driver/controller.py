@@ -22,9 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from amigafuse.driver.scsi.disk import ScsiDisk, TargetFailure, scan_targets
+import trio
+
+from amigafuse.driver.scsi.disk import (
+    MAX_SCAN_TARGET,
+    ScsiDisk,
+    TargetFailure,
+    bring_up_target,
+    scan_targets,
+)
 from amigafuse.driver.scsi.transport import ScsiTransport
-from amigafuse.errors import NotAvailable, UsageError
+from amigafuse.errors import DeviceError, DeviceGone, NotAvailable, UsageError
 
 TransportName = Literal["auto", "legacy", "modern"]
 MAX_IMAGES = 8
@@ -53,12 +61,80 @@ class Controller:
 
     ``failed`` lists the targets that answered but did not come up as disks (their
     INQUIRY, TEST UNIT READY or READ CAPACITY failed), each with its error; the other
-    disks are in ``disks`` all the same."""
+    disks are in ``disks`` all the same.
+
+    Hot-plug (when the controller reports events, VIRTIO_SCSI_F_HOTPLUG): a target that
+    appears is brought up and added to ``disks`` (or to ``failed``); one that goes away
+    is removed from ``disks`` and its ScsiDisk fails every later request with
+    DeviceGone (ENODEV).  Each change is described in ``changes`` (oldest first) and
+    wakes :meth:`wait_changed`."""
 
     disks: list[ScsiDisk]
     transport_name: str
     transport: ScsiTransport
     failed: list[TargetFailure] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    async def wait_changed(self) -> None:
+        """Wait until the next hot-plug change (cancellable)."""
+        await self._changed.wait()
+
+    def _record(self, text: str) -> None:
+        if len(self.changes) >= 256:
+            del self.changes[:128]
+        self.changes.append(text)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _follow_events(self) -> None:
+        """Apply the controller's hot-plug events to ``disks``/``failed`` until the
+        transport fails or the context ends (runs in the nursery of the context)."""
+        next_event = getattr(self.transport, "next_event", None)
+        if next_event is None:
+            return
+        last = min(MAX_SCAN_TARGET, self.transport.max_target)
+        while True:
+            try:
+                event = await next_event()
+            except (DeviceError, NotAvailable):
+                return  # the controller failed (its callers hear it) or has no events
+            if event.missed:
+                targets = list(range(last + 1))
+            elif (event.plugged or event.unplugged) and event.target <= last:
+                targets = [event.target]
+            else:
+                continue
+            for target in targets:
+                try:
+                    await self._reconcile(target, gone=event.unplugged)
+                except DeviceGone:
+                    return
+
+    async def _reconcile(self, target: int, *, gone: bool) -> None:
+        """Make ``disks``/``failed`` say what is at ``target`` now."""
+        present = next((d for d in self.disks if d.target == target), None)
+        disk: ScsiDisk | None = None
+        failure: TargetFailure | None = None
+        if not gone:
+            try:
+                disk = await bring_up_target(self.transport, target)
+            except DeviceGone:
+                raise
+            except DeviceError as exc:
+                failure = TargetFailure(target, 0, exc)
+        if present is not None and (disk is None or failure is not None):
+            present.mark_removed()
+            self.disks.remove(present)
+            self._record(f"SCSI target {target} LUN 0 was removed")
+        self.failed = [f for f in self.failed if f.target != target]
+        if failure is not None:
+            self.failed.append(failure)
+            self._record(f"SCSI target {target} LUN 0 appeared but failed: {failure.message}")
+        elif disk is not None and present is None:
+            self.disks.append(disk)
+            self.disks.sort(key=lambda d: (d.target, d.lun))
+            self._record(f"SCSI target {target} LUN 0 appeared: {disk.info.description}")
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -245,11 +321,23 @@ async def _controller(scsi: ScsiTransport, name: str) -> AsyncIterator[Controlle
     controller = Controller(
         disks=found.disks, transport_name=name, transport=scsi, failed=found.failed
     )
+    # The hot-plug follower lives in this nursery; the body's exception is re-raised
+    # outside it (not in an ExceptionGroup).
+    body_error: BaseException | None = None
     try:
-        yield controller
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(controller._follow_events)
+            try:
+                yield controller
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
-        for disk in found.disks:
+        for disk in controller.disks:
             await disk.aclose()
+    if body_error is not None:
+        raise body_error
 
 
 @asynccontextmanager

@@ -27,6 +27,7 @@ Design notes (invariants):
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -313,7 +314,7 @@ class ScsiDisk(BlockDevice):
         once the backend died.
         """
         if self._gone is not None:
-            raise DeviceGone(self._gone.message)
+            raise DeviceGone(self._gone.message, errno=self._gone.errno)
         try:
             result = await execute_with_retry(
                 self._transport,
@@ -413,7 +414,7 @@ class ScsiDisk(BlockDevice):
 
     async def _prepare(self) -> None:
         if self._gone is not None:
-            raise DeviceGone(self._gone.message)
+            raise DeviceGone(self._gone.message, errno=self._gone.errno)
         if self._capacity_stale:
             await self.refresh_capacity()
 
@@ -485,9 +486,17 @@ class ScsiDisk(BlockDevice):
         """SYNCHRONIZE CACHE for the whole unit: every write that returned before is on
         stable storage when this returns.  Raises DeviceErrors."""
         if self._gone is not None:
-            raise DeviceGone(self._gone.message)
+            raise DeviceGone(self._gone.message, errno=self._gone.errno)
         await self.execute(C.synchronize_cache())
         self.stats.flushes += 1
+
+    def mark_removed(self) -> None:
+        """The target was hot-unplugged: later requests raise DeviceGone (ENODEV)."""
+        if self._gone is None:
+            self._gone = DeviceGone(
+                f"{self.name} was removed from the controller (hot-unplugged)",
+                errno=errno.ENODEV,
+            )
 
     async def aclose(self) -> None:
         """Detach: later requests raise DeviceGone.  Idempotent; the controller owns the
@@ -544,7 +553,7 @@ async def scan_targets(
     last = min(max_target, transport.max_target)
     for target in range(last + 1):
         try:
-            disk = await _bring_up(transport, target)
+            disk = await bring_up_target(transport, target)
         except DeviceGone:
             raise
         except HardwareError as exc:
@@ -560,8 +569,9 @@ async def scan_targets(
     return ScanResult(disks, failed)
 
 
-async def _bring_up(transport: ScsiTransport, target: int) -> ScsiDisk | None:
-    """The disk at ``target`` LUN 0, or None when there is none (or it is no disk)."""
+async def bring_up_target(transport: ScsiTransport, target: int) -> ScsiDisk | None:
+    """The disk at ``target`` LUN 0, or None when there is none (or it is no disk).
+    Raises the DeviceError of a target that answers but does not come up."""
     what = f"SCSI target {target}: INQUIRY"
     result = await transport.execute(target, 0, C.inquiry(allocation_length=96), data_in_len=96)
     if result.response == VIRTIO_SCSI_S_BAD_TARGET:

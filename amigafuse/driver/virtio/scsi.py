@@ -31,6 +31,7 @@ Design (invariants in docs/driver.md):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import struct
@@ -95,6 +96,72 @@ TMF_NAMES = {
 }
 
 
+EVENT_QUEUE = 1
+VIRTIO_SCSI_F_HOTPLUG = 1  # feature bit: hot-plug events on the event queue
+# struct virtio_scsi_event (virtio 1.x §5.6.6.3)
+VIRTIO_SCSI_T_NO_EVENT = 0
+VIRTIO_SCSI_T_TRANSPORT_RESET = 1
+VIRTIO_SCSI_T_ASYNC_NOTIFY = 2
+VIRTIO_SCSI_T_PARAM_CHANGE = 3
+VIRTIO_SCSI_T_EVENTS_MISSED = 0x80000000
+VIRTIO_SCSI_EVT_RESET_HARD = 0
+VIRTIO_SCSI_EVT_RESET_RESCAN = 1
+VIRTIO_SCSI_EVT_RESET_REMOVED = 2
+_EVENT = struct.Struct("<I8sI")  # event, lun[8], reason
+EVENT_BUFFERS = 8
+MAX_KEPT_EVENTS = 64
+
+
+@dataclass(frozen=True)
+class ScsiEvent:
+    """One struct virtio_scsi_event, as the device wrote it (``pack(unpack(b)) == b``)."""
+
+    event: int
+    lun: bytes
+    reason: int
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> ScsiEvent:
+        event, lun, reason = _EVENT.unpack_from(buf, 0)
+        return cls(event, bytes(lun), reason)
+
+    def pack(self) -> bytes:
+        return _EVENT.pack(self.event, self.lun, self.reason)
+
+    @property
+    def missed(self) -> bool:
+        """The device dropped events (no buffer was free): rescan everything."""
+        return bool(self.event & VIRTIO_SCSI_T_EVENTS_MISSED)
+
+    @property
+    def kind(self) -> int:
+        return self.event & ~VIRTIO_SCSI_T_EVENTS_MISSED
+
+    @property
+    def target(self) -> int:
+        return self.lun[1]
+
+    @property
+    def lun_number(self) -> int:
+        return ((self.lun[2] & 0x3F) << 8) | self.lun[3]
+
+    @property
+    def plugged(self) -> bool:
+        """A target appeared (TRANSPORT_RESET, reason RESCAN)."""
+        return (
+            self.kind == VIRTIO_SCSI_T_TRANSPORT_RESET
+            and self.reason == VIRTIO_SCSI_EVT_RESET_RESCAN
+        )
+
+    @property
+    def unplugged(self) -> bool:
+        """A target went away (TRANSPORT_RESET, reason REMOVED)."""
+        return (
+            self.kind == VIRTIO_SCSI_T_TRANSPORT_RESET
+            and self.reason == VIRTIO_SCSI_EVT_RESET_REMOVED
+        )
+
+
 def pack_tmf_req(subtype: int, target: int, lun: int, tag: int) -> bytes:
     """struct virtio_scsi_ctrl_tmf_req: type TMF, ``subtype``, the LUN, the tag of the
     command it concerns (ABORT TASK; 0 for a LOGICAL UNIT RESET)."""
@@ -104,6 +171,8 @@ def pack_tmf_req(subtype: int, target: int, lun: int, tag: int) -> bytes:
 def tmf_succeeded(response: int) -> bool:
     """Whether a TMF response says the function was carried out."""
     return response in (VIRTIO_SCSI_S_FUNCTION_COMPLETE, VIRTIO_SCSI_S_FUNCTION_SUCCEEDED)
+
+
 DEFAULT_MAX_TRANSFER = 1 << 20
 MAX_INDIRECT = 4
 
@@ -281,11 +350,28 @@ class _TmfSlot:
         self.value = 0  # the device's response code
 
 
+class _EventBuffer:
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class _EventQueue:
+    """The event queue: its ring and the buffers the device writes events into (all of
+    them always posted, re-posted as soon as an event was copied out)."""
+
+    def __init__(self, ring: SplitRing[_EventBuffer], buffers: list[int]) -> None:
+        self.ring = ring
+        self.buffers = [_EventBuffer(offset) for offset in buffers]
+
+
 class _ControlQueue:
     """The control queue: its ring and TMF slots (None when the arena had no room)."""
 
     def __init__(self, ring: SplitRing[_TmfSlot], layout: ControlLayout) -> None:
         self.ring = ring
+        self.end = layout.end
         self.slots = [
             _TmfSlot(i, req, resp)
             for i, (req, resp) in enumerate(zip(layout.requests, layout.responses, strict=True))
@@ -301,6 +387,8 @@ class ControllerStats:
     #: task management sent by the watchdog for requests that took too long
     aborts: int = 0
     lun_resets: int = 0
+    #: events reported on the event queue (hot-plug)
+    events: int = 0
 
 
 class VirtioScsiController:
@@ -317,9 +405,15 @@ class VirtioScsiController:
         slots: list[_Slot],
         max_transfer_bytes: int,
         control: _ControlQueue | None = None,
+        events: _EventQueue | None = None,
     ) -> None:
         self.backend = backend
         self._control = control
+        self._events = events
+        #: events the device reported (newest last, at most MAX_KEPT_EVENTS)
+        self.events: collections.deque[ScsiEvent] = collections.deque(maxlen=MAX_KEPT_EVENTS)
+        self._event_arrived = trio.Event()
+        self._events_read = 0  # events handed out by next_event
         self.transport = transport
         self.config = config
         self.features = features
@@ -595,9 +689,12 @@ class VirtioScsiController:
     def _harvest(self) -> None:
         ring = self._ring
         control = self._control
+        events = self._events
         while self._failure is None:
             if control is not None and control.ring.in_flight:
                 self._harvest_control(control)
+            if events is not None and events.ring.has_used():
+                self._harvest_events(events)
             for slot, written in ring.harvest():
                 self._complete(slot, written)
             if self._progress is not None:
@@ -611,8 +708,43 @@ class VirtioScsiController:
             more = ring.enable_interrupts(after)
             if control is not None and control.ring.in_flight and control.ring.enable_interrupts():
                 more = True
+            if events is not None and events.ring.enable_interrupts():
+                more = True
             if not more:
                 return
+
+    def _harvest_events(self, events: _EventQueue) -> None:
+        mem, bus = self._mem, self._bus
+        for buffer, _written in events.ring.harvest():
+            event = ScsiEvent.unpack(mem[buffer.offset : buffer.offset + _EVENT.size])
+            if event.event != VIRTIO_SCSI_T_NO_EVENT:
+                self.events.append(event)
+                self.stats.events += 1
+            events.ring.add([Segment(bus + buffer.offset, _EVENT.size, True)], buffer)
+        self._event_arrived.set()
+        old, new = events.ring.publish()
+        if events.ring.kick_needed(old, new):
+            self.transport.notify(EVENT_QUEUE)
+
+    async def next_event(self) -> ScsiEvent:
+        """The next event the device reports (hot-plug: :attr:`ScsiEvent.plugged` /
+        :attr:`ScsiEvent.unplugged`; :attr:`ScsiEvent.missed` when it dropped some),
+        in order, each once.  Raises NotAvailable when the event queue is not set up
+        (no VIRTIO_SCSI_F_HOTPLUG), DeviceGone/HardwareError when the controller failed.
+        Cancellable; one consumer at a time."""
+        if self._events is None:
+            raise NotAvailable("this virtio-scsi controller reports no events")
+        while True:
+            self._raise_if_failed()
+            unread = self.stats.events - self._events_read
+            if unread > 0:
+                # Older events than the deque holds were lost: say so as a missed event.
+                self._events_read += 1
+                if unread > len(self.events):
+                    return ScsiEvent(VIRTIO_SCSI_T_EVENTS_MISSED, bytes(8), 0)
+                return self.events[len(self.events) - unread]
+            self._event_arrived = trio.Event()
+            await self._event_arrived.wait()
 
     def _harvest_control(self, control: _ControlQueue) -> None:
         mem = self._mem
@@ -795,6 +927,7 @@ class VirtioScsiController:
                     tmf.value = VIRTIO_SCSI_S_FAILURE
                     tmf.done.set()
         self._tmf_free.set()
+        self._event_arrived.set()
         if self._progress is not None:
             self._progress.set()
 
@@ -859,6 +992,37 @@ async def _setup_control(
     return _ControlQueue(ring, plan)
 
 
+async def _setup_events(
+    vt: VirtioTransport, arena: DmaArena, start: int, msix: bool, event_idx: bool
+) -> _EventQueue | None:
+    """Set up the event queue (hot-plug events) after ``start`` in the arena; None when
+    the device has none, the arena has no room or its MSI-X vector is refused."""
+    queue_max = await vt.queue_max_size(EVENT_QUEUE)
+    if queue_max == 0:
+        return None
+    size = queue_max if vt.queue_size_fixed else min(queue_max, 16)
+    layout = RingLayout.contiguous(size, 4096)
+    ring_offset = _align(start, 4096)
+    buffers = [ring_offset + _align(layout.total_bytes, 64) + 64 * i for i in range(EVENT_BUFFERS)]
+    if buffers[-1] + 64 > arena.size_bytes or size < EVENT_BUFFERS:
+        return None
+    ring: SplitRing[_EventBuffer] = SplitRing(
+        arena.view[ring_offset : ring_offset + layout.total_bytes], layout, event_idx=event_idx
+    )
+    base = arena.bus_address + ring_offset
+    vector = await vt.setup_queue(
+        EVENT_QUEUE,
+        size,
+        base + layout.desc_offset,
+        base + layout.avail_offset,
+        base + layout.used_offset,
+        msix_vector=0 if msix else VIRTIO_MSI_NO_VECTOR,
+    )
+    if msix and vector != 0:
+        return None
+    return _EventQueue(ring, buffers)
+
+
 @contextlib.asynccontextmanager
 async def open_virtio_scsi(
     backend: Backend,
@@ -916,7 +1080,9 @@ async def _open_virtio_scsi(
     function = await find_virtio_scsi(backend)
     await configure_function(backend, function)
     vt = open_transport(backend, function, transport)
-    wanted = bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX)
+    wanted = (
+        bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_SCSI_F_HOTPLUG)
+    )
     accepted = await negotiate(vt, wanted if features is None else features)
     config = await read_scsi_config(vt)
     if config.cdb_size < 6 or config.cdb_size > 255 or config.sense_size > 4096:
@@ -963,13 +1129,24 @@ async def _open_virtio_scsi(
         vt.set_msix(False)
         msix = False
     ring.enable_interrupts()
-    control = await _setup_control(
-        vt, arena, slot_layouts[-1].data + max_transfer, msix, ring.event_idx
-    )
+    control_start = slot_layouts[-1].data + max_transfer
+    control = await _setup_control(vt, arena, control_start, msix, ring.event_idx)
+    events = None
+    if accepted & bit(VIRTIO_SCSI_F_HOTPLUG):
+        events_start = control_start if control is None else control.end
+        events = await _setup_events(vt, arena, events_start, msix, ring.event_idx)
     await driver_ok(vt)
     controller = VirtioScsiController(
-        backend, vt, config, accepted, ring, slots, max_transfer, control
+        backend, vt, config, accepted, ring, slots, max_transfer, control, events
     )
+    if events is not None:
+        # Give the device every event buffer (after DRIVER_OK: it may notify now).
+        for buffer in events.buffers:
+            events.ring.add([Segment(arena.bus_address + buffer.offset, _EVENT.size, True)], buffer)
+        events.ring.enable_interrupts()
+        events.ring.publish()
+        vt.notify(EVENT_QUEUE)
+        await backend.sync()
     # The body's exception is re-raised outside the nursery (not in an ExceptionGroup).
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
