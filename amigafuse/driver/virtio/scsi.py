@@ -1,5 +1,6 @@
 """The virtio-scsi controller: a :class:`~amigafuse.driver.scsi.transport.ScsiTransport`
-over one request virtqueue (queue 2), on any backend.
+over one request virtqueue (queue 2), with the control queue (0, task management for
+the watchdog) and the event queue (1, hot-plug events), on any backend.
 
 Design (invariants in docs/driver.md):
 
@@ -13,12 +14,14 @@ Design (invariants in docs/driver.md):
 * Exactly one completion path: the task started by :func:`open_virtio_scsi` waits for
   the interrupt, reads the ISR (deasserting INTx; not with MSI-X, where the request
   queue signals on vector 0 when the backend offers it), harvests the used ring and
-  wakes the waiters.  No other code reads the used ring, so completions cannot be
-  taken by the wrong waiter or read twice.
-* Kick suppression: submitters publish the avail index in bursts (the first submitter
-  of a scheduling batch yields once so that the others of the batch join, then
-  publishes them all) and notify only when ``vring_need_event`` over the device's
-  ``avail_event`` says so (EVENT_IDX), or when the device did not set NO_NOTIFY.
+  wakes the waiters; it harvests the control and event queues' used rings in the same
+  pass.  No other code reads a used ring, so completions cannot be taken by the wrong
+  waiter or read twice.
+* Kick suppression: a request is published at once when others are in flight (the
+  device works on it while we prepare the next), after one scheduling batch when it is
+  alone (its kick then shares a send with the ISR read); the device is notified only
+  when ``vring_need_event`` over its ``avail_event`` says so (EVENT_IDX), or when it did
+  not set NO_NOTIFY.
 * Interrupt suppression: after harvesting, ``used_event`` asks for an interrupt at the
   next completion; completions that arrive while we are not yet re-armed raise no
   interrupt and are picked up by the re-check loop.
@@ -26,7 +29,9 @@ Design (invariants in docs/driver.md):
   burst yield (after the slot's chain is added, so nothing is lost if the task is
   cancelled there: the yield is shielded) and the ISR read in the completion task
   (harvesting happens after it).  Ring state is only touched between awaits, so no lock
-  is needed.
+  is needed.  The watchdog's recovery awaits task-management completions; it names the
+  requests it waits for by (slot, tag) and re-checks them after every await, since a
+  completed slot may already carry another request.
 """
 
 from __future__ import annotations
