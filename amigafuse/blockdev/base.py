@@ -64,6 +64,14 @@ class BlockDevice(abc.ABC):
         return 1 << 30
 
     @property
+    def requests_in_flight(self) -> int:
+        """How many requests are worth having in flight at once (a hint for callers
+        that could issue several): 1 for devices that finish a request without
+        suspending (files, memory), where concurrency only adds overhead; the default,
+        8, for devices with a real queue.  Correctness never depends on it."""
+        return 8
+
+    @property
     def info(self) -> DeviceInfo:
         return DeviceInfo()
 

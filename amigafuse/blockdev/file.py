@@ -70,6 +70,10 @@ class FileBlockDevice(BlockDevice):
         return self._read_only
 
     @property
+    def requests_in_flight(self) -> int:
+        return 1  # every request completes on the event loop thread, without suspending
+
+    @property
     def info(self) -> DeviceInfo:
         return DeviceInfo(vendor="file", product=os.path.basename(self.path), description=self.path)
 

@@ -39,6 +39,10 @@ class MemoryBlockDevice(BlockDevice):
     def read_only(self) -> bool:
         return self._read_only
 
+    @property
+    def requests_in_flight(self) -> int:
+        return 1  # requests complete without suspending
+
     async def read(self, lba: int, count: int) -> bytes:
         self.check_range(lba, count)
         self.reads += 1

@@ -50,6 +50,10 @@ class PartitionDevice(BlockDevice):
         return self.parent.max_transfer_blocks
 
     @property
+    def requests_in_flight(self) -> int:
+        return self.parent.requests_in_flight
+
+    @property
     def info(self) -> DeviceInfo:
         return self.parent.info
 
@@ -91,6 +95,11 @@ class FsBlockIO:
     @property
     def read_only(self) -> bool:
         return self.device.read_only
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The device's hint (see BlockDevice.requests_in_flight)."""
+        return self.device.requests_in_flight
 
     def _check(self, block: int, count: int) -> None:
         if block < 0 or count < 0 or block + count > self.block_count:

@@ -156,6 +156,10 @@ class SlowDevice(MemoryBlockDevice):
         self.in_flight = 0
         self.max_in_flight = 0
 
+    @property
+    def requests_in_flight(self) -> int:
+        return 16  # it suspends: concurrency pays
+
     async def read(self, lba: int, count: int) -> bytes:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -295,9 +299,14 @@ async def test_a_listing_shows_unwritten_changes_and_not_deleted_headers() -> No
 class BadSectorDevice(MemoryBlockDevice):
     """Reads that include block ``bad`` fail, as with an unreadable sector."""
 
-    def __init__(self, data: bytes | bytearray, bad: int) -> None:
+    def __init__(self, data: bytes | bytearray, bad: int, queue: int = 1) -> None:
         super().__init__(data=data)
         self.bad = bad
+        self.queue = queue
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self.queue
 
     async def read(self, lba: int, count: int) -> bytes:
         if lba <= self.bad < lba + count:
@@ -317,3 +326,43 @@ async def test_a_bad_block_near_the_headers_does_not_fail_the_listing() -> None:
     with pytest.raises(MediumError):
         await vol.read(f1.object_id, 0, 10)
     assert await vol.read((await vol.lookup(d, "f0002")).object_id, 0, 10) == content("2", 10)
+
+
+async def test_a_fragmented_read_has_its_ranges_at_the_device_at_once() -> None:
+    big = 3 * 1024 * 1024
+    dev, geo, frag, _ = await build(512, 24_000, big)
+    slow = SlowDevice(dev.data, 0.01)
+    vol = await open_volume(slow, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    await vol.read(frag, 0, 1)
+    plan = await vol._plan_read(frag, await vol._entry(frag), 0, 1 << 20)
+    assert not isinstance(plan, bytes) and len(plan[0]) >= 8  # alternate 64 KiB pieces
+    slow.max_in_flight = 0
+    assert await vol.read(frag, 0, 1 << 20) == content("a", 1 << 20)
+    assert slow.max_in_flight >= 8
+
+
+@pytest.mark.parametrize("queue", [1, 8])
+async def test_a_bad_block_in_a_fragmented_read_is_that_error(queue: int) -> None:
+    dev, geo, frag, _ = await build(512, 24_000, 2 * 1024 * 1024)
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    data, _ = await vol._block_lists(frag, await vol._entry(frag))
+    faulty = BadSectorDevice(dev.data, data[700], queue)
+    vol = await open_volume(faulty, geo, True)
+    with pytest.raises(MediumError):  # the error itself, not an exception group
+        await vol.read(frag, 0, 1 << 20)
+    assert await vol.read(frag, 400 * 1024, 10) == content("a", 400 * 1024 + 10)[-10:]
+
+
+async def test_listing_read_ahead_with_requests_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import amigafuse.fs.ffs.volume as volume_module
+
+    dev, geo, d = await small_files(120)
+    monkeypatch.setattr(volume_module, "HEADER_GAP_BYTES", 0)  # every header its own request
+    slow = SlowDevice(dev.data, 0.002)
+    vol = await open_volume(slow, geo, True)
+    await vol.getattr(d)
+    slow.max_in_flight = 0
+    assert sorted(st.name for st in await vol.readdir(d)) == [f"f{i:04d}" for i in range(120)]
+    assert slow.max_in_flight >= 4

@@ -114,3 +114,25 @@ def test_datestamp_epoch() -> None:
     assert DateStamp(0, 0, 0).to_unix() == 252460800
     assert DateStamp.from_unix(252460800 + 86400 + 61.5) == DateStamp(1, 1, 75)
     assert DateStamp.from_unix(0) == DateStamp(0, 0, 0)  # before 1978 clamps
+
+
+async def test_requests_in_flight_hint(tmp_path: Path) -> None:
+    from amigafuse.blockdev.base import BlockDevice
+
+    class Queued(MemoryBlockDevice):
+        @property
+        def requests_in_flight(self) -> int:
+            return BlockDevice.requests_in_flight.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    image = tmp_path / "img"
+    image.write_bytes(bytes(8192))
+    mem = MemoryBlockDevice(16)
+    f = FileBlockDevice(str(image))
+    # devices that never suspend say 1; the contract's default for queued devices is 8
+    assert mem.requests_in_flight == 1 and f.requests_in_flight == 1
+    assert Queued(16).requests_in_flight == 8
+    # windows and filesystem-block access pass the device's hint on
+    assert PartitionDevice(Queued(16), 2, 8).requests_in_flight == 8
+    assert FsBlockIO(PartitionDevice(mem, 0, 16), 1024).requests_in_flight == 1
+    assert FsBlockIO(Queued(16), 512).requests_in_flight == 8
+    await f.aclose()

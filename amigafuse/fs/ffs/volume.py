@@ -93,6 +93,7 @@ EXT_PREFETCH_BYTES = 128 * 1024  # extension blocks read ahead in one request (a
 HEADER_GAP_BYTES = 32 * 1024  # header reads of a directory listing: gaps bridged
 HEADER_SPAN_BYTES = 1024 * 1024  # ... and the longest request
 HEADER_READS_IN_FLIGHT = 8
+DATA_READS_IN_FLIGHT = 8  # device requests of one fragmented read at once
 _T_HEADER_LONG = struct.pack(">L", T_HEADER)
 _LONG = struct.Struct(">L")
 
@@ -451,12 +452,13 @@ class FfsVolumeBase:
                     continue
                 self._cache_headers(raw, first, parent)  # no await: all or nothing
 
-        if len(ranges) == 1:
+        tasks = min(HEADER_READS_IN_FLIGHT, self.io.requests_in_flight, len(ranges))
+        if tasks == 1:
             await worker()
             return
 
         async with trio.open_nursery() as nursery:
-            for _ in range(min(HEADER_READS_IN_FLIGHT, len(ranges))):
+            for _ in range(tasks):
                 nursery.start_soon(worker)
 
     def _cache_headers(self, raw: bytes, first: int, parent: int) -> None:
@@ -805,11 +807,36 @@ class FfsVolumeBase:
         return buf[skip : skip + (end - offset)]
 
     async def _read_planned(self, ranges: list[tuple[int, int]], skip: int, nbytes: int) -> bytes:
-        """The bytes a :meth:`_plan_read` plan names: one device request per range."""
+        """The bytes a :meth:`_plan_read` plan names: one device request per range,
+        up to DATA_READS_IN_FLIGHT of them at the device at once (a file FFS wrote is cut
+        every 72 blocks by its extension blocks: 29 ranges per MiB).  Raises the first
+        DeviceError; the other requests are then cancelled."""
         if len(ranges) == 1:
             buf = await self.io.read(*ranges[0])
         else:
-            buf = b"".join([await self.io.read(start, count) for start, count in ranges])
+            parts: list[bytes] = [b""] * len(ranges)
+            pending = iter(enumerate(ranges))
+            failure: list[DeviceError] = []
+
+            async def worker(cancel_scope: trio.CancelScope) -> None:
+                for i, (start, count) in pending:
+                    try:
+                        parts[i] = await self.io.read(start, count)
+                    except DeviceError as exc:
+                        failure.append(exc)
+                        cancel_scope.cancel()
+                        return
+
+            tasks = min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight, len(ranges))
+            if tasks == 1:  # a device that does not suspend: no tasks needed
+                await worker(trio.CancelScope())
+            else:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(tasks):
+                        nursery.start_soon(worker, nursery.cancel_scope)
+            if failure:
+                raise failure[0]
+            buf = b"".join(parts)
         if skip == 0 and len(buf) == nbytes:
             return buf
         return buf[skip : skip + nbytes]
