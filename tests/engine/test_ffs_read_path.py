@@ -366,3 +366,17 @@ async def test_listing_read_ahead_with_requests_at_once(monkeypatch: pytest.Monk
     slow.max_in_flight = 0
     assert sorted(st.name for st in await vol.readdir(d)) == [f"f{i:04d}" for i in range(120)]
     assert slow.max_in_flight >= 4
+
+
+async def test_the_run_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import amigafuse.fs.ffs.volume as volume_module
+
+    monkeypatch.setattr(volume_module, "BLOCKLIST_CACHE_LIMIT", 10)
+    dev, geo, d = await small_files(40)
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    sizes = []
+    for st in await vol.readdir(d):
+        assert await vol.read(st.object_id, 0, 50) == content(st.name[1:].lstrip("0") or "0", 50)
+        sizes.append(len(vol._extents))
+    assert max(sizes) <= 11 and len(sizes) == 40

@@ -170,7 +170,7 @@ class FfsVolumeBase:
                 del self._meta[b]
                 if len(self._meta) < META_CACHE_LIMIT // 2:
                     break
-        if len(self._blists) > BLOCKLIST_CACHE_LIMIT:
+        if len(self._blists) > BLOCKLIST_CACHE_LIMIT or len(self._extents) > BLOCKLIST_CACHE_LIMIT:
             self._blists.clear()
             self._extents.clear()
         if sum(len(i) for i in self._index.values()) > INDEX_LIMIT:
