@@ -23,10 +23,8 @@ Invariants
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import struct
-from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -103,6 +101,33 @@ def root_block_for(reserved: int, block_count: int) -> int:
     return (reserved + block_count - 1) // 2
 
 
+class _Locked:
+    """``FfsVolumeBase._locked``: holds no state of its own use, so one instance serves
+    every task."""
+
+    __slots__ = ("_beside_reads", "_vol")
+
+    def __init__(self, vol: FfsVolumeBase, *, beside_reads: bool) -> None:
+        self._vol = vol
+        self._beside_reads = beside_reads
+
+    async def __aenter__(self) -> None:
+        vol = self._vol
+        try:
+            vol._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await vol._lock.acquire()
+        try:
+            while vol._data_reads and not self._beside_reads:
+                await vol._reads_done.wait()
+        except BaseException:
+            vol._lock.release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._vol._lock.release()
+
+
 class FfsVolumeBase:
     """Read side of an open FFS volume.  See the module docstring for invariants."""
 
@@ -143,6 +168,8 @@ class FfsVolumeBase:
         self._data_reads = 0  # reads at the device outside the lock (see the invariants)
         self._reads_done = trio.Event()
         self._reads_done.set()
+        self._lock_alone = _Locked(self, beside_reads=False)
+        self._lock_beside_reads = _Locked(self, beside_reads=True)
         self._closed = False
 
     # ================================================================== basics
@@ -265,23 +292,14 @@ class FfsVolumeBase:
         self._remember(block, c)
         return c
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, *, beside_reads: bool = False) -> AsyncIterator[None]:
-        """The volume lock.  Taken without a trip through the scheduler when it is free
-        (reads from the page cache are shorter than a reschedule); waits otherwise.
-        Then waits, holding it, until no data read is in flight outside the lock, unless
-        ``beside_reads`` (``read`` itself: it only adds readers).  Cancellation while
-        waiting releases the lock and changes nothing."""
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            while self._data_reads and not beside_reads:
-                await self._reads_done.wait()
-            yield
-        finally:
-            self._lock.release()
+    def _locked(self, *, beside_reads: bool = False) -> _Locked:
+        """The volume lock, as ``async with self._locked():``.  Taken without a trip
+        through the scheduler when it is free (reads from the page cache are shorter
+        than a reschedule); waits otherwise.  Then waits, holding it, until no data read
+        is in flight outside the lock, unless ``beside_reads`` (``read`` itself: it only
+        adds readers).  Cancellation while waiting releases the lock and changes
+        nothing.  (A class, not a generator: it is taken for every operation.)"""
+        return self._lock_beside_reads if beside_reads else self._lock_alone
 
     # ================================================================== ids
     def _id_for(self, block: int) -> int:
