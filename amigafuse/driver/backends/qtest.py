@@ -799,11 +799,15 @@ class QemuProcess:
     do after a few seconds.  Forking here ties it to the thread running trio.
     """
 
-    def __init__(self, args: Sequence[str], *, stderr: int) -> None:
+    def __init__(self, args: Sequence[str], *, stderr: int, sched_batch: bool = False) -> None:
         # setpriv (util-linux) sets PR_SET_PDEATHSIG and execs QEMU in place: no
         # Python code runs between fork and exec.
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+        chrt = shutil.which("chrt") if sched_batch else None
+        if chrt:
+            # chrt (util-linux) execs QEMU as SCHED_BATCH, inherited by its threads.
+            prefix += [chrt, "--batch", "0"]
         self._popen = subprocess.Popen(
             [*prefix, *args],
             stdin=subprocess.DEVNULL,
@@ -884,11 +888,16 @@ async def launch_qemu(
     start_timeout: float = 20.0,
     aio: Literal["auto", "threads", "io_uring"] = "auto",
     qmp: bool = False,
+    sched_batch: bool = True,
 ) -> AsyncIterator[QtestBackend]:
     """Start and own a QEMU with a virtio-scsi controller at 04.0 and ``disks`` on it.
 
     ``qmp``: also connect to QEMU's monitor; ``backend.qmp`` is then a
     :class:`QmpClient` (hot-plug and fault injection in tests).
+    ``sched_batch``: run QEMU as SCHED_BATCH (with util-linux ``chrt``, when present):
+    a kick then wakes QEMU without QEMU preempting us on our CPU (a unix-socket send
+    is a "sync" wakeup, which pulls the woken task onto the sender's CPU); on a loaded
+    machine that preemption held each kick's ``send`` for 80-400 µs (see docs/driver.md).
 
     ``device`` "transitional" is ``virtio-scsi-pci`` (legacy + modern, device id 0x1004),
     "modern" is ``virtio-scsi-pci-non-transitional`` (0x1048).  ``ram_mib`` is guest RAM;
@@ -935,7 +944,7 @@ async def launch_qemu(
         )
         stderr_path = tmpdir / "stderr.txt"
         with open(stderr_path, "wb") as stderr_file:
-            proc = QemuProcess(cmd, stderr=stderr_file.fileno())
+            proc = QemuProcess(cmd, stderr=stderr_file.fileno(), sched_batch=sched_batch)
         stderr_fd = os.open(stderr_path, os.O_RDONLY)
         conn = await _accept_or_fail(listener, proc, stderr_path, start_timeout)
         listener.close()
