@@ -87,7 +87,8 @@ ENTRY_TYPES = (ST_USERDIR, ST_FILE, ST_SOFTLINK, ST_LINKFILE, ST_LINKDIR)
 META_CACHE_LIMIT = 1 << 16  # decoded blocks kept; clean ones are dropped beyond this
 BLOCKLIST_CACHE_LIMIT = 4096
 INDEX_LIMIT = 1 << 18  # directory-index names kept
-EXT_PREFETCH_BYTES = 128 * 1024  # extension blocks read ahead in one request (at most)
+EXT_PREFETCH_BYTES = 1024 * 1024  # extension blocks read ahead in one request (at most)
+EXT_OBJECT_PREFETCH_BYTES = 128 * 1024  # the same where each becomes a FileExtBlock
 HEADER_GAP_BYTES = 32 * 1024  # header reads of a directory listing: gaps bridged
 HEADER_SPAN_BYTES = 1024 * 1024  # ... and the longest request
 HEADER_READS_IN_FLIGHT = 8
@@ -164,6 +165,7 @@ class FfsVolumeBase:
         self._next_fresh_id = 1 << 40
         self._gone: set[int] = set()  # header blocks whose object was deleted this session
         self._ext_prefetch = max(1, EXT_PREFETCH_BYTES // self.block_size)
+        self._ext_object_prefetch = max(1, EXT_OBJECT_PREFETCH_BYTES // self.block_size)
         self._lock = trio.Lock()
         self._data_reads = 0  # reads at the device outside the lock (see the invariants)
         self._reads_done = trio.Event()
@@ -639,7 +641,7 @@ class FfsVolumeBase:
                 # request, as far as the file's size says there are more
                 left = -(-(e.byte_size - len(data) * self.payload) // (self.payload * n))
                 step = ext - prev if prev and abs(ext - prev) == 1 else 0
-                x = await self._ext(ext, block, step * min(max(left - 1, 0), self._ext_prefetch))
+                x = await self._ext(ext, block, step * min(max(left - 1, 0), self._ext_object_prefetch))
             hs = x.high_seq
             if hs:
                 data.extend(reversed(x.table[n - hs :]))
