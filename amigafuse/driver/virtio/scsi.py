@@ -560,7 +560,17 @@ class VirtioScsiController:
                 if not self._cycle_publish_pending:
                     # Nobody is about to send an ISR read that would carry the kick.
                     self.backend.flush_posted()
-        return await self._wait(slot, data_in_len)
+        # Wait for the completion (inlined: one coroutine fewer per request).
+        if slot.state == _IN_FLIGHT:
+            slot.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(slot.abort)
+        else:
+            try:
+                await trio.lowlevel.checkpoint()
+            except BaseException:
+                self._release(slot)
+                raise
+        return self._result(slot, data_in_len)
 
     def _submit(
         self,
@@ -634,17 +644,8 @@ class VirtioScsiController:
             except DeviceGone as exc:
                 self._fail_all(exc)
 
-    async def _wait(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
-        if slot.state == _IN_FLIGHT:
-            slot.task = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(slot.abort)
-        else:
-            try:
-                await trio.lowlevel.checkpoint()
-            except BaseException:
-                self._release(slot)
-                raise
-        # here the slot is _COMPLETED and ours
+    def _result(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
+        """Copy the results out of a _COMPLETED slot (ours) and free it."""
         try:
             if slot.error is not None:
                 raise _fresh(slot.error)
