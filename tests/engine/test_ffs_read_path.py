@@ -277,6 +277,7 @@ async def test_a_listing_shows_unwritten_changes_and_not_deleted_headers() -> No
     vol = await open_volume(dev, geo, False)
     assert isinstance(vol, FfsVolumeBase)
     f3 = await vol.lookup(d, "f0003")
+    f5 = await vol.lookup(d, "f0005")
     await vol.unlink(d, "f0005")  # its header stays on the disk, unlinked
     await vol.close()
     vol = await open_volume(dev, geo, False)
@@ -291,8 +292,10 @@ async def test_a_listing_shows_unwritten_changes_and_not_deleted_headers() -> No
     assert listing["f0003"].protection == 0x0F and listing["f0003"].comment == "changed"
     await vol.close()
     vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
     listing = {st.name: st for st in await vol.readdir(d)}
     assert "f0005" not in listing and "renamed" in listing and len(listing) == 59
+    assert f5.object_id not in vol._meta  # read ahead, but free: not taken for a header
     assert listing["f0003"].comment == "changed"
 
 

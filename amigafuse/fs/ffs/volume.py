@@ -444,7 +444,8 @@ class FfsVolumeBase:
         the device at once) and cache every valid header of an entry of directory
         ``parent`` found in what was read, neighbours included (writers put a
         directory's headers near each other).  Valid: checksum, T_HEADER, its own
-        number, that parent, a known secondary type.  Blocks already cached (perhaps
+        number, that parent, a known secondary type, and not free in the bitmap (a
+        deleted object's header stays on the disk).  Blocks already cached (perhaps
         changed, not yet written) are never replaced.  A request that fails is skipped
         (the walk reads what it needs itself and reports the error)."""
         meta = self._meta
@@ -489,8 +490,8 @@ class FfsVolumeBase:
             if not raw.startswith(_T_HEADER_LONG, offset):
                 continue
             b = first + i
-            if b in meta:
-                continue
+            if b in meta or (self.bitmap_ok and self.bitmap.is_free(b)):
+                continue  # cached (perhaps changed), or a deleted object's old header
             key, = _LONG.unpack_from(raw, offset + 4)
             owner, = _LONG.unpack_from(raw, offset + bs - 12)
             if key != b or owner != parent:
