@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from amigafuse.driver.backends.qtest import QemuDisk, launch_qemu
 from amigafuse.driver.scsi import cdb as C
@@ -95,6 +96,49 @@ async def test_a_hung_request_is_aborted_and_the_controller_goes_on(
         # The controller goes on: reads return the image's bytes.
         result = await ctl.execute(0, 0, C.read(8, 8), data_in_len=4096)
         assert result.status == 0 and result.data == data[8 * 512 : 16 * 512]
+
+
+async def test_more_hung_requests_than_tmf_buffers(tmp_path: Path) -> None:
+    # Six reads hang (one blkdebug breakpoint each: a breakpoint is consumed by the
+    # first read that reaches it, so each is set once the previous read is suspended);
+    # the watchdog aborts all six through the four TMF buffers (the last two wait for a
+    # free one); once resumed, all six fail as aborted and the controller goes on.
+    path, data = _image(tmp_path)
+    disk = QemuDisk(path, blkdebug_rules="")
+    async with (
+        launch_qemu([disk], qmp=True) as backend,
+        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
+    ):
+        assert backend.qmp is not None
+        await _settle(ctl)
+        tags = [f"h{i}" for i in range(6)]
+        errors: list[BaseException] = []
+
+        async def hung_reader(lba: int) -> None:
+            try:
+                await ctl.execute(0, 0, C.read(lba, 1), data_in_len=512)
+            except HardwareError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, tag in enumerate(tags):
+                await backend.qmp.hmp(f'qemu-io vd0 "break read_aio {tag}"')
+                nursery.start_soon(hung_reader, 100 + i)
+                await trio.testing.wait_all_tasks_blocked()
+                # QEMU has processed the kick (and suspended the read) once this
+                # round trip on the same socket returns.
+                await backend.sync()
+            assert ctl.stats.aborts == 0
+            with trio.fail_after(15):
+                while ctl.stats.aborts < 6:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            for tag in tags:
+                await backend.qmp.hmp(f'qemu-io vd0 "resume {tag}"')
+        assert len(errors) == 6 and all("was aborted" in str(e) for e in errors)
+        assert ctl.failure is None and ctl.stats.lun_resets == 0
+        result = await ctl.execute(0, 0, C.read(100, 8), data_in_len=4096)
+        assert result.status == 0 and result.data == data[100 * 512 : 108 * 512]
 
 
 async def test_a_request_that_never_returns_ends_in_device_gone(tmp_path: Path) -> None:

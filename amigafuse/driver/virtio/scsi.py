@@ -757,6 +757,7 @@ class VirtioScsiController:
         for slot, _written in control.ring.harvest():
             if slot.state == _ABANDONED:
                 slot.state = _FREE
+                self._tmf_free.set()
                 continue
             slot.value = mem[slot.response]
             slot.state = _COMPLETED
@@ -886,7 +887,8 @@ class VirtioScsiController:
             slot = next((t for t in control.slots if t.state == _FREE), None)
             if slot is not None:
                 break
-            self._tmf_free = trio.Event()
+            if self._tmf_free.is_set():
+                self._tmf_free = trio.Event()  # every waiter waits on the same event
             await self._tmf_free.wait()
             self._raise_if_failed()
         mem, bus = self._mem, self._bus
