@@ -743,11 +743,13 @@ class VirtioScsiController:
         while True:
             self._raise_if_failed()
             unread = self.stats.events - self._events_read
+            if unread > len(self.events):
+                # More arrived than the deque keeps: one missed event (rescan) stands
+                # for those that fell out, then the kept ones follow.
+                self._events_read = self.stats.events - len(self.events)
+                return ScsiEvent(VIRTIO_SCSI_T_EVENTS_MISSED, bytes(8), 0)
             if unread > 0:
-                # Older events than the deque holds were lost: say so as a missed event.
                 self._events_read += 1
-                if unread > len(self.events):
-                    return ScsiEvent(VIRTIO_SCSI_T_EVENTS_MISSED, bytes(8), 0)
                 return self.events[len(self.events) - unread]
             self._event_arrived = trio.Event()
             await self._event_arrived.wait()
