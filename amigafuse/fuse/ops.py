@@ -31,8 +31,7 @@ import logging
 import os
 import stat as _stat
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,25 +78,40 @@ class _DirHandle:
     entries: list[tuple[bytes, Stat]] | None = None
 
 
-@contextmanager
-def _translate(op: str, *args: object) -> Iterator[None]:
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s%r", op, args)
-    try:
-        yield
-    except FUSEError as exc:
+class _translate:
+    """Per-request context: logs the request under -d, turns engine errors into
+    ``FUSEError(errno)`` and anything unexpected into EIO (logged with its traceback).
+    A class, not a generator context manager: it runs for every request."""
+
+    __slots__ = ("args", "op")
+
+    def __init__(self, op: str, *args: object) -> None:
+        self.op = op
+        self.args = args
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r -> %s", op, args, errno.errorcode.get(exc.errno, exc.errno))
-        raise
-    except AmigaFuseError as exc:
-        if exc.errno in (errno.EIO,):
-            log.error("%s%r: %s", op, args, exc.message)
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r -> %s: %s", op, args, errno.errorcode.get(exc.errno, exc.errno), exc.message)
-        raise FUSEError(exc.errno) from None
-    except Exception:
-        log.exception("%s%r failed unexpectedly", op, args)
-        raise FUSEError(errno.EIO) from None
+            log.debug("%s%r", op, args)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        op, args = self.op, self.args
+        if isinstance(exc, FUSEError):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r -> %s", op, args, errno.errorcode.get(exc.errno, exc.errno))
+            return
+        if isinstance(exc, AmigaFuseError):
+            if exc.errno == errno.EIO:
+                log.error("%s%r: %s", op, args, exc.message)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r -> %s: %s", op, args, errno.errorcode.get(exc.errno, exc.errno), exc.message)
+            raise FUSEError(exc.errno) from None
+        if isinstance(exc, Exception):
+            log.error("%s%r failed unexpectedly", op, args, exc_info=exc)
+            raise FUSEError(errno.EIO) from None
+        return  # cancellation and other BaseExceptions pass through
 
 
 class AmigaOperations(pyfuse3.Operations):
@@ -123,6 +137,10 @@ class AmigaOperations(pyfuse3.Operations):
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else ""
         self.enable_writeback_cache = not all(v.read_only for v in self.volumes)
         self.table = InodeTable()
+        # static per volume; VolumeInfo is built afresh on every access by some engines
+        infos = [mv.volume.info for mv in self.volumes]
+        self._block_sizes = [i.block_size for i in infos]
+        self._max_names = [i.max_name_length for i in infos]
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
@@ -155,7 +173,7 @@ class AmigaOperations(pyfuse3.Operations):
         return mv.volume
 
     def _name(self, slot: int, raw: bytes) -> str:
-        return mapping.name_from_fuse(raw, self.volumes[slot].volume.info.max_name_length)
+        return mapping.name_from_fuse(raw, self._max_names[slot])
 
     def _attrs(self, slot: int, st: Stat, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -177,8 +195,7 @@ class AmigaOperations(pyfuse3.Operations):
         else:
             a.st_size = st.size
         a.st_blksize = BLKSIZE
-        block_size = self.volumes[slot].volume.info.block_size
-        a.st_blocks = (st.disk_blocks * block_size + 511) // 512
+        a.st_blocks = (st.disk_blocks * self._block_sizes[slot] + 511) // 512
         ns = st.date.to_unix_ns()
         a.st_atime_ns = ns
         a.st_mtime_ns = ns

@@ -137,3 +137,21 @@ async def test_read_only_volumes_do_not_stage() -> None:
     dev, geo = await fresh(0x444F5303)
     vol = await open_volume(dev, geo, True)
     assert not isinstance(vol.io, StagedBlockIO)
+
+
+
+async def test_the_root_altered_date_is_the_last_change_not_the_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from amigafuse.amiga.dates import DateStamp
+    from amigafuse.fs.ffs.layout import RootBlock
+
+    dev, geo = await fresh(0x444F5303)
+    vol = await open_volume(dev, geo, False)
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: 1_700_000_000.5)
+        await vol.mkdir(vol.root_id, "changed")
+    await vol.close()
+    rb = (geo.reserved + geo.fs_block_count - 1) // 2
+    root = RootBlock.unpack(bytes(dev.data[rb * 512 : (rb + 1) * 512]))
+    assert root.volume_date == DateStamp.from_unix(1_700_000_000.5)

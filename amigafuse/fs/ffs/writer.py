@@ -188,6 +188,7 @@ class FfsVolume(FfsVolumeBase, Volume):
     """An open FFS/OFS volume (DOS\\0-\\7), read and write."""
 
     opened_invalid = False
+    _altered_at: float | None = None  # unix time of the last change not yet in the root
 
     # ================================================================== cache plumbing
     def _c(self, block: int) -> object:
@@ -247,9 +248,17 @@ class FfsVolume(FfsVolumeBase, Volume):
             self._id2b.pop(oid, None)
 
     def _touch(self) -> None:
-        """Note a change of the volume (root v_ date)."""
-        t = now()
-        self._set(self.root_block, evolve(self.root, v_days=t.days, v_mins=t.minutes, v_ticks=t.ticks))
+        """Note a change of the volume.  The root's v_ date ("last altered") is set to the
+        time of the last change when the root is next written (:meth:`_write_back`), not
+        on every change: rebuilding the root block costs more than most changes."""
+        self._altered_at = time.time()
+        self._dirty.add(self.root_block)
+
+    def _apply_altered(self) -> None:
+        if self._altered_at is not None:
+            t = DateStamp.from_unix(self._altered_at)
+            self._altered_at = None
+            self._set(self.root_block, evolve(self.root, v_days=t.days, v_mins=t.minutes, v_ticks=t.ticks))
 
     def _set_dir_date(self, dir_block: int, t: DateStamp) -> None:
         if dir_block == self.root_block:
@@ -1076,6 +1085,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         for page in sorted(self.bitmap.dirty_pages):
             await self.io.write(self.bitmap_blocks[page], BitmapBlock.with_map(self.bitmap.page_map(page)).pack())
             self.bitmap.dirty_pages.discard(page)
+        self._apply_altered()
         if self.root_block in self._dirty:
             await self.io.write(self.root_block, self.root.packed_with_checksum())
             self._dirty.discard(self.root_block)
