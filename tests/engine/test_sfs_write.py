@@ -83,6 +83,7 @@ async def test_emptying_recycled_updates_root_info(image_copy: Callable[[str], P
     names = [s.name for s in await vol.readdir(rec.object_id)]
     assert names == ["recreated.bin"]
     before = await vol.statfs()
+    ri0 = await vol.r.root_info()  # type: ignore[attr-defined]
     await vol.unlink(rec.object_id, "recreated.bin")
     await vol.close()
     from amigafuse.fs.sfs.volume import SfsVolume
@@ -91,7 +92,9 @@ async def test_emptying_recycled_updates_root_info(image_copy: Callable[[str], P
     assert isinstance(vol, SfsVolume)
     ri = await vol.r.root_info()
     assert (ri.deletedfiles, ri.deletedblocks) == (0, 0)
-    assert (await vol.statfs()).free_blocks == before.free_blocks + 137
+    # The handler's Info already counted the recycled file's 137 blocks as free.
+    assert (await vol.statfs()).free_blocks == before.free_blocks
+    assert ri.freeblocks == ri0.freeblocks + 137
     assert (await check_volume(dev, geo, False)).clean
 
 
@@ -126,7 +129,7 @@ async def test_deleting_everything_returns_the_metadata_space() -> None:
 
     dev = MemoryBlockDevice(8192, 512)
     geo = VolumeGeometry(dostype=SFS2)
-    await format_volume(dev, geo, "Empty")
+    await format_volume(dev, geo, "Empty", recycled=False)  # deletes free at once
     base = await check_volume(dev, geo, False)
     vol = await open_volume(dev, geo, False)
     free0 = (await vol.statfs()).free_blocks
@@ -241,11 +244,19 @@ async def test_recycled_directory_stays() -> None:
         await vol.rmdir(vol.root_id, ".recycled")
     with pytest.raises(PermissionDenied):
         await vol.rename(vol.root_id, ".recycled", vol.root_id, "elsewhere")
-    # Files can still be put into it and taken out again.
+    # Nothing can be created in it or moved into it (the handler: ERROR_OBJECT_IN_USE);
+    # deleted files go there, and can be taken out again.
     st = await vol.create(vol.root_id, "f")
-    await vol.rename(vol.root_id, "f", 2, "f")
+    with pytest.raises(PermissionDenied):
+        await vol.rename(vol.root_id, "f", 2, "f")
+    with pytest.raises(PermissionDenied):
+        await vol.create(2, "g")
+    await vol.unlink(vol.root_id, "f")
     assert [s.name for s in await vol.readdir(2)] == ["f"]
-    await vol.unlink(2, "f")
+    await vol.rename(2, "f", vol.root_id, "back")
+    assert [s.name for s in await vol.readdir(2)] == []
+    await vol.unlink(vol.root_id, "back")
+    await vol.unlink(2, "back")
     await vol.close()
     assert (await check_volume(dev, geo, False)).clean
     assert st.object_id > 2
@@ -270,7 +281,7 @@ async def test_extent_tree_shrinks_when_files_go() -> None:
 
     dev = MemoryBlockDevice(16384, 512)
     geo = VolumeGeometry(dostype=SFS0)
-    await format_volume(dev, geo, "Tree")
+    await format_volume(dev, geo, "Tree", recycled=False)  # deletes free at once
     vol = await open_volume(dev, geo, False)
     assert isinstance(vol, SfsVolume)
     ids = [(await vol.create(vol.root_id, f"f{i:02d}")).object_id for i in range(40)]

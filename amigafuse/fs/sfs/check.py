@@ -421,6 +421,23 @@ async def _check(device: BlockDevice, geometry: VolumeGeometry, repair: bool, re
     ri = await r.root_info()
     if ri.freeblocks != freemap.free_count:
         c.error(f"root info says {ri.freeblocks} free blocks, the bitmap {freemap.free_count}")
+    if root.recycled:
+        # The handler counts the files in .recycled (``setrecycledinfodiff``: one per
+        # file, blocks of its size); its Info reports those blocks as free.
+        try:
+            rec = (await r.locate(codec.RECYCLEDNODE)).obj
+            held = [loc.obj for loc in await r.dir_entries(rec)] if rec.is_dir else []
+        except AmigaFuseError as exc:
+            report.warnings.append(f".recycled is unreadable: {exc}")
+            held = []
+        files = [o for o in held if not o.is_dir and not o.is_softlink]
+        blocks = sum((o.size + r.block_size - 1) // r.block_size for o in files)
+        if (ri.deletedfiles, ri.deletedblocks) != (len(files), blocks):
+            report.warnings.append(
+                f"root info counts {ri.deletedfiles} files / {ri.deletedblocks} blocks in .recycled, "
+                f"it holds {len(files)} / {blocks}"
+            )
+        report.stats.update(recycled_files=len(files), recycled_blocks=blocks)
     report.stats.update(
         files=c.files,
         directories=c.dirs,

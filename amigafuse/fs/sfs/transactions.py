@@ -106,7 +106,14 @@ def uncompress(base: bytes, data: bytes, *, empty: bool = False) -> bytes:
     return bytes(out)
 
 
+_WINDOWS = {0: (0,) * MAX_RUN, ALL_ONES: (ALL_ONES,) * MAX_RUN}
+
+
 def _run(values: tuple[int, ...], start: int, limit: int, value: int) -> int:
+    if values[start] != value:
+        return 0
+    if values[start : start + limit] == _WINDOWS[value][:limit]:
+        return limit
     n = 0
     while n < limit and values[start + n] == value:
         n += 1

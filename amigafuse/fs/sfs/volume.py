@@ -56,6 +56,8 @@ ZERO_CHUNK = 1 << 20
 
 MAX_NAME_LENGTH = 107  # SFS 1.277; 1.8x accepted 100
 MAX_COMMENT_LENGTH = 79
+OPERATION_MARGIN = 64  # blocks an operation is assumed to change, for the early commit
+RECYCLED_PURGE_FILES = 35  # the handler purges .recycled after a delete or create beyond this
 PROTECTION_INVERT = 0x0F  # SFS stores RWED as "allowed" bits, AmigaDOS as "denied"
 
 
@@ -283,10 +285,16 @@ class SfsVolume(Volume):
             return (await self.r.softlink_target(obj)).decode("latin-1")
 
     async def statfs(self) -> StatFs:
+        """Free blocks as the handler's Info reports them (``fillinfodata``): the
+        bitmap's free blocks plus the blocks of the files in ``.recycled``, which the
+        handler (and amigafuse) purge whenever the space is needed."""
         async with self._lock:
             w = self.w
+            ri = await self.r.root_info()
             # Writable: the live count (the root info is brought up to date at commit).
-            free = w.freemap.free_count if w is not None else (await self.r.root_info()).freeblocks
+            free = w.freemap.free_count if w is not None else ri.freeblocks
+            if self.root.recycled:
+                free += ri.deletedblocks
         return StatFs(
             block_size=self.r.block_size,
             total_blocks=self.root.totalblocks,
@@ -307,11 +315,16 @@ class SfsVolume(Volume):
             self._check_writable()
             w = self.w
             assert w is not None
+            if (w.pending or w.pending_data) and not w.room_for(OPERATION_MARGIN):
+                # Nearly full: commit what is pending (it fitted) so the exact check
+                # below only has this operation's records to compute.
+                with trio.CancelScope(shield=True):
+                    await w.commit()
             while True:
                 w.begin()
                 try:
                     result = await fn()
-                    if not w.chain_fits():
+                    if not await w.chain_fits():
                         raise NoSpace("the SFS volume is too full to record this change safely")
                 except NoSpace:
                     w.rollback()
@@ -331,11 +344,80 @@ class SfsVolume(Volume):
     async def _free_up_space(self, w: SfsWriter) -> bool:
         """Make room as the handler's ``freeupspace`` does; whether anything changed.
         Called under the lock, with no operation running."""
-        if w.has_pending():
+        changed = False
+        if w.pending or w.pending_data:
+            # (A failed operation may leave only its dirty bitmap marks: no progress.)
             with trio.CancelScope(shield=True):
                 await w.commit()  # blocks freed by it become usable
-            return True
-        return False
+            changed = True
+        if await self._purge_recycled(w):
+            with trio.CancelScope(shield=True):
+                await w.commit()
+            changed = True
+        return changed
+
+    async def _purge_recycled(self, w: SfsWriter) -> bool:
+        """Delete files from ``.recycled`` as the handler's ``cleanupdeletedfiles``
+        does; whether any was deleted.  Each pass takes the first file of the *last*
+        container of the directory's chain (the oldest ones), going to earlier
+        containers when that one holds none; passes repeat while the file was found
+        past the first container, up to 10 files or 1024 KiB.  Each file is deleted in
+        its own operation (undone whole if it fails).  Called under the lock."""
+        if not self.root.recycled:
+            return False
+        files = kib = 0
+        while kib < 1024 and files < 10:
+            try:
+                rec = (await w.locate(codec.RECYCLEDNODE)).obj
+            except NotFound:
+                break
+            if not rec.is_dir:
+                break
+            containers = await w.dir_containers(rec)
+            deleted = False
+            index = len(containers) - 1
+            while index >= 0:
+                _, oc = containers[index]
+                for obj in oc.objects:
+                    if obj.is_dir or obj.is_softlink or obj.bits & codec.OTYPE_UNDELETABLE:
+                        continue
+                    w.begin()
+                    try:
+                        await self._delete(await w.locate(obj.objectnode))
+                        if not await w.chain_fits():
+                            raise NoSpace("no room for the records of a purge")
+                    except AmigaFuseError:
+                        w.rollback()
+                        return files > 0
+                    except BaseException:
+                        w.rollback()
+                        raise
+                    w.end()
+                    kib += obj.size >> 10
+                    files += 1
+                    deleted = True
+                    break
+                if deleted or index == 0:
+                    break
+                index -= 1
+            if index <= 0:
+                break
+        return files > 0
+
+    async def _after_recycling(self) -> None:
+        """The handler's rule after a delete or a file creation: more than 35 files in
+        ``.recycled`` start a purge (``cleanupdeletedfiles``)."""
+        if not self.root.recycled or self._read_only:
+            return
+        async with self._lock:
+            w = self.w
+            if w is None:
+                return
+            if (await w.root_info()).deletedfiles > RECYCLED_PURGE_FILES:
+                await self._purge_recycled(w)
+                if w.needs_commit():
+                    with trio.CancelScope(shield=True):
+                        await w.commit()
 
     @property
     def w(self) -> SfsWriter | None:
@@ -358,6 +440,8 @@ class SfsVolume(Volume):
     async def _new_entry(self, dir_id: int, name: str, bits: int, protection: int) -> tuple[int, SfsObject]:
         w = self._writer()
         raw = encode_name(name)
+        if dir_id == codec.RECYCLEDNODE:
+            raise PermissionDenied("nothing can be created in .recycled (the handler keeps it for deleted files)")
         d = await self._dir(dir_id)
         if dir_id not in w.dir_index:
             w.index_dir(dir_id, await w.dir_entries(d.obj))
@@ -373,7 +457,9 @@ class SfsVolume(Volume):
             _, obj = await self._new_entry(dir_id, name, 0, protection)
             return await self._stat_of(obj)
 
-        return await self._mutate(op)
+        st = await self._mutate(op)
+        await self._after_recycling()
+        return st
 
     async def mkdir(self, dir_id: int, name: str) -> Stat:
         async def op() -> Stat:
@@ -520,11 +606,58 @@ class SfsVolume(Volume):
         else:
             old = await w.file_extents(obj)
             if (await w.container(loc.container)).parent == codec.RECYCLEDNODE:
-                await w.adjust_deleted(-1, -sum(n for _, n in old))
+                # The handler's count (``simpleremoveobject``): blocks of the size.
+                await w.adjust_deleted(-1, -((obj.size + w.block_size - 1) // w.block_size))
             w.shrink_extents(old, 0)
             await w.sync_extents(obj.objectnode, old, [])
             w.extent_cache.pop(obj.objectnode, None)
         await w.remove_object(loc)
+
+    async def _recycled_name(self, rec: SfsObject, name: bytes) -> bytes | None:
+        """A free name in ``.recycled`` for ``name``, as the handler's
+        ``safedeleteobjectquick`` picks it: the name itself, else the name cut to
+        ``max length - 4`` characters plus ``$`` and three letters A..P counting up
+        (``$AAA``, ``$AAB``, ...); None after 4096 tries."""
+        w = self._writer()
+        cut = name[: MAX_NAME_LENGTH - 4]
+        candidate = name
+        for count in range(0x1000):
+            if await w.find_in_dir(rec, candidate) is None:
+                return candidate
+            candidate = cut + b"$" + bytes([65 + ((count >> 8) & 15), 65 + ((count >> 4) & 15), 65 + (count & 15)])
+        return None
+
+    async def _remove(self, loc: Located, recycle: bool = True) -> None:
+        """Delete as the handler's ``deleteobject`` does: on a volume with a recycled
+        directory (root bit, the handler's default), a file outside ``.recycled`` is
+        moved into it (its node, attributes and data kept; the root info counts it);
+        directories, soft links and files in ``.recycled`` are deleted at once, and so
+        is everything when ``recycle`` is False."""
+        w = self._writer()
+        obj = loc.obj
+        if obj.is_dir or obj.is_softlink or not self.root.recycled or not recycle:
+            await self._delete(loc)
+            return
+        if obj.bits & codec.OTYPE_UNDELETABLE:
+            raise PermissionDenied(f"{obj.name.decode('latin-1')!r} is protected from deletion by the filesystem")
+        parent = (await w.container(loc.container)).parent
+        try:
+            rec = (await w.locate(codec.RECYCLEDNODE)).obj
+        except NotFound:
+            rec = None
+        name = None if rec is None or not rec.is_dir or parent == codec.RECYCLEDNODE else await self._recycled_name(rec, obj.name)
+        if rec is None or name is None:
+            await self._delete(loc)
+            return
+        node = obj.objectnode
+        await w.hash_remove((await w.locate(parent)).obj, node, obj.name)
+        moved = replace((await w.locate(node)).obj, name=name)
+        await w._remove_from_container(await w.locate(node))
+        block = await w._place(codec.RECYCLEDNODE, moved)
+        await w.set_node(node, data=block)
+        await w.hash_add((await w.locate(codec.RECYCLEDNODE)).obj, node, name)
+        await w.adjust_deleted(1, (obj.size + w.block_size - 1) // w.block_size)
+        await self._touch(codec.RECYCLEDNODE)
 
     async def _entry(self, dir_id: int, name: str) -> Located:
         raw = encode_name(name)
@@ -535,14 +668,23 @@ class SfsVolume(Volume):
         return loc
 
     async def unlink(self, dir_id: int, name: str) -> None:
+        recycle = True
+
         async def op() -> None:
             loc = await self._entry(dir_id, name)
             if loc.obj.is_dir:
                 raise IsADirectory(f"{name!r} is a directory")
-            await self._delete(loc)
+            await self._remove(loc, recycle)
             await self._touch(dir_id)
 
-        await self._mutate(op)
+        try:
+            await self._mutate(op)
+        except NoSpace:
+            # No room even to move it into .recycled (a full volume): delete it at
+            # once rather than refuse (the handler would answer "disk full").
+            recycle = False
+            await self._mutate(op)
+        await self._after_recycling()
 
     async def rmdir(self, dir_id: int, name: str) -> None:
         async def op() -> None:
@@ -555,12 +697,16 @@ class SfsVolume(Volume):
         await self._mutate(op)
 
     async def rename(self, src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> None:
+        recycle = True
+
         async def op() -> None:
             w = self._writer()
             src = await self._entry(src_dir, src_name)
             if src.obj.bits & codec.OTYPE_UNDELETABLE:
                 raise PermissionDenied(f"{src_name!r} is kept in place by the filesystem (undeletable)")
             raw = encode_name(dst_name)
+            if dst_dir == codec.RECYCLEDNODE and src_dir != codec.RECYCLEDNODE:
+                raise PermissionDenied("nothing can be moved into .recycled (the handler keeps it for deleted files)")
             dd = await self._dir(dst_dir)
             dst = await w.find_in_dir(dd.obj, raw)
             node = src.obj.objectnode
@@ -578,8 +724,11 @@ class SfsVolume(Volume):
                         break
                     cur = await w.parent_of(cur)
             if dst is not None and dst.obj.objectnode != node:
-                await self._delete(dst)
+                await self._remove(dst, recycle)
             parent = await w.parent_of(node)
+            if parent == codec.RECYCLEDNODE and dst_dir != parent and not src.obj.is_dir:
+                # Taken back out of .recycled: the root info stops counting it.
+                await w.adjust_deleted(-1, -((src.obj.size + w.block_size - 1) // w.block_size))
             pobj = (await w.locate(parent)).obj
             await w.hash_remove(pobj, node, src.obj.name)
             moved = replace((await w.locate(node)).obj, name=raw)
@@ -591,7 +740,12 @@ class SfsVolume(Volume):
             if dst_dir != parent:
                 await self._touch(dst_dir)
 
-        await self._mutate(op)
+        try:
+            await self._mutate(op)
+        except NoSpace:
+            recycle = False  # as in unlink: the replaced file is deleted at once
+            await self._mutate(op)
+        await self._after_recycling()
 
     async def setattr(self, object_id: int, attrs: SetAttrs) -> Stat:
         comment = None

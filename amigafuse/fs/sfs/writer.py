@@ -549,6 +549,8 @@ class SfsWriter(SfsReader):
     # ------------------------------------------------------------------ hashing
     async def hash_add(self, dir_obj: SfsObject, node: int, name: bytes) -> None:
         if dir_obj.hashtable == 0:
+            # No hash table (``.recycled``): the handler still stores the name's hash.
+            await self.set_node(node, next=0, hash16=codec.name_hash(name, self.case_sensitive))
             return
         hblock = self.check_pointer(dir_obj.hashtable, dir_obj.objectnode, "hashtable")
         buf = await self.modify(hblock, codec.HASHTABLE_ID)
@@ -855,20 +857,29 @@ class SfsWriter(SfsReader):
         ).pack()
 
     # ------------------------------------------------------------------ commit
-    async def _prepare_commit(self) -> None:
-        """Bitmap blocks and the root info's free count into ``pending``; checksums."""
+    async def _commit_extras(self) -> dict[int, bytearray]:
+        """The blocks a commit adds to ``pending`` (nothing changed here): the dirty
+        bitmap blocks from the free map, and the root container with the free count."""
+        out: dict[int, bytearray] = {}
         for index in sorted(self.freemap.dirty_blocks):
             block = self.root.bitmapbase + index
             buf = bytearray(self.block_size)
             buf[codec.BLOCKHEADER_SIZE :] = self.freemap.encode_block(index, self.block_size - codec.BLOCKHEADER_SIZE)
-            self.pending[block] = self.finish(buf, codec.BITMAP_ID, block)
-        self.freemap.dirty_blocks.clear()
+            out[block] = self.finish(buf, codec.BITMAP_ID, block)
         roc = self.root.rootobjectcontainer
-        buf = await self.modify(roc, codec.OBJECTCONTAINER_ID)
+        buf = bytearray(await self.block(roc, codec.OBJECTCONTAINER_ID))
         off = self.block_size - codec.ROOTINFO_SIZE
         ri = codec.RootInfo.unpack(bytes(buf[off:]))
-        ri = replace(ri, freeblocks=self.freemap.free_count)
-        buf[off:] = ri.pack()
+        buf[off:] = replace(ri, freeblocks=self.freemap.free_count).pack()
+        out[roc] = buf
+        return out
+
+    async def _prepare_commit(self) -> None:
+        """Bitmap blocks and the root info's free count into ``pending``; checksums."""
+        roc = self.root.rootobjectcontainer
+        await self.modify(roc, codec.OBJECTCONTAINER_ID)  # records its original
+        self.pending.update(await self._commit_extras())
+        self.freemap.dirty_blocks.clear()
         for data in self.pending.values():
             codec.set_checksum(data, self.sfs2)
 
@@ -894,24 +905,30 @@ class SfsWriter(SfsReader):
     def has_pending(self) -> bool:
         return bool(self.pending or self.freemap.dirty_blocks or self.pending_data)
 
-    def chain_fits(self) -> bool:
-        """Whether the records of the pending transaction fit in blocks usable for its
-        TRST chain (bitmap blocks and the root container, changed at commit, counted
-        at their largest).  Cheap unless the volume is nearly full."""
+    def room_for(self, extra_blocks: int = 0) -> bool:
+        """The cheap bound of ``chain_fits``, with ``extra_blocks`` more changed blocks."""
         bound = transactions.record_size(self.block_size + self.block_size // 4)
-        usable = self.freemap.usable_count()
-        extra = (len(self.freemap.dirty_blocks) + 1) * bound + 2
-        blocks = transactions.storage_block_count
-        if blocks((len(self.pending) + len(self.pending_data)) * bound + extra, self.block_size) <= usable:
-            return True
-        exact = sum(transactions.record_size(len(op.data)) for op in self._operations())
-        return blocks(exact + extra, self.block_size) <= usable
+        changed = len(self.pending) + len(self.pending_data) + len(self.freemap.dirty_blocks) + 1 + extra_blocks
+        return transactions.storage_block_count(changed * bound + 2, self.block_size) <= self.freemap.usable_count()
 
-    def _operations(self) -> list[transactions.Operation]:
-        """One record per block the commit writes, in ascending block order (the
-        order of the handler's operation tree)."""
+    async def chain_fits(self) -> bool:
+        """Whether the records of the pending transaction (with the bitmap blocks and
+        the root container a commit adds) fit in the blocks usable for its TRST chain.
+        A bound first (every block at its largest record); when that does not fit (a
+        nearly full volume) the records are computed, with room for checksums."""
+        if self.room_for():
+            return True
+        extras = await self._commit_extras()
+        ops = self._operations(extras)
+        exact = sum(transactions.record_size(len(op.data)) + 8 for op in ops) + 2
+        return transactions.storage_block_count(exact, self.block_size) <= self.freemap.usable_count()
+
+    def _operations(self, extras: Mapping[int, bytes | bytearray] | None = None) -> list[transactions.Operation]:
+        """One record per block the commit writes (``extras`` replacing pending
+        contents), in ascending block order (the order of the handler's operation
+        tree)."""
         ops: list[transactions.Operation] = []
-        contents: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending}
+        contents: dict[int, bytes | bytearray] = {**self.pending_data, **self.pending, **(extras or {})}
         for block in sorted(contents):
             new = bytes(contents[block])
             base = None if block in self.pending_data else self.originals.get(block, self.cache.get(block))
