@@ -389,14 +389,17 @@ class AmigaOperations(pyfuse3.Operations):
         with _translate("statfs"):
             s = pyfuse3.StatvfsData()
             stats = [(mv, await mv.volume.statfs()) for mv in self.volumes]
-            # One volume: its own numbers.  A whole disk: the sum, in the smallest block size.
+            # One volume: its own numbers.  A whole disk: the sum, in the smallest block
+            # size.  (The kernel names the inode statfs was asked for, but pyfuse3 does
+            # not pass it on, so a whole-disk mount cannot answer per partition.)
             bsize = min(st.block_size for _, st in stats)
             s.f_bsize = s.f_frsize = bsize
             s.f_blocks = sum(st.total_blocks * st.block_size // bsize for _, st in stats)
-            s.f_bfree = sum(
+            # free: what the disks hold; available: only on partitions we may write
+            s.f_bfree = sum(st.free_blocks * st.block_size // bsize for _, st in stats)
+            s.f_bavail = sum(
                 (0 if mv.read_only else st.free_blocks) * st.block_size // bsize for mv, st in stats
             )
-            s.f_bavail = s.f_bfree
             s.f_files = sum(st.files for _, st in stats)
             s.f_ffree = sum(st.free_files for _, st in stats)
             s.f_favail = s.f_ffree
