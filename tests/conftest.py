@@ -5,6 +5,11 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,3 +64,70 @@ def image_copy(tmp_path: Path):  # type: ignore[no-untyped-def]
         return dst
 
     return make
+
+
+@dataclass
+class UserQemu:
+    """A QEMU started the way a user would for ``qemu:SOCKET,SHM`` sources: a q35 machine
+    with its RAM in a shared file, a qtest socket, one virtio-scsi controller."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    shm: Path
+
+    @property
+    def source(self) -> str:
+        """The SOURCE argument for amigafuse: ``qemu:SOCKET,SHM``."""
+        return f"qemu:{self.socket},{self.shm}"
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def user_qemu(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """``user_qemu(image, read_only=False)`` -> a running :class:`UserQemu` with ``image``
+    as SCSI target 0; stopped and its shared-memory file removed afterwards."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    started: list[UserQemu] = []
+
+    def start(image: Path, read_only: bool = False) -> UserQemu:
+        shm = Path("/dev/shm") / f"amigafuse-test-{uuid.uuid4().hex}"
+        sock = tmp_path / f"qtest{len(started)}.sock"
+        drive = f"file={image},if=none,id=vd0,format=raw" + (",readonly=on" if read_only else "")
+        cmd = [
+            "qemu-system-x86_64", "-M", "q35,memory-backend=mem", "-m", "64M",
+            "-object", f"memory-backend-file,id=mem,size=64M,mem-path={shm},share=on",
+            "-accel", "tcg", "-S", "-qtest", f"unix:{sock},server=on,wait=off",
+            "-qtest-log", "/dev/null", "-display", "none", "-nodefaults",
+            "-device", "virtio-scsi-pci,id=scsi0,addr=04.0",
+            "-drive", drive,
+            "-device", "scsi-hd,drive=vd0,bus=scsi0.0,channel=0,scsi-id=0,lun=0",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        q = UserQemu(proc, sock, shm)
+        started.append(q)
+        deadline = time.monotonic() + 30
+        while not (sock.exists() and shm.exists()):
+            if proc.poll() is not None:
+                raise AssertionError(f"QEMU exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise AssertionError("QEMU did not create its qtest socket and memory file in 30 s")
+            time.sleep(0.05)
+        return q
+
+    try:
+        yield start
+    finally:
+        for q in started:
+            q.proc.terminate()
+            try:
+                q.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                q.proc.kill()
+                q.proc.wait()
+            if q.proc.stderr is not None:
+                q.proc.stderr.close()
+            if q.shm.exists():
+                os.unlink(q.shm)

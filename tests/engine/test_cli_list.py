@@ -108,46 +108,15 @@ def test_list_through_the_qemu_driver_matches_file_backend() -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
-def test_list_attaches_to_a_running_qemu(tmp_path: Path) -> None:
+def test_list_attaches_to_a_running_qemu(user_qemu) -> None:  # type: ignore[no-untyped-def]
     """`list qemu:SOCKET,SHM` drives the controller of a QEMU the user started."""
-    import os
-    import time
-    import uuid
-
-    a590 = shared_image("real/a590_WD93028XA_6parts.hdd.gz")
-    shm = Path("/dev/shm") / f"amigafuse-test-{uuid.uuid4().hex}"
-    sock = tmp_path / "qtest.sock"
-    cmd = [
-        "qemu-system-x86_64", "-M", "q35,memory-backend=mem", "-m", "64M",
-        "-object", f"memory-backend-file,id=mem,size=64M,mem-path={shm},share=on",
-        "-accel", "tcg", "-S", "-qtest", f"unix:{sock},server=on,wait=off",
-        "-qtest-log", "/dev/null", "-display", "none", "-nodefaults",
-        "-device", "virtio-scsi-pci,id=scsi0,addr=04.0",
-        "-drive", f"file={a590},if=none,id=vd0,format=raw,readonly=on",
-        "-device", "scsi-hd,drive=vd0,bus=scsi0.0,channel=0,scsi-id=0,lun=0",
+    qemu = user_qemu(shared_image("real/a590_WD93028XA_6parts.hdd.gz"), read_only=True)
+    (unit,) = list_json(qemu.source)
+    assert unit["name"].startswith("qemu:") and unit["vendor"] == "QEMU"
+    assert [p["dos_name"] for p in unit["partitions"]] == [
+        "OFS", "OFS INTL", "OFS DirCache", "FFS", "FFS INTL", "FFS DirCache"
     ]  # fmt: skip
-    qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not (sock.exists() and shm.exists()) and time.monotonic() < deadline:
-            assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
-            time.sleep(0.05)
-        (unit,) = list_json(f"qemu:{sock},{shm}")
-        assert unit["name"].startswith("qemu:") and unit["vendor"] == "QEMU"
-        assert [p["dos_name"] for p in unit["partitions"]] == [
-            "OFS", "OFS INTL", "OFS DirCache", "FFS", "FFS INTL", "FFS DirCache"
-        ]  # fmt: skip
-        assert qemu.poll() is None  # detaching leaves the user's QEMU running
-    finally:
-        qemu.terminate()
-        try:
-            qemu.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            qemu.kill()
-            qemu.wait()
-        if shm.exists():
-            os.unlink(shm)
+    assert qemu.running()  # detaching leaves the user's QEMU running
 
 
 def test_list_hostile_rdb_reports_and_exits_cleanly(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -94,47 +93,22 @@ def test_qemu_mount_keeps_working_after_idle(cli_mount, tmp_path: Path) -> None:
     assert len((mnt / "SDH0" / "sizes" / "size_3145745.bin").read_bytes()) == 3145745
 
 
-def test_mount_disks_of_a_running_qemu(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mount_disks_of_a_running_qemu(cli_mount, user_qemu, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """``amigafuse mount qemu:SOCKET,SHM DIR`` drives the controller of a QEMU the user
     started; writing, unmounting (flush) and detaching leave that QEMU running."""
-    import uuid
-
     from tests.fuse.conftest import check_image
 
     image = tmp_path / "disk.hdf"
     shutil.copyfile(shared_image("handler/sfs0_v1277.hdf.gz"), image)
-    shm = Path("/dev/shm") / f"amigafuse-fuse-test-{uuid.uuid4().hex}"
-    sock = tmp_path / "qtest.sock"
-    cmd = [
-        "qemu-system-x86_64", "-M", "q35,memory-backend=mem", "-m", "64M",
-        "-object", f"memory-backend-file,id=mem,size=64M,mem-path={shm},share=on",
-        "-accel", "tcg", "-S", "-qtest", f"unix:{sock},server=on,wait=off",
-        "-qtest-log", "/dev/null", "-display", "none", "-nodefaults",
-        "-device", "virtio-scsi-pci,id=scsi0,addr=04.0",
-        "-drive", f"file={image},if=none,id=vd0,format=raw",
-        "-device", "scsi-hd,drive=vd0,bus=scsi0.0,channel=0,scsi-id=0,lun=0",
-    ]  # fmt: skip
-    qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not (sock.exists() and shm.exists()) and time.monotonic() < deadline:
-            assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
-            time.sleep(0.05)
-        mnt = cli_mount(Path(f"qemu:{sock},{shm}"), options="backend=qemu")
-        root = mnt / "SDH0"
-        assert "README.txt" in os.listdir(root)
-        (root / "via_running_qemu.txt").write_bytes(b"hello through a user's QEMU\n" * 1000)
-        assert amigafuse("umount", str(mnt)).returncode == 0
-        assert qemu.poll() is None  # the user's QEMU keeps running
-    finally:
-        qemu.terminate()
-        try:
-            qemu.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            qemu.kill()
-            qemu.wait()
-        if shm.exists():
-            os.unlink(shm)
+    qemu = user_qemu(image)
+    mnt = cli_mount(Path(qemu.source), options="backend=qemu")
+    root = mnt / "SDH0"
+    assert "README.txt" in os.listdir(root)
+    (root / "via_running_qemu.txt").write_bytes(b"hello through a user's QEMU\n" * 1000)
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    assert qemu.running()  # the user's QEMU keeps running
+    qemu.proc.terminate()
+    qemu.proc.wait(timeout=10)
     assert check_image(image) == {"SDH0": []}
     again = cli_mount(image, options="backend=file,ro")
     assert (again / "SDH0" / "via_running_qemu.txt").read_bytes() == b"hello through a user's QEMU\n" * 1000
