@@ -57,7 +57,12 @@ XATTR_COMMENT = b"user.amiga.comment"
 XATTR_PROTECTION = b"user.amiga.protection"
 XATTR_VOLUME = b"user.amiga.volume"
 XATTR_DOSTYPE = b"user.amiga.dostype"
-_XATTRS = frozenset({XATTR_COMMENT, XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE})
+# The stored spelling of an entry's name.  Setting it changes only the case: Linux cannot
+# (rename(2) of a name to another spelling of itself never reaches a filesystem whose
+# lookup finds both: the kernel sees one inode and does nothing, and mv says "are the
+# same file").  Not listed by listxattr, so cp -a and rsync -X do not copy it.
+XATTR_NAME = b"user.amiga.name"
+_XATTRS = frozenset({XATTR_COMMENT, XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE, XATTR_NAME})
 
 assert pyfuse3.ROOT_INODE == ROOT_INODE
 
@@ -583,6 +588,8 @@ class AmigaOperations(pyfuse3.Operations):
                 return mv.volume.info.label.encode("utf-8")
             if object_id == mv.volume.root_id and name == XATTR_DOSTYPE:
                 return dostype_to_str(mv.volume.info.dostype).encode()
+            if name == XATTR_NAME and object_id != mv.volume.root_id:
+                return st.name.encode("utf-8", "surrogateescape")
             raise FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: Any, ctx: Any) -> Any:
@@ -630,8 +637,41 @@ class AmigaOperations(pyfuse3.Operations):
                 await volume.set_label(text)
             elif name == XATTR_DOSTYPE and object_id == mv.volume.root_id:
                 raise FUSEError(errno.EPERM)
+            elif name == XATTR_NAME:
+                await self._set_case(slot, object_id, int(inode), text)
             else:
                 raise FUSEError(errno.ENOTSUP)
+
+    async def _set_case(self, slot: int, object_id: int, inode: int, text: str) -> None:
+        """Store ``text`` as the name of the entry ``inode`` was last seen under, when it
+        names that same entry (another case of it).  EINVAL when it is another name (use
+        mv), EEXIST when it names another entry, EPERM for a volume's top directory.
+
+        Not atomic with the kernel's own renames (they hold the directory's lock, this
+        does not): a rename of the entry between the check and the change makes the
+        change fail with ENOENT, never hit another entry (the engine renames by name)."""
+        mv = self.volumes[slot]
+        volume = mv.volume
+        entry = self.table.resolve(inode)
+        if object_id == volume.root_id or entry is None or entry.parent is None:
+            raise FUSEError(errno.EPERM)
+        new = self._name(slot, text.encode("utf-8"))
+        dslot, dir_id = self._resolve(entry.parent)
+        if dslot != slot:
+            raise FUSEError(errno.EPERM)
+        st = await volume.getattr(object_id)
+        if st.name == new:
+            return
+        current = await volume.lookup(dir_id, st.name)
+        if current.object_id != object_id:
+            raise FUSEError(errno.EINVAL)  # a hard link seen under another name
+        try:
+            target = await volume.lookup(dir_id, new)
+        except AmigaFuseError:
+            raise FUSEError(errno.EINVAL) from None  # not another case of the name: use mv
+        if target.object_id != object_id:
+            raise FUSEError(errno.EEXIST)
+        await volume.rename(dir_id, st.name, dir_id, new)
 
     async def removexattr(self, inode: Any, name: Any, ctx: Any) -> None:
         with _translate("removexattr", inode, name):
@@ -639,7 +679,7 @@ class AmigaOperations(pyfuse3.Operations):
             volume = self._writable(slot)
             if name == XATTR_COMMENT:
                 await volume.setattr(object_id, SetAttrs(comment=""))
-            elif name in (XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE):
+            elif name in (XATTR_PROTECTION, XATTR_VOLUME, XATTR_DOSTYPE, XATTR_NAME):
                 raise FUSEError(errno.EPERM)
             else:
                 raise FUSEError(pyfuse3.ENOATTR)
