@@ -17,6 +17,9 @@ the VirtIO SCSI driver), and the same work on a plain directory; plus the raw im
 and inserting the same files.  The test disk is made by amitools (rdbtool + xdftool:
 RDB, one DOS\\3 partition), independent of amigafuse's own writers.
 
+Also, untimed: the FUSE requests per file that ``cp -a`` of one directory of the small
+files makes reach amigafuse (``cp_small_in_requests``, from a ``-d`` mount's log).
+
 Ratios printed: ``cat_big`` through the stack / raw image read (target >= 0.25) and
 amigafuse / amitools for each workload.  A workload that fails (say the engine mounts
 read-only) is reported with its error, never silently dropped.
@@ -153,6 +156,52 @@ class Mount:
             raise RuntimeError(f"umount failed: {proc.stderr.strip()}")
 
 
+def is_mounted(mnt: Path) -> bool:
+    target = str(mnt.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def count_requests(empty_image: Path, src: Path, work: Path) -> dict[str, Any]:
+    """FUSE requests reaching amigafuse per file for ``cp -a`` of ``src`` (then sync),
+    counted from the ``-d`` log of a file-backend mount (not timed)."""
+    mnt = work / "mnt_requests"
+    mnt.mkdir(exist_ok=True)
+    image = work / "requests.hdf"
+    shutil.copyfile(empty_image, image)
+    log = work / "requests.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([PY, "-m", "amigafuse", "mount", "-d", "-o", "backend=file", str(image), str(mnt)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the -d mount did not come up: {log.read_text()[-500:]}")
+            time.sleep(0.05)
+        before = log.read_text().count("\n")
+        must(["cp", "-a", str(src), str(mnt / "DH0" / src.name)])
+        must(["sync", "-f", str(mnt / "DH0")])
+        lines = log.read_text().splitlines()[before:]
+    finally:
+        sh([PY, "-m", "amigafuse", "umount", str(mnt)], cwd=REPO)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    files = sum(1 for p in src.rglob("*") if p.is_file())
+    ops: dict[str, int] = {}
+    for line in lines:
+        text = line.removeprefix("amigafuse: ")
+        if " -> " in text or "(" not in text:
+            continue  # a request's outcome, not a request
+        op = text.split("(", 1)[0]
+        ops[op] = ops.get(op, 0) + 1
+    return {"files": files, "per_file": round(sum(ops.values()) / files, 2),
+            "by_operation": {k: round(v / files, 2) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -255,7 +304,11 @@ def main() -> int:
         def plain_cp(src: Path, extra: list[str]) -> float:
             dst = plain / src.name
             shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(missing_ok=True)
-            return timed(lambda: (must(["cp", *extra, str(src), str(dst)]), must(["sync", "-f", str(plain)])))
+            def run() -> None:
+                must(["cp", *extra, str(src), str(dst)])
+                must(["sync", "-f", str(plain)])
+
+            return timed(run)
 
         pl["cp_big_in"] = median([plain_cp(big, []) for _ in range(args.runs)])
         pl["cp_small_in"] = median([plain_cp(tree, ["-a"]) for _ in range(args.runs)])
@@ -282,6 +335,12 @@ def main() -> int:
         am["cp_big_in"] = median([ami_insert(big) for _ in range(args.runs)])
         am["cp_small_in"] = median([ami_insert(tree) for _ in range(args.runs)])
         result["amitools"] = {k: round(v, 4) for k, v in am.items()}
+
+        try:
+            first_dir = sorted(p for p in tree.iterdir() if p.is_dir())[0]
+            result["cp_small_in_requests"] = count_requests(write_target, first_dir, work)
+        except Exception as exc:  # reported, not fatal
+            result["cp_small_in_requests"] = {"error": str(exc)[:400]}
 
         for backend in args.backends.split(","):
             res = bench_mount(backend, full, write_target, big, tree, work, args.runs)

@@ -273,6 +273,8 @@ class AmigaOperations(pyfuse3.Operations):
             return attrs
 
     async def forget(self, inode_list: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forget(%r)", list(inode_list))
         for inode, count in inode_list:
             self.table.forget(inode, count)
 
@@ -388,6 +390,8 @@ class AmigaOperations(pyfuse3.Operations):
         return entries
 
     async def releasedir(self, fh: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("releasedir(%r,)", fh)
         self._dir_handles.pop(fh, None)
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -437,7 +441,8 @@ class AmigaOperations(pyfuse3.Operations):
     # close() (it still writes back its dirty pages first); durability is fsync/umount.
 
     async def release(self, fh: Any) -> None:
-        return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("release(%r,)", fh)
 
     async def fsync(self, fh: Any, datasync: bool) -> None:
         with _translate("fsync", fh):
