@@ -123,11 +123,14 @@ class Controller:
                 raise
             except DeviceError as exc:
                 failure = TargetFailure(target, 0, exc)
+        was_failed = any(f.target == target for f in self.failed)
+        self.failed = [f for f in self.failed if f.target != target]
         if present is not None and (disk is None or failure is not None):
             present.mark_removed()
             self.disks.remove(present)
             self._record(f"SCSI target {target} LUN 0 was removed")
-        self.failed = [f for f in self.failed if f.target != target]
+        elif was_failed and failure is None and disk is None:
+            self._record(f"SCSI target {target} LUN 0 (which had failed) was removed")
         if failure is not None:
             self.failed.append(failure)
             self._record(f"SCSI target {target} LUN 0 appeared but failed: {failure.message}")

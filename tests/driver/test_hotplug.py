@@ -100,3 +100,36 @@ def test_event_codec_round_trip() -> None:
     assert event.missed and event.kind == VIRTIO_SCSI_T_TRANSPORT_RESET
     assert (event.target, event.lun_number) == (3, 5) and event.unplugged and not event.plugged
     assert event.event & VIRTIO_SCSI_T_EVENTS_MISSED
+
+
+async def test_a_plugged_target_that_does_not_come_up_is_named_in_failed(tmp_path: Path) -> None:
+    first = tmp_path / "first.img"
+    first.write_bytes(bytes(MIB))
+    empty = tmp_path / "empty.img"
+    empty.touch()  # QEMU answers READ CAPACITY with NOT READY 04/03
+    async with (
+        launch_qemu([QemuDisk(first)], qmp=True) as backend,
+        open_controller(backend) as controller,
+    ):
+        qmp = backend.qmp
+        assert qmp is not None
+        await qmp.execute(
+            "blockdev-add",
+            {"driver": "raw", "node-name": "hp5",
+             "file": {"driver": "file", "filename": str(empty)}},
+        )  # fmt: skip
+        await qmp.execute(
+            "device_add",
+            {"driver": "scsi-hd", "id": "hd5", "drive": "hp5", "bus": "scsi0.0",
+             "scsi-id": 5, "lun": 0},
+        )  # fmt: skip
+        await _until(controller, lambda: bool(controller.failed))
+        (failure,) = controller.failed
+        assert failure.target == 5 and failure.error.errno == errno.ENOMEDIUM
+        assert "appeared but failed" in controller.changes[-1] and "READ CAPACITY" in controller.changes[-1]
+        assert [d.target for d in controller.disks] == [0]
+        # Unplugged again, it is no longer named.
+        await qmp.execute("device_del", {"id": "hd5"})
+        with trio.fail_after(10):
+            while controller.failed:
+                await controller.wait_changed()
