@@ -21,7 +21,8 @@ The checksum makes ``1 + sum of all longs == 0`` (mod 2**32).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from amigafuse.errors import ChecksumError, CorruptError
 
@@ -283,6 +284,19 @@ class SfsObject:
         n = (25 if not self.sfs2 else 27) + len(self.name) + len(self.comment) + 2
         object.__setattr__(self, "packed_size", n + (n & 1))
 
+    def evolve(self, **changes: Any) -> SfsObject:
+        """A copy with ``changes`` applied (``dataclasses.replace`` without its generic
+        machinery: the hot path of every write).  TypeError for an unknown field."""
+        if not changes.keys() <= _SFSOBJECT_FIELDS:
+            raise TypeError(f"SfsObject has no field(s) {sorted(changes.keys() - _SFSOBJECT_FIELDS)}")
+        new = object.__new__(SfsObject)
+        values = new.__dict__
+        values.update(self.__dict__)
+        values.update(changes)
+        n = (25 if not new.sfs2 else 27) + len(new.name) + len(new.comment) + 2
+        values["packed_size"] = n + (n & 1)
+        return new
+
     @classmethod
     def unpack_from(cls, block: bytes, offset: int, sfs2: bool, block_no: int = 0) -> SfsObject:
         """Decode the object at ``offset``; raises CorruptError if its strings overrun."""
@@ -344,6 +358,9 @@ class SfsObject:
     @staticmethod
     def dir_size_field(firstdirblock: int, sfs2: bool) -> int:
         return firstdirblock << 16 if sfs2 else firstdirblock
+
+
+_SFSOBJECT_FIELDS = frozenset(f.name for f in fields(SfsObject) if f.init)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ callers (reads of committed state may interleave; see ``volume.py``).
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 from amigafuse.blockdev.window import FsBlockIO
@@ -28,6 +30,7 @@ from amigafuse.fs.sfs.codec import (
     SfsObject,
 )
 
+_BNODE_KEY = attrgetter("key")
 MAX_TREE_DEPTH = 16
 CACHE_LIMIT = 8192  # clean metadata blocks kept in memory
 
@@ -275,12 +278,8 @@ class SfsReader:
                 return path
             if not bc.index:
                 raise CorruptError("empty B-tree index container", block=block, field="nodecount")
-            index = 0
-            for i, bn in enumerate(bc.index):
-                if bn.key <= key:
-                    index = i
-                else:
-                    break
+            # The last entry whose key is <= key, else the first (keys are sorted).
+            index = max(0, bisect_right(bc.index, key, key=_BNODE_KEY) - 1)
             path.append((block, bc, index))
             block = self.check_pointer(bc.index[index].data, block, f"bnode[{index}].data")
         raise ChainLoopError("extent B-tree is deeper than 16 levels", block=block, field="bnode")

@@ -406,14 +406,18 @@ class SfsVolume(Volume):
 
     async def _after_recycling(self) -> None:
         """The handler's rule after a delete or a file creation: more than 35 files in
-        ``.recycled`` start a purge (``cleanupdeletedfiles``)."""
-        if not self.root.recycled or self._read_only:
+        ``.recycled`` start a purge (``cleanupdeletedfiles``).  ``w.deleted_files``
+        (kept by ``adjust_deleted``) spares the lock and the root info read when the
+        count is known to be low."""
+        w = self.w
+        if not self.root.recycled or self._read_only or w is None:
+            return
+        if w.deleted_files is not None and w.deleted_files <= RECYCLED_PURGE_FILES:
             return
         async with self._lock:
-            w = self.w
-            if w is None:
-                return
-            if (await w.root_info()).deletedfiles > RECYCLED_PURGE_FILES:
+            ri = await w.root_info()
+            w.deleted_files = ri.deletedfiles
+            if ri.deletedfiles > RECYCLED_PURGE_FILES:
                 await self._purge_recycled(w)
                 if w.needs_commit():
                     with trio.CancelScope(shield=True):
@@ -435,7 +439,7 @@ class SfsVolume(Volume):
         now = now_seconds()
         if obj.datemodified == now and not obj.protection & FIBF_ARCHIVE:
             return  # nothing would change (dates are whole seconds)
-        await w.update_object(node, replace(obj, datemodified=now, protection=obj.protection & ~FIBF_ARCHIVE))
+        await w.update_object(node, obj.evolve(datemodified=now, protection=obj.protection & ~FIBF_ARCHIVE))
 
     async def _new_entry(self, dir_id: int, name: str, bits: int, protection: int) -> tuple[int, SfsObject]:
         w = self._writer()
@@ -450,7 +454,7 @@ class SfsVolume(Volume):
         obj = SfsObject(0, 0, 0, protection ^ PROTECTION_INVERT, 0, 0, now_seconds(), bits, raw, b"", w.sfs2)
         node = await w.add_object(dir_id, obj)
         await self._touch(dir_id)
-        return node, replace(obj, objectnode=node)
+        return node, obj.evolve(objectnode=node)
 
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
         async def op() -> Stat:
@@ -544,8 +548,8 @@ class SfsVolume(Volume):
         # Extent and bitmap changes above touch no object container: ``loc`` holds.
         await w.update_object(
             object_id,
-            replace(obj, size=max(size, end), data=new_first, datemodified=now_seconds(),
-                    protection=obj.protection & ~FIBF_ARCHIVE),
+            obj.evolve(size=max(size, end), data=new_first, datemodified=now_seconds(),
+                       protection=obj.protection & ~FIBF_ARCHIVE),
             loc,
         )  # fmt: skip
 

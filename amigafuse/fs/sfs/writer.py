@@ -43,6 +43,7 @@ from amigafuse.errors import ChainLoopError, CorruptError, NoSpace
 from amigafuse.fs.sfs import codec, transactions
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import (
+    AdminSpace,
     AdminSpaceContainer,
     BNode,
     BNodeContainer,
@@ -95,6 +96,10 @@ class SfsWriter(SfsReader):
         self.max_extent = 0xFFFF
         self.tr_block = root.rootobjectcontainer + 2
         self.unrecorded_commits = 0
+        # The root info's deletedfiles as last written by ``adjust_deleted`` (None:
+        # not known; the Volume then reads the root info).
+        self.deleted_files: int | None = None
+        self._record_bound = transactions.record_size(self.block_size + self.block_size // 4)
         freemap.reserve = min(CHAIN_RESERVE, max(3, root.totalblocks // 128))
         # On-disk contents of blocks changed since the last commit (the bases their
         # transaction records are compressed against; see the module invariant).
@@ -222,8 +227,13 @@ class SfsWriter(SfsReader):
         return out
 
     async def _set_admin_entry(self, block: int, index: int, space: int, bits: int) -> None:
+        old = self.parsed.get(block)
         buf = await self.modify(block, codec.ADMINSPACECONTAINER_ID)
         struct.pack_into(">II", buf, codec.ADMINSPACECONTAINER_HEADER + 8 * index, space, bits)
+        if isinstance(old, AdminSpaceContainer):  # keep the parsed form (checksum at commit)
+            spaces = list(old.adminspace)
+            spaces[index] = AdminSpace(space, bits)
+            self.parsed[block] = replace(old, checksum=0, adminspace=tuple(spaces))
 
     async def alloc_admin(self) -> int:
         """One metadata block from the admin spaces (a new space of 32 blocks when all
@@ -349,7 +359,7 @@ class SfsWriter(SfsReader):
                 nc = await self.ncontainer(block)
                 path.append(NodeRef(block, nc.nodenumber, nc.nodes))
                 if nc.nodes == 1:
-                    empty = [i for i, on in enumerate(nc.objectnodes) if on.data == 0]
+                    empty = [i for i, on in enumerate(nc.objectnodes) if not on.data][:2]
                     if not empty:
                         if block != self.root.objectnoderoot:
                             raise CorruptError("node container marked not full has no free node", block=block, field="node")
@@ -658,26 +668,17 @@ class SfsWriter(SfsReader):
         await self._put_bnode(path, level - 1, pentries)
 
     async def btree_insert(self, ext: ExtentBNode) -> None:
-        path = await self._bpath(ext.key)
-        leaf = path[-1]
-        entries: list[object] = list(leaf[1])  # type: ignore[call-overload]
-        idx = int(leaf[2])  # type: ignore[call-overload]
-        if idx < len(entries) and entries[idx].key == ext.key:
-            raise CorruptError(f"extent {ext.key} is already in the B-tree", block=int(leaf[0]), field="key")  # type: ignore[call-overload]
-        # Keep index keys <= the smallest key below them (leftmost path only).
-        for level in range(len(path) - 1):
-            node = path[level]
-            ientries: list[BNode] = node[1]  # type: ignore[assignment]
-            i = int(node[2])  # type: ignore[call-overload]
-            if ientries[i].key > ext.key:
-                ientries[i] = BNode(ext.key, ientries[i].data)
-                self._write_bnode(int(node[0]), False, list(ientries))  # type: ignore[call-overload]
-        entries.insert(idx, ext)
-        block = int(leaf[0])  # type: ignore[call-overload]
+        trail = await self.extent_path(ext.key)
+        block, leaf_bc, idx = trail[-1]
+        if idx < len(leaf_bc.extents) and leaf_bc.extents[idx].key == ext.key:
+            raise CorruptError(f"extent {ext.key} is already in the B-tree", block=block, field="key")
         nodesize = codec.extent_node_size(self.sfs2)
-        if len(entries) <= codec.bnode_capacity(self.block_size, nodesize):
-            # No split: shift the later entries in place and write the new one.
-            old = await self.bcontainer(block)
+        if len(leaf_bc.extents) < codec.bnode_capacity(self.block_size, nodesize) and all(
+            bc.index[i].key <= ext.key for _, bc, i in trail[:-1]
+        ):
+            # The common case (no split, no index key to lower): shift the later
+            # entries in place and write the new one.
+            entries = (*leaf_bc.extents[:idx], ext, *leaf_bc.extents[idx:])
             buf = await self.modify(block, codec.BNODECONTAINER_ID)
             pos = codec.BNODECONTAINER_HEADER + idx * nodesize
             end = codec.BNODECONTAINER_HEADER + (len(entries) - 1) * nodesize
@@ -686,11 +687,22 @@ class SfsWriter(SfsReader):
             struct.pack_into(fmt, buf, pos, ext.key, ext.next, ext.prev, ext.blocks)
             struct.pack_into(">H", buf, 12, len(entries))
             self.parsed[block] = BNodeContainer(
-                old.id, 0, block, len(entries), 1, nodesize, (), tuple(entries),  # type: ignore[arg-type]
-                bytes(buf[end + nodesize :]),
+                leaf_bc.id, 0, block, len(entries), 1, nodesize, (), entries, bytes(buf[end + nodesize :]),
             )  # fmt: skip
             return
-        await self._put_bnode(path, len(path) - 1, entries)
+        path = [[b, list(bc.extents if bc.isleaf else bc.index), i, bool(bc.isleaf)] for b, bc, i in trail]
+        leaf = path[-1]
+        entries_l: list[object] = list(leaf[1])  # type: ignore[call-overload]
+        # Keep index keys <= the smallest key below them (leftmost path only).
+        for level in range(len(path) - 1):
+            node = path[level]
+            ientries: list[BNode] = node[1]  # type: ignore[assignment]
+            i = int(node[2])  # type: ignore[call-overload]
+            if ientries[i].key > ext.key:
+                ientries[i] = BNode(ext.key, ientries[i].data)
+                self._write_bnode(int(node[0]), False, list(ientries))  # type: ignore[call-overload]
+        entries_l.insert(idx, ext)
+        await self._put_bnode(path, len(path) - 1, entries_l)
 
     async def btree_update(self, ext: ExtentBNode) -> None:
         path = await self._bpath(ext.key)
@@ -855,6 +867,7 @@ class SfsWriter(SfsReader):
             deletedfiles=max(0, ri.deletedfiles + files),
             deletedblocks=max(0, ri.deletedblocks + blocks),
         ).pack()
+        self.deleted_files = None  # the operation may still be undone: read it again
 
     # ------------------------------------------------------------------ commit
     async def _commit_extras(self) -> dict[int, bytearray]:
@@ -907,9 +920,9 @@ class SfsWriter(SfsReader):
 
     def room_for(self, extra_blocks: int = 0) -> bool:
         """The cheap bound of ``chain_fits``, with ``extra_blocks`` more changed blocks."""
-        bound = transactions.record_size(self.block_size + self.block_size // 4)
         changed = len(self.pending) + len(self.pending_data) + len(self.freemap.dirty_blocks) + 1 + extra_blocks
-        return transactions.storage_block_count(changed * bound + 2, self.block_size) <= self.freemap.usable_count()
+        area = self.block_size - transactions.TRANSACTIONSTORAGE_HEADER
+        return (changed * self._record_bound + 2 + area - 1) // area <= self.freemap.usable_count()
 
     async def chain_fits(self) -> bool:
         """Whether the records of the pending transaction (with the bitmap blocks and
