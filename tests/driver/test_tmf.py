@@ -141,6 +141,35 @@ async def test_more_hung_requests_than_tmf_buffers(tmp_path: Path) -> None:
         assert result.status == 0 and result.data == data[100 * 512 : 108 * 512]
 
 
+async def test_a_hung_request_whose_caller_gave_up_is_aborted_too(tmp_path: Path) -> None:
+    # The caller is cancelled while the device holds its request: the slot stays the
+    # device's (abandoned); the watchdog aborts it all the same, and once QEMU lets go
+    # of it the slot is free again.
+    path, data = _image(tmp_path)
+    disk = QemuDisk(path, blkdebug_rules="")
+    async with (
+        launch_qemu([disk], qmp=True) as backend,
+        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
+    ):
+        assert backend.qmp is not None
+        await _settle(ctl)
+        await backend.qmp.hmp('qemu-io vd0 "break read_aio gaveup"')
+        with trio.move_on_after(0.3) as scope:
+            await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
+        assert scope.cancelled_caught
+        with trio.fail_after(15):
+            while ctl.stats.aborts == 0:
+                await trio.sleep(0.05)
+        assert len(ctl._free) == ctl.queue_depth - 1  # still the device's
+        await backend.qmp.hmp('qemu-io vd0 "resume gaveup"')
+        with trio.fail_after(10):
+            while len(ctl._free) != ctl.queue_depth:
+                await trio.sleep(0.05)
+        assert ctl.failure is None and ctl.stats.lun_resets == 0
+        result = await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
+        assert result.status == 0 and result.data == data[8 * 512 : 9 * 512]
+
+
 async def test_a_request_that_never_returns_ends_in_device_gone(tmp_path: Path) -> None:
     path, _ = _image(tmp_path)
     disk = QemuDisk(path, blkdebug_rules="")

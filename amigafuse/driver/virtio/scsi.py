@@ -818,7 +818,10 @@ class VirtioScsiController:
 
     async def _recover(self, timeout: float) -> None:
         """Abort, then reset, the requests in flight (see :meth:`_watchdog`)."""
-        stuck = [(slot, slot.tag) for slot in self._slots if slot.state == _IN_FLIGHT]
+        # Abandoned requests (their callers were cancelled) are stuck in the device too.
+        stuck = [
+            (slot, slot.tag) for slot in self._slots if slot.state in (_IN_FLIGHT, _ABANDONED)
+        ]
         gone = DeviceGone(
             f"the virtio-scsi device completed none of {len(stuck)} requests in "
             f"{timeout:g} s; giving up on it (is QEMU stopped, or its disk image on a "
