@@ -383,3 +383,43 @@ async def test_the_run_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
         assert await vol.read(st.object_id, 0, 50) == content(st.name[1:].lstrip("0") or "0", 50)
         sizes.append(len(vol._extents))
     assert max(sizes) <= 11 and len(sizes) == 40
+
+
+# ------------------------------------------------------------ OFS data
+
+
+async def test_ofs_reads_check_every_data_block() -> None:
+    from amigafuse.fs.ffs.layout import OfsDataBlock
+
+    dev = MemoryBlockDevice(8000)
+    geo = VolumeGeometry(dostype=0x444F5300, fs_block_count=8000, reserved=2)
+    await ENGINE.format_volume(dev, geo, "Ofs")
+    vol = await open_volume(dev, geo, False)
+    f = await vol.create(vol.root_id, "f")
+    g = await vol.create(vol.root_id, "g")
+    want = content("ofs", 300_000)
+    await vol.write(f.object_id, 0, want)
+    await vol.write(g.object_id, 0, content("g", 5000))
+    await vol.close()
+    vol = await open_volume(dev, geo, True)
+    assert isinstance(vol, FfsVolumeBase)
+    for off, length in ((0, 300_000), (487, 2), (488 * 100 - 3, 70_000), (299_990, 100)):
+        assert await vol.read(f.object_id, off, length) == want[off : off + length]
+    data, _ = await vol._block_lists(f.object_id, await vol._entry(f.object_id))
+    good = bytes(dev.data)
+    # a flipped bit in data block 200: checksum error naming it; other ranges read
+    dev.data[data[200] * 512 + 300] ^= 1
+    vol = await open_volume(dev, geo, True)
+    with pytest.raises(ChecksumError) as info:
+        await vol.read(f.object_id, 0, 300_000)
+    assert info.value.block == data[200]
+    assert await vol.read(f.object_id, 0, 1000) == want[:1000]
+    # a block claiming another owner (good checksum): not this file's
+    dev.data[:] = good
+    blk = OfsDataBlock.unpack(good[data[5] * 512 : data[5] * 512 + 512])
+    dev.data[data[5] * 512 : data[5] * 512 + 512] = replace(blk, header_key=g.object_id).packed_with_checksum()
+    vol = await open_volume(dev, geo, True)
+    with pytest.raises(CorruptError) as info:
+        await vol.read(f.object_id, 0, 10_000)
+    assert info.value.block == data[5] and not isinstance(info.value, ChecksumError)
+    assert await vol.read(g.object_id, 0, 5000) == content("g", 5000)

@@ -361,3 +361,36 @@ def test_scan_ext_chain_rejects_damage() -> None:
     # too long a chain for the volume
     with pytest.raises(ChainLoopError):
         scan(raw, limit=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([512, 1024, 4096]), st.integers(1, 12), st.integers(-1, 11),
+    st.sampled_from(["type", "owner", "bit"]), st.binary(min_size=1, max_size=40),
+)  # fmt: skip
+def test_first_bad_ofs_block_matches_the_codec(block_size: int, count: int, bad: int, how: str, seed: bytes) -> None:
+    from amigafuse.fs.ffs.layout import T_DATA, first_bad_ofs_block
+
+    owner = 4242
+    raw = bytearray()
+    for i in range(count):
+        payload = (seed * (block_size // len(seed) + 1))[: block_size - 24]
+        block = OfsDataBlock(T_DATA, owner, i + 1, block_size - 24, 0, 0, payload).packed_with_checksum()
+        raw += block
+    if 0 <= bad < count:
+        at = bad * block_size
+        if how == "type":
+            raw[at : at + block_size] = replace(OfsDataBlock.unpack(bytes(raw[at : at + block_size])), type=16).packed_with_checksum()
+        elif how == "owner":
+            raw[at : at + block_size] = replace(OfsDataBlock.unpack(bytes(raw[at : at + block_size])), header_key=7).packed_with_checksum()
+        else:
+            raw[at + 100] ^= 0x20
+    want = -1
+    for i in range(count):
+        piece = bytes(raw[i * block_size : (i + 1) * block_size])
+        d = OfsDataBlock.unpack(piece)
+        if d.type != T_DATA or d.header_key != owner or not verify_checksum(piece):
+            want = i
+            break
+    assert first_bad_ofs_block(bytes(raw), block_size, owner) == want
+    assert want == (bad if 0 <= bad < count else -1)

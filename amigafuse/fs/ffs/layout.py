@@ -14,6 +14,8 @@ entries.  This module is pure: no I/O, no trio.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
@@ -744,6 +746,21 @@ class OfsDataBlock:
 
     def packed_with_checksum(self) -> bytes:
         return with_checksum(self.pack())
+
+
+def first_bad_ofs_block(raw: bytes | bytearray | memoryview, block_size: int, header_key: int) -> int:
+    """Index of the first block of ``raw`` (OFS data blocks read in one request) that is
+    not a T_DATA block of file ``header_key`` with a good checksum, or -1 when all are.
+    The same verdict as :class:`OfsDataBlock` plus :func:`verify_checksum` per block
+    (tested against them), from one array of the whole run.  Pure."""
+    per = block_size // 4
+    longs = array("I", raw)  # C integers, not a Python int per long (a MiB at a time)
+    if sys.byteorder == "little":
+        longs.byteswap()
+    for index, base in enumerate(range(0, len(longs), per)):
+        if longs[base] != T_DATA or longs[base + 1] != header_key or sum(longs[base : base + per]) & 0xFFFFFFFF:
+            return index
+    return -1
 
 
 # --------------------------------------------------------------------------- bitmaps

@@ -73,6 +73,7 @@ from amigafuse.fs.ffs.layout import (
     OfsDataBlock,
     RootBlock,
     dostype_flags,
+    first_bad_ofs_block,
     hash_name,
     runs,
     scan_ext_chain,
@@ -812,18 +813,20 @@ class FfsVolumeBase:
                 f"file header lists {len(data)} data blocks, its size {size} needs {last + 1}",
                 block=block, field="high_seq",
             )  # fmt: skip
-        wanted = data[first : last + 1]
-        raws = await self._read_blocks(wanted)
-        parts = []
-        for i, raw in enumerate(raws):
+        bs = self.block_size
+        parts: list[memoryview] = []
+        for start, count in runs(data[first : last + 1]):
+            raw = await self.io.read(start, count)
             # FFS 40.1 itself writes wrong seq_num/next_data after a seek past EOF
-            # (see docs/ffs.md), so only type and owner are required here.
-            d = OfsDataBlock.unpack(raw)
-            if d.type != T_DATA or d.header_key != block:
-                raise CorruptError("OFS data block does not belong to this file", block=wanted[i], field="type/header_key")
-            if not verify_checksum(raw):
-                raise ChecksumError("OFS data block checksum does not verify", block=wanted[i], field="chksum")
-            parts.append(d.data)
+            # (see docs/ffs.md), so only type, owner and checksum are required here.
+            bad = first_bad_ofs_block(raw, bs, block)
+            if bad >= 0:
+                d = OfsDataBlock.unpack(raw[bad * bs : (bad + 1) * bs])
+                if d.type != T_DATA or d.header_key != block:
+                    raise CorruptError("OFS data block does not belong to this file", block=start + bad, field="type/header_key")
+                raise ChecksumError("OFS data block checksum does not verify", block=start + bad, field="chksum")
+            view = memoryview(raw)
+            parts.extend(view[i + 24 : i + bs] for i in range(0, len(raw), bs))
         buf = b"".join(parts)
         return buf[skip : skip + (end - offset)]
 
