@@ -20,6 +20,10 @@ RDB, one DOS\\3 partition), independent of amigafuse's own writers.
 Also, untimed: the FUSE requests per file that ``cp -a`` of one directory of the small
 files makes reach amigafuse (``cp_small_in_requests``, from a ``-d`` mount's log).
 
+Each mount workload also reports ``server_cpu_seconds``: the CPU time the mount process
+used during it (from /proc; QEMU's own time not included), a steadier measure than wall
+time on a busy machine.
+
 Ratios printed: ``cat_big`` through the stack / raw image read (target >= 0.25) and
 amigafuse / amitools for each workload.  A workload that fails (say the engine mounts
 read-only) is reported with its error, never silently dropped.
@@ -28,6 +32,7 @@ read-only) is reported with its error, never silently dropped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -148,6 +153,28 @@ class Mount:
         if proc.returncode != 0:
             raise RuntimeError(f"mount failed: {proc.stderr.strip()}")
         self.root = mnt / "DH0"
+        self.pid = self._server_pid()
+
+    def _server_pid(self) -> int | None:
+        """The mount process (its pid file, named as amigafuse.fuse.session.pid_file)."""
+        run_dir = Path(os.environ.get("AMIGAFUSE_RUN_DIR", "/run/amigafuse" if os.getuid() == 0
+                                      else f"/run/user/{os.getuid()}/amigafuse"))
+        digest = hashlib.sha1(os.path.abspath(self.mnt).encode()).hexdigest()[:16]
+        try:
+            return int((run_dir / f"mount-{digest}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the mount process has used so far; NaN if unknown.
+        Less disturbed by other load on the machine than wall time."""
+        if self.pid is None:
+            return float("nan")
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         proc = sh([PY, "-m", "amigafuse", "umount", str(self.mnt)], cwd=REPO)
@@ -215,34 +242,44 @@ def bench_mount(backend: str, full_image: Path, empty_image: Path, big: Path, tr
 
     def record(name: str, fn: Any, nbytes: int | None = None) -> None:
         times: list[float] = []
+        cpus: list[float] = []
         try:
             for _ in range(runs):
-                times.append(fn())
+                wall, cpu = fn()
+                times.append(wall)
+                cpus.append(cpu)
             entry: dict[str, Any] = {"seconds": round(median(times), 4),
-                                     "runs": [round(t, 4) for t in times]}
+                                     "runs": [round(t, 4) for t in times],
+                                     "server_cpu_seconds": round(median(cpus), 3)}
             if nbytes:
                 entry["MB_per_s"] = round(nbytes / median(times) / 1e6, 1)
             out[name] = entry
         except Exception as exc:  # a failed workload is reported, not dropped
             out[name] = {"error": str(exc)[:400]}
 
-    def cat_big() -> float:
+    def measured(m: Mount, fn: Any) -> tuple[float, float]:
+        """(wall seconds, mount-process CPU seconds) of ``fn``."""
+        cpu0 = m.cpu_seconds()
+        wall = timed(fn)
+        return wall, m.cpu_seconds() - cpu0
+
+    def cat_big() -> tuple[float, float]:
         # A fresh mount has a cold FUSE page cache; the image itself stays in the host's
         # page cache, as for the raw image read it is compared with.
         m = Mount(full_image, mnt, backend, ro=True)
         try:
-            return timed(lambda: must(["cat", str(m.root / big.name)], stdout=subprocess.DEVNULL))
+            return measured(m, lambda: must(["cat", str(m.root / big.name)], stdout=subprocess.DEVNULL))
         finally:
             m.close()
 
-    def ls_lr() -> float:
+    def ls_lr() -> tuple[float, float]:
         m = Mount(full_image, mnt, backend, ro=True)
         try:
-            return timed(lambda: must(["ls", "-lR", str(m.root / tree.name)], stdout=subprocess.DEVNULL))
+            return measured(m, lambda: must(["ls", "-lR", str(m.root / tree.name)], stdout=subprocess.DEVNULL))
         finally:
             m.close()
 
-    def cp_in(src: Path, args: list[str]) -> float:
+    def cp_in(src: Path, args: list[str]) -> tuple[float, float]:
         shutil.copyfile(empty_image, work / "scratch.hdf")
         m = Mount(work / "scratch.hdf", mnt, backend)
         try:
@@ -250,7 +287,7 @@ def bench_mount(backend: str, full_image: Path, empty_image: Path, big: Path, tr
                 must(["cp", *args, str(src), str(m.root / src.name)])
                 must(["sync", "-f", str(m.root)])
 
-            return timed(run)
+            return measured(m, run)
         finally:
             m.close()
 
