@@ -137,3 +137,19 @@ def test_journal_roundtrip(pairs: list[tuple[int, int]]) -> None:
     back = codec.JournalHeader.unpack(raw)
     assert back.pairs == tuple(pairs)
     assert back.pack() == raw
+
+
+@given(st.booleans(), st.binary(min_size=1, max_size=30), st.binary(max_size=20), st.integers(0, 2**32 - 1))
+def test_evolve_equals_replace(sfs2: bool, name: bytes, comment: bytes, size: int) -> None:
+    import dataclasses
+
+    obj = codec.SfsObject(1, 2, 3, 4, 5, 6, 7, 0, b"x", b"", sfs2)
+    changes = {"name": name, "comment": comment, "size": size}
+    a, b = obj.evolve(**changes), dataclasses.replace(obj, **changes)
+    assert a == b and a.packed_size == b.packed_size
+    with pytest.raises(TypeError):
+        obj.evolve(nosuchfield=1)
+    nc = codec.NodeContainer.unpack(bytes(512))
+    assert codec.fast_replace(nc, nodes=7) == dataclasses.replace(nc, nodes=7)
+    with pytest.raises(TypeError):
+        codec.fast_replace(obj, size=1)  # SfsObject derives packed_size

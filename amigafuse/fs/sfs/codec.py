@@ -22,9 +22,25 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from amigafuse.errors import ChecksumError, CorruptError
+
+_R = TypeVar("_R")
+
+
+def fast_replace(record: _R, **changes: Any) -> _R:
+    """``dataclasses.replace`` for the frozen records without ``__post_init__`` (the
+    parsed containers the writer keeps up to date on every change), without its
+    generic machinery.  The caller passes only field names of ``record``."""
+    cls = type(record)
+    if "__post_init__" in cls.__dict__:
+        raise TypeError(f"{cls.__name__} derives fields in __post_init__; use dataclasses.replace")
+    new = object.__new__(cls)
+    values = new.__dict__
+    values.update(record.__dict__)
+    values.update(changes)
+    return new
 
 
 def make_id(text: str) -> int:
@@ -456,8 +472,8 @@ UPPER_TABLE = bytes(upperchar(c) for c in range(256))
 def name_hash(name: bytes, case_sensitive: bool) -> int:
     """The handler's 16-bit name hash (FFS international hash)."""
     value = len(name) & 0xFFFF
-    for c in name:
-        value = (value * 13 + (c if case_sensitive else upperchar(c))) & 0xFFFF
+    for c in name if case_sensitive else name.translate(UPPER_TABLE):
+        value = (value * 13 + c) & 0xFFFF
     return value
 
 

@@ -52,6 +52,12 @@ class Located:
     offset: int
 
 
+class _LocMemo(NamedTuple):
+    source: ObjectContainer  # the parsed container the result was read from
+    container: int
+    loc: Located
+
+
 class SfsReader:
     """Block-level read access to one SFS volume (see module docstring)."""
 
@@ -73,6 +79,8 @@ class SfsReader:
         # Path to the leaf container of each range of object nodes; the writer drops
         # the memo whenever it changes the tree's shape (new level, new container).
         self.leaf_refs: dict[int, list[NodeRef]] = {}
+        # Object node -> where ``locate`` found it (see ``locate``).
+        self.loc_memo: dict[int, _LocMemo] = {}
         # Directory node -> {name key -> object node}, for directories scanned whole.
         self.dir_index: dict[int, dict[bytes, int]] = {}
 
@@ -172,14 +180,25 @@ class SfsReader:
         return nc
 
     async def locate(self, node: int) -> Located:
-        """The object with node number ``node``.  NotFound / CorruptError."""
+        """The object with node number ``node``.  NotFound / CorruptError.
+
+        Memo: a result stays valid while its container's parsed form is the same
+        object (every change of a container's bytes replaces or drops that entry, and
+        an object leaving a container changes the container)."""
+        hit = self.loc_memo.get(node)
+        if hit is not None and self.parsed.get(hit.container) is hit.source:
+            return hit.loc
         on = await self.object_node(node)
         cblock = self.check_pointer(on.data, node, "objectnode.data")
         oc = await self.container(cblock)
         offset = codec.OBJECTCONTAINER_HEADER
         for obj in oc.objects:
             if obj.objectnode == node:
-                return Located(obj, cblock, offset)
+                loc = Located(obj, cblock, offset)
+                if len(self.loc_memo) >= CACHE_LIMIT:
+                    self.loc_memo.clear()
+                self.loc_memo[node] = _LocMemo(oc, cblock, loc)
+                return loc
             offset += obj.packed_size
         raise CorruptError(f"object node {node} points to a container without it", block=cblock, field="objectnode")
 

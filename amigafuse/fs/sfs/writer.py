@@ -100,6 +100,7 @@ class SfsWriter(SfsReader):
         # not known; the Volume then reads the root info).
         self.deleted_files: int | None = None
         self._record_bound = transactions.record_size(self.block_size + self.block_size // 4)
+        self._chain_area = self.block_size - transactions.TRANSACTIONSTORAGE_HEADER
         freemap.reserve = min(CHAIN_RESERVE, max(3, root.totalblocks // 128))
         # On-disk contents of blocks changed since the last commit (the bases their
         # transaction records are compressed against; see the module invariant).
@@ -187,6 +188,11 @@ class SfsWriter(SfsReader):
 
     async def modify(self, block: int, expect_id: int) -> bytearray:
         """The pending (writable) copy of an existing block, checked first."""
+        buf = self.pending.get(block)
+        if buf is not None and self.undo is not None and block in self.undo:
+            # Already changed by this operation (checked then, recorded for undo).
+            self.parsed.pop(block, None)
+            return buf
         data = await self.block(block, expect_id)
         self._record(block)
         buf = self.pending.get(block)
@@ -309,9 +315,7 @@ class SfsWriter(SfsReader):
         buf = await self.modify(block, codec.NODECONTAINER_ID)
         struct.pack_into(">IIH", buf, codec.NODECONTAINER_HEADER + i * codec.OBJECTNODE_SIZE, on.data, on.next, on.hash16)
         ons = nc.objectnodes
-        self.parsed[block] = NodeContainer(
-            nc.id, 0, nc.ownblock, nc.nodenumber, nc.nodes, nc.node, (*ons[:i], on, *ons[i + 1 :]), nc.tail
-        )
+        self.parsed[block] = codec.fast_replace(nc, checksum=0, objectnodes=(*ons[:i], on, *ons[i + 1 :]))
 
     @staticmethod
     def _index_full(nc: NodeContainer) -> bool:
@@ -473,10 +477,9 @@ class SfsWriter(SfsReader):
             # Same size: patch the object's bytes in place.
             buf = await self.modify(loc.container, codec.OBJECTCONTAINER_ID)
             buf[loc.offset : loc.offset + new_size] = new.pack()
-            self.parsed[loc.container] = ObjectContainer(
-                oc.id, 0, oc.ownblock, oc.parent, oc.next, oc.previous,
-                tuple(new if o.objectnode == node else o for o in oc.objects), oc.tail, oc.sfs2, oc.used,
-            )  # fmt: skip
+            self.parsed[loc.container] = codec.fast_replace(
+                oc, checksum=0, objects=tuple(new if o.objectnode == node else o for o in oc.objects)
+            )
             return
         objects = [new if o.objectnode == node else o for o in oc.objects]
         if new_size < loc.obj.packed_size:
@@ -512,10 +515,9 @@ class SfsWriter(SfsReader):
                 buf = await self.modify(block, codec.OBJECTCONTAINER_ID)
                 cap = self._capacity(block)
                 buf[oc.used : cap] = obj.pack() + bytes(cap - oc.used - size)  # zeros end the list
-                self.parsed[block] = ObjectContainer(
-                    oc.id, 0, block, oc.parent, oc.next, oc.previous, (*oc.objects, obj),
-                    bytes(buf[oc.used + size :]), oc.sfs2, oc.used + size,
-                )  # fmt: skip
+                self.parsed[block] = codec.fast_replace(
+                    oc, checksum=0, objects=(*oc.objects, obj), tail=bytes(buf[oc.used + size :]), used=oc.used + size
+                )
                 return block
             block = 0 if d.bits & codec.OTYPE_QUICKDIR else oc.next
             if hint is not None and size >= hint:
@@ -557,18 +559,19 @@ class SfsWriter(SfsReader):
         await self.free_admin(loc.container)
 
     # ------------------------------------------------------------------ hashing
-    async def hash_add(self, dir_obj: SfsObject, node: int, name: bytes) -> None:
+    async def hash_add(self, dir_obj: SfsObject, node: int, name: bytes, *, data: int | None = None) -> None:
+        """Link ``node`` at the head of its hash chain (and set its ``data`` too)."""
+        h16 = codec.name_hash(name, self.case_sensitive)
         if dir_obj.hashtable == 0:
             # No hash table (``.recycled``): the handler still stores the name's hash.
-            await self.set_node(node, next=0, hash16=codec.name_hash(name, self.case_sensitive))
+            await self.set_node(node, data=data, next=0, hash16=h16)
             return
         hblock = self.check_pointer(dir_obj.hashtable, dir_obj.objectnode, "hashtable")
         buf = await self.modify(hblock, codec.HASHTABLE_ID)
-        h16 = codec.name_hash(name, self.case_sensitive)
         off = codec.HASHTABLE_HEADER + 4 * (h16 % codec.hash_chains(self.block_size))
         head = struct.unpack_from(">I", buf, off)[0]
         struct.pack_into(">I", buf, off, node)
-        await self.set_node(node, next=head, hash16=h16)
+        await self.set_node(node, data=data, next=head, hash16=h16)
 
     async def hash_remove(self, dir_obj: SfsObject, node: int, name: bytes) -> None:
         if dir_obj.hashtable == 0:
@@ -601,11 +604,10 @@ class SfsWriter(SfsReader):
         """Create the node for ``obj`` (its objectnode field is filled in), place and
         hash it.  Returns the node number."""
         node = await self.create_node(0xFFFFFFFF)  # placeholder until placed
-        obj = replace(obj, objectnode=node)
+        obj = obj.evolve(objectnode=node)
         block = await self._place(dir_node, obj)
-        await self.set_node(node, data=block)
         d = (await self.locate(dir_node)).obj
-        await self.hash_add(d, node, obj.name)
+        await self.hash_add(d, node, obj.name, data=block)  # one node update for both
         return node
 
     async def remove_object(self, loc: Located) -> None:
@@ -686,9 +688,9 @@ class SfsWriter(SfsReader):
             fmt = ">IIII" if self.sfs2 else ">IIIH"
             struct.pack_into(fmt, buf, pos, ext.key, ext.next, ext.prev, ext.blocks)
             struct.pack_into(">H", buf, 12, len(entries))
-            self.parsed[block] = BNodeContainer(
-                leaf_bc.id, 0, block, len(entries), 1, nodesize, (), entries, bytes(buf[end + nodesize :]),
-            )  # fmt: skip
+            self.parsed[block] = codec.fast_replace(
+                leaf_bc, checksum=0, nodecount=len(entries), extents=entries, tail=bytes(buf[end + nodesize :])
+            )
             return
         path = [[b, list(bc.extents if bc.isleaf else bc.index), i, bool(bc.isleaf)] for b, bc, i in trail]
         leaf = path[-1]
@@ -919,10 +921,12 @@ class SfsWriter(SfsReader):
         return bool(self.pending or self.freemap.dirty_blocks or self.pending_data)
 
     def room_for(self, extra_blocks: int = 0) -> bool:
-        """The cheap bound of ``chain_fits``, with ``extra_blocks`` more changed blocks."""
-        changed = len(self.pending) + len(self.pending_data) + len(self.freemap.dirty_blocks) + 1 + extra_blocks
-        area = self.block_size - transactions.TRANSACTIONSTORAGE_HEADER
-        return (changed * self._record_bound + 2 + area - 1) // area <= self.freemap.usable_count()
+        """The cheap bound of ``chain_fits``, with ``extra_blocks`` more changed blocks:
+        every changed block at its largest record; ``ceil(bytes / area) <= usable``
+        written as ``bytes <= usable * area``."""
+        fm = self.freemap
+        changed = len(self.pending) + len(self.pending_data) + len(fm.dirty_blocks) + 1 + extra_blocks
+        return changed * self._record_bound + 2 <= (fm.free_count - len(fm.held)) * self._chain_area
 
     async def chain_fits(self) -> bool:
         """Whether the records of the pending transaction (with the bitmap blocks and
