@@ -56,9 +56,10 @@ def register(sub: Any) -> None:
             "partition (DOS name, DosType, size, byte range, boot priority, flags, "
             "filesystem handlers stored in the RDB, and whether amigafuse can mount it). "
             "SOURCE is an image file (.hdf, .adf, raw dump), qemu:SOCKET,SHM or vfio:BDF. "
-            "A disk that does not come up (an empty image, a target whose INQUIRY, TEST "
-            "UNIT READY or READ CAPACITY fails, unreadable first blocks) is shown as FAILED "
-            "with the reason, the others are listed all the same, and the exit status is 1."
+            "A disk that does not come up (through QEMU: an image it cannot take such as an "
+            "empty one, a target whose INQUIRY, TEST UNIT READY or READ CAPACITY fails; any "
+            "backend: unreadable first blocks) is shown as FAILED with the reason, the "
+            "others are listed all the same, and the exit status is 1."
         ),
     )
     p.add_argument("sources", nargs="+", metavar="SOURCE")
