@@ -19,6 +19,7 @@ import re
 from amigafuse.errors import CorruptError, NoSpace
 
 _NONZERO = re.compile(rb"[^\x00]")
+_NOT_FULL = re.compile(rb"[^\xff]")
 
 
 class FreeMap:
@@ -44,11 +45,28 @@ class FreeMap:
         return self.is_free(block) and block not in self.held
 
     def run_length(self, start: int, limit: int) -> int:
-        """Usable blocks from ``start`` on, at most ``limit``."""
-        n = 0
-        while n < limit and start + n < self.total and self.usable(start + n):
-            n += 1
-        return n
+        """Usable blocks from ``start`` on, at most ``limit`` (whole 0xFF bytes of the
+        map are taken at once)."""
+        end = min(self.total, start + limit)
+        pos = start
+        bits = self.bits
+        while pos < end and pos & 7:
+            if not bits[pos >> 3] & (0x80 >> (pos & 7)) or pos in self.held:
+                return pos - start
+            pos += 1
+        if end - pos >= 8:
+            m = _NOT_FULL.search(bits, pos >> 3, end >> 3)
+            full_end = (m.start() if m else end >> 3) << 3
+            if self.held:
+                inside = [h for h in self.held if pos <= h < full_end]
+                if inside:
+                    return min(inside) - start
+            pos = full_end
+        while pos < end:
+            if not bits[pos >> 3] & (0x80 >> (pos & 7)) or pos in self.held:
+                break
+            pos += 1
+        return pos - start
 
     def next_free(self, start: int) -> int:
         """First usable block at or after ``start`` (wrapping once), or -1."""
@@ -76,20 +94,33 @@ class FreeMap:
     def _set(self, start: int, count: int, free: bool) -> None:
         """Mark blocks free or used.  CorruptError (nothing changed) when a block lies
         outside the bitmap or already has that state (the disk's bitmap disagrees with
-        its files)."""
-        for b in range(start, start + count):
-            if not 0 <= b < self.total:
-                raise CorruptError(f"block {b} lies outside the bitmap", block=b, field="bitmap")
-            if bool(self.bits[b >> 3] & (0x80 >> (b & 7))) == free:
-                state = "free" if free else "in use"
-                raise CorruptError(f"block {b} is already marked {state} in the bitmap", block=b, field="bitmap")
-        for b in range(start, start + count):
+        its files).  Whole bytes are checked and set at once."""
+        end = start + count
+        if start < 0 or end > self.total:
+            bad = start if start < 0 else max(start, self.total)
+            raise CorruptError(f"block {bad} lies outside the bitmap", block=bad, field="bitmap")
+        bits = self.bits
+        head = min(end, (start + 7) & ~7)  # bits before the first whole byte
+        tail = max(head, end & ~7)  # bits after the last whole byte
+        want_byte = 0x00 if free else 0xFF  # the state every block must have now
+        whole = bits[head >> 3 : tail >> 3]
+        if whole.count(want_byte) != len(whole) or any(
+            bool(bits[b >> 3] & (0x80 >> (b & 7))) == free for b in (*range(start, head), *range(tail, end))
+        ):
+            for b in range(start, end):
+                if bool(bits[b >> 3] & (0x80 >> (b & 7))) == free:
+                    state = "free" if free else "in use"
+                    raise CorruptError(f"block {b} is already marked {state} in the bitmap", block=b, field="bitmap")
+        for b in (*range(start, head), *range(tail, end)):
             mask = 0x80 >> (b & 7)
             if free:
-                self.bits[b >> 3] |= mask
+                bits[b >> 3] |= mask
             else:
-                self.bits[b >> 3] &= ~mask & 0xFF
-            self.dirty_blocks.add(b // self.per_block)
+                bits[b >> 3] &= ~mask & 0xFF
+        if tail > head:
+            bits[head >> 3 : tail >> 3] = bytes([0xFF if free else 0x00]) * ((tail - head) >> 3)
+        if count:
+            self.dirty_blocks.update(range(start // self.per_block, (end - 1) // self.per_block + 1))
         self.free_count += count if free else -count
         if self.changes is not None:
             self.changes.append((start, count, not free))

@@ -148,7 +148,7 @@ class SfsWriter(SfsReader):
         device now; blocks the committed state uses wait for the commit (journaled)."""
         bs = self.block_size
         count = len(data) // bs
-        if all(b in self.fresh for b in range(disk, disk + count)):
+        if self.fresh.issuperset(range(disk, disk + count)):
             await self.io.write(disk, data)
             return
         start = 0
