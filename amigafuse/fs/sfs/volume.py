@@ -102,6 +102,26 @@ async def load_freemap(reader: SfsReader, notes: list[str]) -> FreeMap | None:
     return freemap
 
 
+class _FastLock:
+    """``async with`` for the volume lock, taken without a trip through the scheduler
+    when it is free (most operations are shorter than a reschedule); waits otherwise.
+    Cancellation while waiting changes nothing."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 class SfsVolume(Volume):
     """An open SFS\\0 or SFS\\2 volume (see the module docstring)."""
 
@@ -121,6 +141,8 @@ class SfsVolume(Volume):
         self.show_recycled = show_recycled
         self._notes = list(notes)
         self._lock = trio.Lock()
+        self._locked = _FastLock(self._lock)
+        self._near_full = False  # the last operation left little room for records
         self._closed = False
         self._label = ""
         self._created = DateStamp.from_seconds_since_1978(self.root.datecreated)
@@ -242,12 +264,12 @@ class SfsVolume(Volume):
 
     # ------------------------------------------------------------------ queries
     async def getattr(self, object_id: int) -> Stat:
-        async with self._lock:
+        async with self._locked:
             return await self._stat_of((await self.r.locate(object_id)).obj)
 
     async def lookup(self, dir_id: int, name: str) -> Stat:
         raw = encode_name(name)
-        async with self._lock:
+        async with self._locked:
             d = await self._dir(dir_id)
             loc = await self.r.find_in_dir(d.obj, raw)
             if loc is None:
@@ -255,7 +277,7 @@ class SfsVolume(Volume):
             return await self._stat_of(loc.obj)
 
     async def readdir(self, dir_id: int) -> list[Stat]:
-        async with self._lock:
+        async with self._locked:
             d = await self._dir(dir_id)
             out = []
             entries = await self.r.dir_entries(d.obj)
@@ -269,7 +291,7 @@ class SfsVolume(Volume):
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
-        async with self._lock:
+        async with self._locked:
             obj = (await self.r.locate(object_id)).obj
             if obj.is_dir:
                 raise IsADirectory(f"object {object_id} is a directory")
@@ -278,7 +300,7 @@ class SfsVolume(Volume):
             return await self.r.read_data(obj, offset, length)
 
     async def readlink(self, object_id: int) -> str:
-        async with self._lock:
+        async with self._locked:
             obj = (await self.r.locate(object_id)).obj
             if not obj.is_softlink:
                 raise InvalidArgument(f"object {object_id} is not a soft link")
@@ -288,7 +310,7 @@ class SfsVolume(Volume):
         """Free blocks as the handler's Info reports them (``fillinfodata``): the
         bitmap's free blocks plus the blocks of the files in ``.recycled``, which the
         handler (and amigafuse) purge whenever the space is needed."""
-        async with self._lock:
+        async with self._locked:
             w = self.w
             ri = await self.r.root_info()
             # Writable: the live count (the root info is brought up to date at commit).
@@ -311,11 +333,11 @@ class SfsVolume(Volume):
         and retried after ``_free_up_space`` (the handler's ``freeupspace``: commit the
         pending transaction, purge ``.recycled``), until nothing more can be freed;
         then NoSpace.  So no commit ever writes in place without its records."""
-        async with self._lock:
+        async with self._locked:
             self._check_writable()
             w = self.w
             assert w is not None
-            if (w.pending or w.pending_data) and not w.room_for(OPERATION_MARGIN):
+            if self._near_full and (w.pending or w.pending_data):
                 # Nearly full: commit what is pending (it fitted) so the exact check
                 # below only has this operation's records to compute.
                 with trio.CancelScope(shield=True):
@@ -324,7 +346,8 @@ class SfsVolume(Volume):
                 w.begin()
                 try:
                     result = await fn()
-                    if not await w.chain_fits():
+                    self._near_full = not w.room_for(OPERATION_MARGIN)
+                    if self._near_full and not await w.chain_fits():
                         raise NoSpace("the SFS volume is too full to record this change safely")
                 except NoSpace:
                     w.rollback()
@@ -414,7 +437,7 @@ class SfsVolume(Volume):
             return
         if w.deleted_files is not None and w.deleted_files <= RECYCLED_PURGE_FILES:
             return
-        async with self._lock:
+        async with self._locked:
             ri = await w.root_info()
             w.deleted_files = ri.deletedfiles
             if ri.deletedfiles > RECYCLED_PURGE_FILES:
@@ -798,7 +821,7 @@ class SfsVolume(Volume):
         await self._mutate(op)
 
     async def sync(self) -> None:
-        async with self._lock:
+        async with self._locked:
             w = self.w
             if w is None or self._read_only:
                 return
