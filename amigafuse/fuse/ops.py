@@ -16,7 +16,9 @@ Invariants:
   is handled here: a protection change through the xattr (the mode) is invalidated, and
   a name found in another case than stored ("FOO" for "foo") is answered with entry
   timeout 0, so that second name is never cached and cannot outlive an unlink or rename
-  of the real one.
+  of the real one; the other way round (``rm FOO`` while the kernel caches "foo"), the
+  stored spelling's entry is invalidated right after the change (asynchronously: the
+  kernel holds the directory's lock until we reply).
 * Concurrency: handlers run as concurrent trio tasks.  Table updates happen between
   awaits (no await inside a read-modify-write of the table), so they need no lock; the
   engine serialises its own work (fs.api contract).  The kernel serialises requests
@@ -146,6 +148,7 @@ class AmigaOperations(pyfuse3.Operations):
         infos = [mv.volume.info for mv in self.volumes]
         self._block_sizes = [i.block_size for i in infos]
         self._max_names = [i.max_name_length for i in infos]
+        self._case_sensitive = [i.case_sensitive for i in infos]
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
@@ -523,24 +526,49 @@ class AmigaOperations(pyfuse3.Operations):
             st = await volume.link(object_id, dir_id, self._name(slot, new_name))
             return self._entry(slot, st, new_parent_inode)
 
-    async def _lookup_inode(self, slot: int, dir_id: int, name: str) -> int | None:
+    async def _lookup_quiet(self, slot: int, dir_id: int, name: str) -> Stat | None:
         try:
-            st = await self.volumes[slot].volume.lookup(dir_id, name)
+            return await self.volumes[slot].volume.lookup(dir_id, name)
         except AmigaFuseError:
             return None
-        return self.table.find(slot, st.object_id)
+
+    async def _stored_spelling(self, slot: int, dir_id: int, name: str) -> str | None:
+        """The on-disk spelling of ``name`` when the volume compares names without case
+        (None on case-sensitive volumes and for missing names)."""
+        if self._case_sensitive[slot]:
+            return None
+        st = await self._lookup_quiet(slot, dir_id, name)
+        return st.name if st is not None else None
+
+    def _forget_stored_name(self, parent_inode: int, given: bytes, stored: str | None) -> None:
+        """After an unlink, rmdir or rename of ``given``, the kernel may still cache the
+        on-disk spelling ``stored`` (``foo`` when ``rm FOO`` was asked): that entry would
+        go on naming the removed or moved object until its timeout.  It is dropped
+        asynchronously (the kernel holds the directory's lock until we reply), so a
+        lookup racing with the notification may still see it for a moment."""
+        if stored is None:
+            return
+        raw = mapping.name_to_fuse(stored)
+        if raw is not None and raw != given:
+            pyfuse3.invalidate_entry_async(parent_inode, raw, ignore_enoent=True)
 
     async def unlink(self, parent_inode: Any, name: Any, ctx: Any) -> None:
         with _translate("unlink", parent_inode, name):
             slot, dir_id = self._resolve(parent_inode)
             volume = self._writable(slot)
-            await volume.unlink(dir_id, self._name(slot, name))
+            amiga = self._name(slot, name)
+            stored = await self._stored_spelling(slot, dir_id, amiga)
+            await volume.unlink(dir_id, amiga)
+            self._forget_stored_name(int(parent_inode), name, stored)
 
     async def rmdir(self, parent_inode: Any, name: Any, ctx: Any) -> None:
         with _translate("rmdir", parent_inode, name):
             slot, dir_id = self._resolve(parent_inode)
             volume = self._writable(slot)
-            await volume.rmdir(dir_id, self._name(slot, name))
+            amiga = self._name(slot, name)
+            stored = await self._stored_spelling(slot, dir_id, amiga)
+            await volume.rmdir(dir_id, amiga)
+            self._forget_stored_name(int(parent_inode), name, stored)
 
     async def rename(
         self, parent_inode_old: Any, name_old: Any, parent_inode_new: Any, name_new: Any, flags: int, ctx: Any
@@ -555,21 +583,21 @@ class AmigaOperations(pyfuse3.Operations):
                 raise FUSEError(errno.EINVAL)
             src = self._name(slot, name_old)
             dst = self._name(slot, name_new)
-            moved = await self._lookup_inode(slot, src_dir, src)
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                try:
-                    st_dst = await volume.lookup(dst_dir, dst)
-                except AmigaFuseError:
-                    st_dst = None
-                if st_dst is not None:
-                    st_src = await volume.lookup(src_dir, src)
-                    if not (st_src.object_id == st_dst.object_id and src_dir == dst_dir):
-                        raise FUSEError(errno.EEXIST)
+            st_src = await self._lookup_quiet(slot, src_dir, src)
+            moved = self.table.find(slot, st_src.object_id) if st_src is not None else None
+            st_dst = await self._lookup_quiet(slot, dst_dir, dst)
+            same = st_src is not None and st_dst is not None and st_src.object_id == st_dst.object_id
+            if flags & pyfuse3.RENAME_NOREPLACE and st_dst is not None and not (same and src_dir == dst_dir):
+                raise FUSEError(errno.EEXIST)
             await volume.rename(src_dir, src, dst_dir, dst)
             if moved is not None:
                 entry = self.table.resolve(moved)
                 if entry is not None:
                     entry.parent = int(parent_inode_new)
+            if not self._case_sensitive[slot]:
+                self._forget_stored_name(int(parent_inode_old), name_old, st_src.name if st_src else None)
+                if st_dst is not None and not same:
+                    self._forget_stored_name(int(parent_inode_new), name_new, st_dst.name)
 
     # ------------------------------------------------------------------ xattrs
     async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:

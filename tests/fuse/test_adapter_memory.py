@@ -182,7 +182,7 @@ def test_killed_server_leaves_no_dead_mount(memory_mount) -> None:  # type: igno
     (s.mountpoint / "x").write_bytes(b"1")
     s.proc.send_signal(signal.SIGKILL)
     s.proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # fusermount3 notices the death; slow under load
     while is_mounted(s.mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not is_mounted(s.mountpoint)  # auto_unmount
@@ -261,3 +261,43 @@ def test_acl_and_security_xattrs_are_unsupported_not_invalid(memory_mount, tmp_p
     assert proc.returncode == 0 and proc.stderr == ""
     assert (m / "copied").read_bytes() == b"payload"
     assert (m / "copied").stat().st_mode & 0o777 == 0o640
+
+
+def _gone_soon(path: Path) -> None:
+    """``path`` stops existing within 2 s (the kernel's entry is invalidated
+    asynchronously, right after the change; the entry timeout is 60 s)."""
+    import time
+
+    deadline = time.monotonic() + 2
+    while os.path.lexists(path):
+        assert time.monotonic() < deadline, f"{path} still exists"
+        time.sleep(0.01)
+
+
+def test_the_stored_spelling_goes_away_when_another_spelling_is_removed(memory_mount) -> None:  # type: ignore[no-untyped-def]
+    m = memory_mount().mountpoint
+    (m / "foo").write_bytes(b"x")
+    os.stat(m / "foo")  # the kernel now caches "foo"
+    os.unlink(m / "FOO")
+    _gone_soon(m / "foo")
+    (m / "Dir").mkdir()
+    os.stat(m / "Dir")
+    os.rmdir(m / "DIR")
+    _gone_soon(m / "Dir")
+    (m / "bar").write_bytes(b"y")
+    os.stat(m / "bar")
+    os.rename(m / "BAR", m / "baz")
+    _gone_soon(m / "bar")
+    assert (m / "baz").read_bytes() == b"y"
+    # a destination replaced under another spelling: "old" must not keep the old file
+    (m / "old").write_bytes(b"1")
+    (m / "new").write_bytes(b"2")
+    old_ino = os.stat(m / "old").st_ino
+    os.rename(m / "new", m / "OLD")
+    import time
+
+    deadline = time.monotonic() + 2
+    while os.stat(m / "old").st_ino == old_ino:
+        assert time.monotonic() < deadline, "'old' still names the replaced file"
+        time.sleep(0.01)
+    assert (m / "old").read_bytes() == b"2"
