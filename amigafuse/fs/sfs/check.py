@@ -322,7 +322,10 @@ async def _check(device: BlockDevice, geometry: VolumeGeometry, repair: bool, re
     tr_raw = await r.raw(tr)
     tr_id = struct.unpack_from(">I", tr_raw, 0)[0]
     if tr_id == codec.TRANSACTIONFAILURE_ID:
-        report.errors.append("an unfinished SmartFilesystem transaction (TRFA) is pending; mount on AmigaOS to replay")
+        report.errors.append(
+            "an unfinished SmartFilesystem transaction (TRFA) is pending: mount the volume read-write "
+            "(amigafuse or AmigaOS) once to replay it"
+        )
     elif tr_id == codec.JOURNAL_HEADER_ID:
         report.errors.append("an unfinished amigafuse journal is pending; open the volume read-write to replay it")
     elif tr_id != codec.TRANSACTIONOK_ID or not codec.checksum_ok(tr_raw, root.sfs2):
