@@ -271,3 +271,59 @@ async def test_errors_are_amigafuse_errors() -> None:
     ):
         with pytest.raises(AmigaFuseError):
             await coro
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["none", "duplicate", "short_record", "empty_with_skip", "chain_loop", "trst_checksum", "targets_chain"],
+)
+async def test_damaged_transaction_records_open_read_only(damage: str) -> None:
+    """A TRFA whose records are damaged or ambiguous is never applied: the volume opens
+    read-only, unchanged, with a note (and the handler's own reading is left to AmigaOS)."""
+    image, geo = await base_image(SFS0, 512)
+    bs = 512
+    good = transactions.compress(image[8 * bs : 9 * bs], image[8 * bs : 9 * bs])  # all unchanged
+    ops = [transactions.Operation(8, 0, good)]
+    chain = [1000, 1001]
+    if damage == "duplicate":
+        ops = [transactions.Operation(8, 0, good), transactions.Operation(8, 0, good)]
+    elif damage == "short_record":
+        ops = [transactions.Operation(8, 0, b"\x40")]  # describes 1 of 128 longs
+    elif damage == "empty_with_skip":
+        ops = [transactions.Operation(8, transactions.OI_EMPTY, good)]
+    elif damage == "targets_chain":
+        ops = [transactions.Operation(1000, 0, good)]
+    stream = transactions.pack_operations(ops)
+    chain = chain[: transactions.storage_block_count(len(stream), bs)]
+    blocks = dict(transactions.storage_blocks(stream, chain, bs, False))
+    if damage == "chain_loop":
+        # One record longer than any chain (65535 bytes): a reader must follow ``next``,
+        # and the chain comes back to its first block.
+        chain = [1000, 1001, 1002]
+        blocks = {}
+        for i, b in enumerate(chain):
+            raw = bytearray(bs)
+            struct.pack_into(">I", raw, 12, chain[(i + 1) % 3])
+            if i == 0:
+                raw[16:18] = b"\xff\xff"
+            blocks[b] = bytes(codec.finish_block(raw, codec.TRANSACTIONSTORAGE_ID, b))
+    if damage == "trst_checksum":
+        raw = bytearray(blocks[1000])
+        raw[40] ^= 1
+        blocks[1000] = bytes(raw)
+    data = bytearray(image)
+    for b, content in blocks.items():
+        data[b * bs : (b + 1) * bs] = content
+    data[5 * bs : 6 * bs] = transactions.failure_block(5, chain[0], bs, False)
+    before = bytes(data)
+    mem = MemoryBlockDevice(data=before)
+    vol = await open_volume(mem, geo, False)
+    if damage == "none":  # the control: the same record, undamaged, is replayed
+        assert not vol.info.read_only
+        assert any("replayed" in n for n in vol.info.notes), vol.info.notes
+        assert bytes(mem.data[5 * bs : 5 * bs + 4]) == b"TROK"
+        return
+    assert vol.info.read_only
+    assert any("TRFA" in n for n in vol.info.notes), vol.info.notes
+    assert "/dir" in await snapshot(vol)
+    assert bytes(mem.data) == before  # nothing was written
