@@ -189,9 +189,12 @@ class SfsWriter(SfsReader):
     async def modify(self, block: int, expect_id: int) -> bytearray:
         """The pending (writable) copy of an existing block, checked first."""
         buf = self.pending.get(block)
-        if buf is not None and self.undo is not None and block in self.undo:
-            # Already changed by this operation (checked then, recorded for undo).
-            self.parsed.pop(block, None)
+        if buf is not None:
+            # Changed since the last commit: checked when it was first read (or built
+            # here); only its type is confirmed (a wrong pointer must not pass).
+            if struct.unpack_from(">I", buf, 0)[0] != expect_id:
+                codec.check_block(bytes(buf), block, expect_id, self.sfs2, checksum=False)
+            self._record(block)
             return buf
         data = await self.block(block, expect_id)
         self._record(block)
