@@ -290,7 +290,8 @@ class AmigaOperations(pyfuse3.Operations):
             return self._attrs(slot, st, inode)
 
     async def setattr(self, inode: Any, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
-        with _translate("setattr", inode, *_fields_named(fields)):
+        named = _fields_named(fields) if log.isEnabledFor(logging.DEBUG) else ()
+        with _translate("setattr", inode, *named):
             slot, object_id = self._resolve(inode)
             if fields.update_uid and attr.st_uid != self.options.uid:
                 raise FUSEError(errno.EPERM)

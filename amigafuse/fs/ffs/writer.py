@@ -1039,7 +1039,8 @@ class FfsVolume(FfsVolumeBase, Volume):
                 block = await self._link_target(block, e)
                 e = await self._entry(block)
             await self._load_parent_dc(block)
-            comment = await self._load_comment(block)
+            if attrs.comment is not None or self.lnfs:
+                await self._load_comment(block)  # a new comment, or LNFS comment blocks
             new_comment = self._encode_comment(attrs.comment) if attrs.comment is not None else None
             # ---- no awaits below
             if new_comment is not None:
@@ -1056,7 +1057,6 @@ class FfsVolume(FfsVolumeBase, Volume):
             self._set(block, e)
             self._dc_refresh(block)
             self._touch()
-            _ = comment
             return await self._stat_real(block, self._ce(block), self._ce(block).name)
 
     async def set_label(self, label: str) -> None:
