@@ -46,6 +46,7 @@ for i in $(seq 150); do
 done
 mount -t affs -o ro /dev/${{part##*/}} /mnt/li || exit 92
 grep -c ' /mnt/af fuse' /proc/mounts
+grep -c -F 'vfio-msix[0]({BDF})' /proc/interrupts
 {PY} tests/vm/guest/tree_digest.py /mnt/af
 {PY} tests/vm/guest/tree_digest.py /mnt/li
 umount /mnt/li
@@ -64,6 +65,7 @@ true
     assert res.rc == 0, res.stdout[-2000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[0] == "1"  # the FUSE mount was live
+    assert lines[1] == "1"  # serving requests on MSI-X vector 0 through VFIO
     assert lines[-1] == "0"  # and is gone after amigafuse umount
     ours, linux = (json.loads(line) for line in lines if line.startswith("{"))
     assert len(ours) > 300  # the handler images hold ~390 objects
@@ -116,6 +118,7 @@ mkdir -p /mnt/af
 head -c 100 /mnt/af/README.txt | wc -c
 sleep 1
 timeout 60 sh -c 'echo {BDF} > /sys/bus/pci/drivers/vfio-pci/unbind'; echo "unbind rc=$?"
+grep -c 'vfio-msix' /proc/interrupts
 timeout 60 cat /mnt/af/sizes/size_1000000.bin > /dev/null 2>/run/cat.err; echo "cat rc=$?"
 grep -c 'Input/output error' /run/cat.err
 timeout 60 {PY} -m amigafuse umount /mnt/af >/dev/null 2>&1; echo "umount rc=$?"
@@ -127,7 +130,8 @@ true
     lines = res.stdout.splitlines()
     assert lines[0] == "100"  # the mount worked before
     assert lines[1] == "unbind rc=0"  # the kernel got the device back from a live mount
-    assert lines[2] == "cat rc=1"  # reading then fails...
-    assert lines[3] == "1"  # ...with EIO, promptly (no timeout: rc would be 124)
-    assert lines[4] == "umount rc=0"  # umount finishes cleanly (read-only: nothing to flush)
-    assert lines[5] == "0"  # and the mount is gone
+    assert lines[2] == "0"  # its MSI-X vector released with it
+    assert lines[3] == "cat rc=1"  # reading then fails...
+    assert lines[4] == "1"  # ...with EIO, promptly (no timeout: rc would be 124)
+    assert lines[5] == "umount rc=0"  # umount finishes cleanly (read-only: nothing to flush)
+    assert lines[6] == "0"  # and the mount is gone
