@@ -402,3 +402,11 @@ def test_concurrent_operations_against_a_model(sequence: list[tuple[bool, int, i
         assert bytes(t.luns[0].data) == bytes(model)
 
     trio.run(main)
+
+
+@given(st.integers(0, C.MAX_LBA_10), st.integers(1, C.MAX_COUNT_10))
+def test_fast_read10_cdb_is_cdb_read(lba: int, count: int) -> None:
+    from amigafuse.driver.scsi.disk import _READ_10
+
+    if lba + count - 1 <= C.MAX_LBA_10:
+        assert _READ_10.pack(C.READ_10, 0, lba, 0, count, 0) == C.read(lba, count)

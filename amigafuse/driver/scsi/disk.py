@@ -28,6 +28,7 @@ Design notes (invariants):
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ _Runner = Callable[[bytes, int], Awaitable[ScsiCommandResult]]
 _ChunkFn = Callable[[int, int], Awaitable[None]]
 
 RETRY_LIMIT = 10
+_READ_10 = struct.Struct(">BBIBHB")  # READ(10): opcode, flags, LBA, group, count, control
 MAX_IN_FLIGHT = 16
 MAX_SCAN_TARGET = 7
 
@@ -383,10 +385,21 @@ class ScsiDisk(BlockDevice):
 
     async def _read_chunk(self, lba: int, count: int) -> bytes:
         nbytes = count * self.block_size
-        cdb = C.read(lba, count)
-        # Fast path: one attempt; anything but GOOD goes through execute() (sense,
-        # retries, unit attentions) starting from this result.
-        result = await self._attempt(cdb, None, nbytes)
+        if count <= C.MAX_COUNT_10 and lba + count - 1 <= C.MAX_LBA_10:
+            cdb = _READ_10.pack(C.READ_10, 0, lba, 0, count, 0)  # C.read, without checks
+        else:
+            cdb = C.read(lba, count)
+        # Fast path: one attempt straight on the transport (as _attempt, inlined: one
+        # coroutine fewer per request); anything but GOOD goes through execute()
+        # (sense, retries, unit attentions) starting from this result.
+        self.stats.commands += 1
+        try:
+            result = await self._transport.execute(
+                self.target, self.lun, cdb, data_in_len=nbytes
+            )
+        except DeviceGone as exc:
+            self._gone = exc
+            raise
         if result.response or result.status:
             result = await self.execute(
                 cdb, data_in_len=nbytes, what=lambda: self._what(cdb, lba, count), first=result
