@@ -764,6 +764,23 @@ def _make_shm(ram_bytes: int, name_hint: str) -> tuple[Path, mmap.mmap]:
 
 
 _IO_URING_USABLE: dict[str, bool] = {}
+_SCHED_BATCH_USABLE: list[bool] = []
+
+
+async def sched_batch_usable() -> bool:
+    """Whether ``chrt --batch 0`` works here (util-linux installed, the policy change
+    allowed: a seccomp profile may refuse it).  Probed once (a few ms), cached."""
+    if not _SCHED_BATCH_USABLE:
+        chrt = shutil.which("chrt")
+        ok = False
+        if chrt is not None:
+            with trio.move_on_after(5):
+                result = await trio.run_process(
+                    [chrt, "--batch", "0", "true"], capture_stderr=True, check=False
+                )
+                ok = result.returncode == 0
+        _SCHED_BATCH_USABLE.append(ok)
+    return _SCHED_BATCH_USABLE[0]
 
 
 async def io_uring_usable(qemu_binary: str) -> bool:
@@ -894,7 +911,7 @@ async def launch_qemu(
 
     ``qmp``: also connect to QEMU's monitor; ``backend.qmp`` is then a
     :class:`QmpClient` (hot-plug and fault injection in tests).
-    ``sched_batch``: run QEMU as SCHED_BATCH (with util-linux ``chrt``, when present):
+    ``sched_batch``: run QEMU as SCHED_BATCH (with util-linux ``chrt``, where it works):
     a kick then wakes QEMU without QEMU preempting us on our CPU (a unix-socket send
     is a "sync" wakeup, which pulls the woken task onto the sender's CPU); on a loaded
     machine that preemption held each kick's ``send`` for 80-400 µs (see docs/driver.md).
@@ -912,6 +929,8 @@ async def launch_qemu(
     binary = _find_qemu(qemu_binary)
     if aio == "auto":
         aio = "io_uring" if await io_uring_usable(binary) else "threads"
+    if sched_batch:
+        sched_batch = await sched_batch_usable()
     for disk in disks:
         if not disk.no_medium and not Path(disk.path).is_file():
             raise UsageError(f"disk image {disk.path} does not exist or is not a file")
