@@ -112,7 +112,10 @@ class Controller:
                     return
 
     async def _reconcile(self, target: int, *, gone: bool) -> None:
-        """Make ``disks``/``failed`` say what is at ``target`` now."""
+        """Make ``disks``/``failed`` say what is at ``target`` now.
+
+        After the scan only this task (one event at a time) changes ``disks`` and
+        ``failed``, so ``present`` is still right after the bring-up's awaits."""
         present = next((d for d in self.disks if d.target == target), None)
         disk: ScsiDisk | None = None
         failure: TargetFailure | None = None
