@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -123,15 +124,13 @@ def sfs183() -> Handler:
 class HandlerRun:
     results: list[Any]
     info: dict[str, Any] | None
-    stdout: str
+    output: str  # the handler's stdout and stderr
 
     @property
     def requests(self) -> list[str]:
-        """The EasyRequests the handler showed (AmiFUSE prints them as ``-----> EasyRequest``)."""
-        return [
-            chunk.split("'", 1)[1].rsplit("'", 1)[0]
-            for chunk in self.stdout.split("-----> EasyRequest")[1:]
-        ]
+        """The EasyRequests the handler showed (vamos logs them as ``-----> EasyRequest '...'``)."""
+        found = re.findall(r"-----> EasyRequest '(.*?)'$", self.output, re.S | re.M)
+        return [" ".join(text.split()) for text in found]  # one line each
 
 
 def run_handler(
@@ -158,7 +157,7 @@ def run_handler(
             pytrace=False,
         )
     got = json.loads(out_file.read_text())
-    return HandlerRun(got["results"], got["info"], done.stdout)
+    return HandlerRun(got["results"], got["info"], done.stdout + done.stderr)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ OPS.json is a list of operations, run in order:
   ["delete", "/path"]                 DeleteObject
   ["mkdir", "/path"]                  CreateDir
   ["rename", "/from", "/to"]          Rename
+  ["flush"]                           nothing but a read-write mount (a pending
+                                      transaction is replayed) and a flush at the end
   ["walk"]                            list the whole tree (ExamineNext) and read every file
 A read-write mount is used when any operation writes.  OUT.json gets
 ``{"results": [...], "info": get_disk_info(), "requests": [...the handler's EasyRequests...]}``.
@@ -89,6 +91,8 @@ def run(bridge: Any, op: list[str]) -> Any:
     verb = op[0]
     if verb == "walk":
         return walk(bridge)
+    if verb == "flush":
+        return {"ok": True}
     if verb == "write":
         data = bytes.fromhex(op[2])
         opened = bridge.open_file(op[1], 0o1 | 0o100 | 0o1000)  # O_WRONLY | O_CREAT | O_TRUNC
