@@ -73,6 +73,11 @@ def _check_probe(probe: dict[str, object]) -> None:
     assert probe["access_platform"] is True
     assert probe["status_after_reset"] == 0 and probe["status_ack"] == 1
     assert probe["arena"] == [1 << 20, 0x1000_0000, "abcd"]
+    # MSI-X on, then the fallback to INTx (the path taken when the device refuses the
+    # vector): the backend says why, and every command below raised INTx.
+    assert probe["msix_enabled"] is True and probe["mode_msix"] == "msix"
+    assert probe["mode_after_fallback"] == "intx"
+    assert probe["msix_note"] == "the device refused MSI-X vector 0 for its queue"
     assert probe["spurious_interrupt"] is False
     assert probe["features_ok"] is True
     assert probe["inquiry"] == [0, 0, "QEMU"]

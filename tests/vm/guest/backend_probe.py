@@ -155,7 +155,13 @@ async def probe(bdf: str, mmap_bars: bool) -> dict[str, object]:
         arena = be.arena
         arena.view[0:4] = b"abcd"
         out["arena"] = [arena.size_bytes, arena.bus_address, bytes(arena.view[0:4]).decode()]
+        # MSI-X first, then INTx, as when the device refuses the queue's vector: the
+        # backend switches MSI-X off again, and the raw requests below must raise INTx.
+        out["msix_enabled"] = await be.enable_msix(devfn)
+        out["mode_msix"] = be.interrupt_mode
         await be.enable_interrupts(devfn)
+        out["mode_after_fallback"] = be.interrupt_mode
+        out["msix_note"] = be.msix_note
         with trio.move_on_after(0.3) as scope:
             await be.wait_interrupt()
         out["spurious_interrupt"] = not scope.cancelled_caught
