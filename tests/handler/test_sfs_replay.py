@@ -42,6 +42,10 @@ class StopDevice(BlockDevice):
         self.dev, self.tr_lba, self.spb, self.stop_at = dev, tr_lba, sectors_per_block, stop_at
         self.trfa_seen = self.stopped = False
 
+    def state(self) -> tuple[bool, bool]:
+        """(TRFA written, stopped)."""
+        return self.trfa_seen, self.stopped
+
     @property
     def block_size(self) -> int:
         return self.dev.block_size
@@ -122,7 +126,7 @@ async def test_sfs183_replays_our_unfinished_commit(
     assert not stop.trfa_seen, "amigafuse committed before close(): the test's premise is wrong"
     with pytest.raises(DeviceGone):
         await vol.close()
-    assert stop.trfa_seen and stop.stopped
+    assert stop.state() == (True, True), "the commit did not reach the stop point"
     assert await block_id(image, tr_lba) == b"TRFA"
 
     run = run_handler(handler_python, image, sfs183.path, [["flush"], ["walk"]], tmp_path)
