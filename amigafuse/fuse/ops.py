@@ -77,6 +77,10 @@ class MountedVolume:
     volume: Volume
     read_only: bool
     notes: list[str] = field(default_factory=list)
+    # Mutating requests seen, and how many of them the last write-back covered
+    # (commit_changed): the periodic commit skips volumes nobody changed.
+    changes: int = 0
+    committed: int = 0
 
 
 @dataclass
@@ -178,6 +182,7 @@ class AmigaOperations(pyfuse3.Operations):
         mv = self.volumes[slot]
         if mv.read_only:
             raise FUSEError(errno.EROFS)
+        mv.changes += 1
         return mv.volume
 
     def _name(self, slot: int, raw: bytes) -> str:
@@ -719,6 +724,27 @@ class AmigaOperations(pyfuse3.Operations):
                 raise FUSEError(pyfuse3.ENOATTR)
 
     # ------------------------------------------------------------------ shutdown
+    async def commit_changed(self) -> None:
+        """Write back every writable volume changed since its last commit (``sync``).
+
+        Run periodically by the session (``-o commit=SECONDS``): without it, changes
+        would reach the disk only on fsync or unmount, since a plain sync(1) never
+        reaches a FUSE daemon.  Errors are logged, not raised: the next commit, fsync or
+        unmount retries.  Runs beside other requests; the engines serialise their own
+        state.  Cancellation: a cancelled sync leaves the volume as the engine's
+        contract says (changes kept for the next write-back).
+        """
+        for mv in self.volumes:
+            if mv.read_only or mv.changes == mv.committed:
+                continue
+            seen = mv.changes  # requests after this point are left for the next round
+            try:
+                await mv.volume.sync()
+            except AmigaFuseError as exc:
+                log.warning("%s: periodic write-back failed: %s", mv.name, exc.message)
+                continue
+            mv.committed = seen
+
     async def close_volumes(self) -> list[str]:
         """Close every volume (flush, mark clean).  Returns error messages (empty when fine)."""
         problems = []

@@ -24,7 +24,7 @@ TRANSPORTS = ("auto", "legacy", "modern")
 KNOWN_HELP = (
     "ro, rw, uid=N, gid=N, umask=OCTAL, allow_other, allow_root, default_permissions, "
     "partition=NAME, backend=qemu|file, transport=auto|legacy|modern, fsname=NAME, "
-    "auto_unmount, noauto_unmount, read_ahead_kb=N"
+    "auto_unmount, noauto_unmount, read_ahead_kb=N, commit=SECONDS"
 )
 
 
@@ -43,6 +43,8 @@ class MountOptions:
     fsname: str | None = None
     auto_unmount: bool = True
     read_ahead_kb: int = 1024
+    # Seconds between write-backs of changes (0: only on fsync/umount), like ext4's commit=.
+    commit_s: int = 5
     passthrough: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
@@ -124,6 +126,8 @@ def parse_options(texts: list[str], base: MountOptions | None = None) -> MountOp
                 opts.auto_unmount = False
             elif key == "read_ahead_kb" and eq:
                 opts.read_ahead_kb = _int(key, value)
+            elif key == "commit" and eq:
+                opts.commit_s = _int(key, value)
             elif key in PASSED and not eq:
                 opts.passthrough.append(key)
             else:

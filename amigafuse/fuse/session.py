@@ -191,12 +191,14 @@ async def serve(
     fuse_options: set[str],
     *,
     read_ahead_kb: int = 1024,
+    commit_s: int = 5,
     on_ready: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> list[str]:
     """Mount ``ops`` at ``mountpoint`` and serve until unmounted or signalled.
 
-    Calls ``on_ready`` once the mount is live (the kernel has had its FUSE_INIT answer).  Returns problems met while closing the
+    Every ``commit_s`` seconds (0: never) changed volumes are written back
+    (``ops.commit_changed``).  Calls ``on_ready`` once the mount is live (the kernel has had its FUSE_INIT answer).  Returns problems met while closing the
     volumes (empty when they were all closed cleanly).  Raises NotAvailable if the mount
     itself fails.  Cancellation: stops serving, still closes the volumes (shielded) and
     unmounts.
@@ -264,8 +266,15 @@ async def serve(
                 finally:
                     nursery.cancel_scope.cancel()
 
+            async def commit_periodically() -> None:
+                while True:
+                    await trio.sleep(commit_s)
+                    await ops.commit_changed()
+
             nursery.start_soon(watch_signals)
             nursery.start_soon(run_main)
+            if commit_s > 0:
+                nursery.start_soon(commit_periodically)
             nursery.start_soon(when_live)
     finally:
         with trio.CancelScope(shield=True) as scope:
