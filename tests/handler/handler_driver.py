@@ -16,7 +16,8 @@ OPS.json is a list of operations, run in order:
   ["walk"]                            list the whole tree (ExamineNext) and read every file
 A read-write mount is used when any operation writes.  OUT.json gets
 ``{"results": [...], "info": get_disk_info(), "requests": [...the handler's EasyRequests...]}``.
-Each walk result maps a path to ``{"type", "size", "protection", "md5"}`` (md5 for files).
+Each walk result maps a path to ``{"type", "size", "protection", "date", "comment", "md5"}``
+(date as [days, minutes, ticks]; md5 for files).
 The handler's own chatter goes to stdout/stderr; the JSON goes to OUT.json only.
 """
 
@@ -32,7 +33,22 @@ from typing import Any
 # mount through amifuse, so make ``import fuse`` fail as amifuse expects when it is absent.
 sys.modules["fuse"] = None  # type: ignore[assignment]
 
-from amifuse.fuse_fs import HandlerBridge  # type: ignore[import-not-found]  # noqa: E402
+import amifuse.fuse_fs  # type: ignore[import-not-found]  # noqa: E402
+from amifuse.fuse_fs import HandlerBridge  # noqa: E402
+
+_bridge_parse_fib = amifuse.fuse_fs._parse_fib
+
+
+def parse_fib(mem: Any, fib_addr: int) -> dict[str, Any]:
+    """The bridge's FileInfoBlock decoding plus fib_Date (132) and fib_Comment (144, BSTR)."""
+    entry: dict[str, Any] = _bridge_parse_fib(mem, fib_addr)
+    entry["date"] = [mem.r32(fib_addr + 132), mem.r32(fib_addr + 136), mem.r32(fib_addr + 140)]
+    raw = bytes(mem.r_block(fib_addr + 144, 80))
+    entry["comment"] = raw[1 : 1 + min(raw[0], 79)].decode("latin-1")
+    return entry
+
+
+amifuse.fuse_fs._parse_fib = parse_fib  # list_dir calls it per entry
 
 ST_ROOT, ST_USERDIR, ST_SOFTLINK, ST_LINKDIR = 1, 2, 3, 4
 ST_FILE, ST_LINKFILE = -3, -4
@@ -75,6 +91,8 @@ def walk(bridge: Any) -> dict[str, Any]:
                 "type": kind,
                 "size": entry["size"],
                 "protection": entry["protection"],
+                "date": entry["date"],
+                "comment": entry["comment"],
             }
             if entry["dir_type"] in (ST_USERDIR, ST_LINKDIR):
                 todo.append(full)

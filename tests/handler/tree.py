@@ -69,19 +69,20 @@ class Model:
     """Path (case as written, '/'-rooted) -> bytes (file), 'DIR', or ('SOFTLINK', target)."""
 
     objects: dict[str, Any] = field(default_factory=dict)
-    protection: dict[str, int] = field(default_factory=dict)
+    # Attributes we set explicitly: "protection" (int), "comment" (str), "date" ([d, m, t]).
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def rename(self, src: str, dst: str) -> None:
         moved = {p: v for p, v in self.objects.items() if p == src or p.startswith(src + "/")}
         for p, v in moved.items():
             del self.objects[p]
             self.objects[dst + p[len(src) :]] = v
-            if p in self.protection:
-                self.protection[dst + p[len(src) :]] = self.protection.pop(p)
+            if p in self.attrs:
+                self.attrs[dst + p[len(src) :]] = self.attrs.pop(p)
 
     def delete(self, path: str) -> None:
         del self.objects[path]
-        self.protection.pop(path, None)
+        self.attrs.pop(path, None)
 
 
 class Writer:
@@ -161,8 +162,13 @@ class Writer:
         await self.vol.setattr(
             st.object_id, SetAttrs(protection=protection, comment=comment, date=date)
         )
+        rec = self.model.attrs.setdefault(path, {})
         if protection is not None:
-            self.model.protection[path] = protection
+            rec["protection"] = protection
+        if comment is not None:
+            rec["comment"] = comment
+        if date is not None:
+            rec["date"] = [date.days, date.minutes, date.ticks]
 
 
 async def build_tree(w: Writer, *, name_limit: int, hard_links: bool, many: int = 150) -> None:
@@ -202,7 +208,17 @@ async def build_tree(w: Writer, *, name_limit: int, hard_links: bool, many: int 
         await w.write_file(f"/meta/{name}", name.encode())
         await w.setattr(f"/meta/{name}", protection=prot)
     await w.write_file("/meta/dated", b"old")
-    await w.setattr("/meta/dated", date=DateStamp(days=1, minutes=2, ticks=150))
+    await w.write_file("/meta/late", b"late")
+    await w.setattr(
+        "/meta/dated", date=DateStamp(days=1, minutes=2, ticks=150)
+    )  # whole seconds (SFS)
+    await w.setattr("/meta/late", date=DateStamp(days=21_935, minutes=194, ticks=350))  # 2038-01-19
+    await w.mkdir("/meta/commented_dir")
+    await w.setattr(
+        "/meta/commented_dir",
+        comment="directory comment",
+        date=DateStamp(days=7000, minutes=600, ticks=0),
+    )
     await w.mkdir("/links")
     await w.symlink("/links/to_size_512", "sizes/size_0000512.bin")
     await w.symlink("/links/to_nested", "/nested/a")
@@ -235,8 +251,7 @@ def expected_listing(model: Model) -> dict[str, Any]:
             out[path] = {"type": "SOFTLINK"}
         else:
             out[path] = {"type": "FILE", "size": len(value), "md5": hashlib.md5(value).hexdigest()}
-        if path in model.protection:
-            out[path]["protection"] = model.protection[path]
+        out[path].update(model.attrs.get(path, {}))
     return out
 
 
@@ -256,8 +271,9 @@ def comparable(listing: dict[str, Any], expected: dict[str, Any]) -> dict[str, A
         if kind == "FILE":
             got["size"] = rec["size"]
             got["md5"] = rec["md5"]
-        if "protection" in want:
-            got["protection"] = rec["protection"]
+        for key in ("protection", "comment", "date"):
+            if key in want:
+                got[key] = rec[key]
         out[path] = got
     return out
 
@@ -291,4 +307,6 @@ async def our_listing(vol: Volume) -> dict[str, Any]:
 
 
 def strip_protection(listing: dict[str, Any]) -> dict[str, Any]:
-    return {p: {k: v for k, v in r.items() if k != "protection"} for p, r in listing.items()}
+    """Only type, size and md5 (what our_listing reports)."""
+    keep = ("type", "size", "md5")
+    return {p: {k: v for k, v in r.items() if k in keep} for p, r in listing.items()}
