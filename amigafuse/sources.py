@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from amigafuse.blockdev.base import BlockDevice, DeviceInfo
 from amigafuse.blockdev.file import FileBlockDevice
-from amigafuse.errors import NotAvailable, UsageError
+from amigafuse.errors import DeviceError, NotAvailable, UsageError
 
 Backend = Literal["qemu", "file"]
 BACKENDS: tuple[str, ...] = ("qemu", "file")
@@ -128,6 +128,14 @@ async def open_units(
         for target, src in enumerate(sources):
             disk = by_target.get(target)
             if disk is None:
+                failure = next((f for f in controller.failed if f.target == target), None)
+                if failure is not None:
+                    raise DeviceError(
+                        f"{src}: the disk at SCSI target {target} did not come up: "
+                        f"{failure.message} (is the image readable and not empty? "
+                        "`amigafuse list` shows every target)",
+                        errno=failure.error.errno,
+                    ) from failure.error
                 raise NotAvailable(
                     f"{src}: QEMU's controller shows no disk at target {target}; "
                     "try --backend file"
