@@ -8,6 +8,8 @@ Usage: ``python handler_driver.py IMAGE HANDLER OPS.json OUT.json``
 
 OPS.json is a list of operations, run in order:
   ["write", "/path", "<hex bytes>"]   create or replace a file (FINDOUTPUT + Write)
+  ["overwrite", "/path", off, "<hex>"] FINDUPDATE, Seek, Write (in place or past the end)
+  ["truncate", "/path", size]         FINDUPDATE, SetFileSize
   ["delete", "/path"]                 DeleteObject
   ["mkdir", "/path"]                  CreateDir
   ["rename", "/from", "/to"]          Rename
@@ -122,6 +124,22 @@ def run(bridge: Any, op: list[str]) -> Any:
         if dir_lock:
             bridge.free_lock(dir_lock)
         return {"ok": written == len(data), "written": written}
+    if verb in ("overwrite", "truncate"):
+        opened = bridge.open_file(op[1], 0o2)  # O_RDWR: FINDUPDATE
+        if opened is None:
+            return {"ok": False, "why": f"cannot open {op[1]} for update"}
+        fh, dir_lock = opened
+        if verb == "overwrite":
+            data = bytes.fromhex(op[3])
+            done = bridge.write_handle_at(fh, int(op[2]), data)
+            ok = done == len(data)
+        else:
+            done = bridge.set_handle_size(fh, int(op[2]))
+            ok = done == int(op[2])
+        bridge.close_file(fh)
+        if dir_lock:
+            bridge.free_lock(dir_lock)
+        return {"ok": ok, "result": done}
     if verb == "delete":
         parent, name = split(op[1])
         lock, locks = parent_lock(bridge, parent)
