@@ -8,6 +8,7 @@ the handler side is a subprocess (``handler_driver.py``) in that venv.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -51,6 +52,14 @@ def _venv_python() -> Path:
 
 
 def _make_venv() -> Path:
+    CACHE.mkdir(exist_ok=True)
+    # Two test runs at once (a shared machine) must not build the venv over each other.
+    with open(CACHE / "handler-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _make_venv_locked()
+
+
+def _make_venv_locked() -> Path:
     want = "\n".join(HANDLER_PACKAGES)
     py = _venv_python()
     if py.exists() and STAMP.exists() and STAMP.read_text() == want:
@@ -66,12 +75,13 @@ def _make_venv() -> Path:
             pytrace=False,
         )
     pip = subprocess.run(
-        [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *HANDLER_PACKAGES],
+        [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+         "--only-binary", "machine68k-amifuse,greenlet", *HANDLER_PACKAGES],
         capture_output=True, text=True,
     )  # fmt: skip
     if pip.returncode != 0:
         shutil.rmtree(VENV, ignore_errors=True)
-        if "machine68k" in pip.stderr and "No matching distribution" in pip.stderr:
+        if "No matching distribution found for machine68k-amifuse" in pip.stderr:
             pytest.skip(
                 f"no machine68k-amifuse wheel for this platform ({platform.machine()}, "
                 f"Python {platform.python_version()}): the real handlers cannot be emulated here"
