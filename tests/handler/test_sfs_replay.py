@@ -2,9 +2,10 @@
 
 amigafuse's commit (amigafuse/fs/sfs/writer.py): TRST chain; TRFA at root OC + 2; the
 blocks in place; TROK at root OC + 2.  A device wrapper stops it (a) at the TROK write
-(every block already in place) or (b) at the first in-place write after TRFA (nothing in
-place yet).  The real handler must find the transaction, replay it, and then list exactly
-the new tree; TROK is back at root OC + 2 and amigafuse's check finds the volume clean.
+(every block already in place), (b) at the first in-place write after TRFA (nothing in
+place yet) or (c) at the third (two write requests in place, the rest not).  The real
+handler must find the transaction, replay it, and then list exactly the new tree; TROK
+is back at root OC + 2 and amigafuse's check finds the volume clean.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class StopDevice(BlockDevice):
     def __init__(self, dev: BlockDevice, tr_lba: int, sectors_per_block: int, stop_at: str) -> None:
         self.dev, self.tr_lba, self.spb, self.stop_at = dev, tr_lba, sectors_per_block, stop_at
         self.trfa_seen = self.stopped = False
+        self.in_place_writes = 0  # write requests after TRFA that reached the disk
 
     def state(self) -> tuple[bool, bool]:
         """(TRFA written, stopped)."""
@@ -73,11 +75,17 @@ class StopDevice(BlockDevice):
         if tr_id == b"TRFA":
             assert nsect == self.spb, "TRFA written together with other blocks"
             self.trfa_seen = True
-        elif self.trfa_seen and (self.stop_at == "first" or tr_id == b"TROK"):
+        elif self.trfa_seen and (
+            (self.stop_at == "first" and self.in_place_writes == 0)
+            or (self.stop_at == "third" and self.in_place_writes == 2)
+            or tr_id == b"TROK"
+        ):
             self.stopped = True
             raise DeviceGone(
-                f"stopped at {'the first in-place write' if self.stop_at == 'first' else 'TROK'}"
+                f"stopped at {self.stop_at} (after {self.in_place_writes} in-place writes)"
             )
+        elif self.trfa_seen:
+            self.in_place_writes += 1
         await self.dev.write(lba, data)
 
 
@@ -94,7 +102,7 @@ async def block_id(image: Path, lba: int) -> bytes:
     return (await dev.read(lba, 1))[:4]
 
 
-@pytest.mark.parametrize("stop_at", ["trok", "first"])
+@pytest.mark.parametrize("stop_at", ["trok", "first", "third"])
 @pytest.mark.parametrize("block_size", [512, 1024])
 async def test_sfs183_replays_our_unfinished_commit(
     stop_at: str, block_size: int, handler_python: Path, sfs183: Handler, tmp_path: Path
@@ -127,6 +135,8 @@ async def test_sfs183_replays_our_unfinished_commit(
     with pytest.raises(DeviceGone):
         await vol.close()
     assert stop.state() == (True, True), "the commit did not reach the stop point"
+    if stop_at == "third":
+        assert stop.in_place_writes == 2, "too few in-place writes to stop at the third"
     assert await block_id(image, tr_lba) == b"TRFA"
 
     run = run_handler(handler_python, image, sfs183.path, [["flush"], ["walk"]], tmp_path)
