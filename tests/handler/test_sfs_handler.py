@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from amigafuse.fs.sfs import codec
+from amigafuse.errors import NotFound
+from amigafuse.fs.sfs import codec, format_volume
 from tests.engine.test_sfs_support import first_partition
 from tests.handler.conftest import Handler, run_handler
 from tests.handler.scenarios import write_read_change
@@ -20,6 +22,8 @@ from tests.handler.tree import (
     expected_listing,
     make_disk,
     open_rw,
+    our_listing,
+    strip_protection,
 )
 
 SFS18X_NAME_LIMIT = 100  # SmartFilesystem 1.8x refuses longer names (1.277 takes 107)
@@ -80,3 +84,55 @@ async def test_sfs183_reads_our_grown_trees(
     got = comparable(run.results[0], want)
     assert got == want, f"SmartFilesystem 1.83 on our grown trees:\n{diff(got, want)}"
     assert run.requests == [], run.requests
+
+
+async def test_sfs183_on_our_case_sensitive_volume_without_recycled(
+    handler_python: Path, sfs183: Handler, tmp_path: Path
+) -> None:
+    """Root bits case-sensitive and no .recycled (as `sfs0_v1277_cs_norec`): names that
+    differ only in case are distinct objects, and the handler's deletes really delete."""
+    image = tmp_path / "sfs0_cs_norec.hdf"
+    make_disk(image, "SFS", handler=sfs183.path, formatted=False)
+    dev, geo = first_partition(image, read_only=False)
+    await format_volume(dev, geo, "CaseSens", case_sensitive=True, recycled=False)
+    vol, _, _ = await open_rw(image)
+    assert vol.info.case_sensitive
+    model = Model()
+    w = Writer(vol, model)
+    await w.mkdir("/case")
+    for name in ("readme", "README", "ReadMe", "rEADME"):
+        await w.write_file(f"/case/{name}", content(name, 100 + len(name)))
+    await w.mkdir("/case/Dir")
+    await w.mkdir("/case/dir")
+    await w.write_file("/case/dir/x", b"lower")
+    await w.write_file("/case/Dir/x", b"upper")
+    await w.unlink("/case/ReadMe")
+    await vol.close()
+    await check_clean(image)
+    ops: list[list[Any]] = [
+        ["walk"],
+        ["delete", "/case/README"],
+        ["write", "/case/Readme", "cafe"],
+        ["walk"],
+    ]
+    run = run_handler(handler_python, image, sfs183.path, ops, tmp_path)
+    want = expected_listing(model)
+    got = comparable(run.results[0], want)
+    assert got == want, f"SmartFilesystem 1.83 on our case-sensitive volume:\n{diff(got, want)}"
+    assert [r.get("ok") for r in run.results[1:3]] == [True, True], run.results[1:3]
+    model.delete("/case/README")
+    model.objects["/case/Readme"] = b"\xca\xfe"
+    want = expected_listing(model)
+    got = comparable(run.results[3], want)
+    assert got == want, f"after the handler's changes:\n{diff(got, want)}"
+    await check_clean(image)
+    vol, _, _ = await open_rw(image, read_only=True)
+    try:
+        ours = await our_listing(vol)
+        names = [st.name for st in await vol.readdir(vol.root_id)]
+        with pytest.raises(NotFound):
+            await vol.lookup(vol.root_id, ".recycled")
+    finally:
+        await vol.close()
+    assert ours == strip_protection(want), diff(ours, strip_protection(want))
+    assert names == ["case"], names

@@ -34,13 +34,16 @@ def content(seed: str, size: int) -> bytes:
 
 
 def make_disk(path: Path, dostype_name: str, *, size: str = "24M", block_size: int = 512,
-              handler: Path | None = None) -> None:  # fmt: skip
-    """A new disk image: RDB and filesystem both written by amigafuse (mkdisk, file backend)."""
+              handler: Path | None = None, formatted: bool = True) -> None:  # fmt: skip
+    """A new disk image: RDB and filesystem both written by amigafuse (mkdisk, file backend);
+    ``formatted=False`` leaves the partition for the caller to format."""
     opts = f":bs={block_size}" if block_size != 512 else ""
     cmd = [sys.executable, "-m", "amigafuse", "mkdisk", str(path), "--size", size, "--backend", "file",
            "--partition", f"DH0:{dostype_name}:rest{opts}"]  # fmt: skip
     if handler is not None:
         cmd += ["--handler", str(handler)]
+    if not formatted:
+        cmd.append("--no-format")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, f"mkdisk failed: {done.stdout}{done.stderr}"
 
