@@ -97,6 +97,20 @@ async def transaction_block(image: Path) -> tuple[int, int]:
     return (root.rootobjectcontainer + 2) * spb, spb
 
 
+async def trst_chain(image: Path, tr_lba: int, spb: int) -> list[int]:
+    """The TRST blocks the TRFA block at ``tr_lba`` points to, in order (bounded walk)."""
+    dev, _ = first_partition(image)
+    trfa = codec.TransactionFailure.unpack(await dev.read(tr_lba, spb))
+    chain: list[int] = []
+    block = trfa.firsttransaction
+    while block and len(chain) < 10_000:
+        trst = codec.TransactionStorage.unpack(await dev.read(block * spb, spb))
+        assert trst.id == codec.TRANSACTIONSTORAGE_ID and trst.ownblock == block, (block, trst.id)
+        chain.append(block)
+        block = trst.next
+    return chain
+
+
 async def block_id(image: Path, lba: int) -> bytes:
     dev, _ = first_partition(image)
     return (await dev.read(lba, 1))[:4]
@@ -138,6 +152,10 @@ async def test_sfs183_replays_our_unfinished_commit(
     if stop_at == "third":
         assert stop.in_place_writes == 2, "too few in-place writes to stop at the third"
     assert await block_id(image, tr_lba) == b"TRFA"
+    chain = await trst_chain(image, tr_lba, spb)
+    assert len(chain) >= 2, (
+        f"the transaction's records fit one TRST block ({chain}): too small a test"
+    )
 
     run = run_handler(handler_python, image, sfs183.path, [["flush"], ["walk"]], tmp_path)
     assert any("unfinished transaction" in r for r in run.requests), run.requests
