@@ -26,13 +26,15 @@ from tests.handler.tree import (
 async def write_read_change(
     handler_python: Path, handler: Handler, image: Path, dostype_name: str, *, block_size: int,
     name_limit: int, hard_links: bool, tmp: Path, handler_truncates: bool = True,
+    info_bytes_per_block: int | None = None,
 ) -> Any:  # fmt: skip
     """Make ``image`` (mkdisk: RDB + ``dostype_name`` filesystem, both by amigafuse), fill
     it with build_tree, let ``handler`` read it and change it, and check it with ours.
 
     ``handler_truncates=False`` leaves out the handler's SetFileSize (FastFileSystem on
     DOS\\4/5 keeps the old size in the dircache record after it: shared/images/handler
-    README).  Fails with a diff at the first disagreement.  Returns what the caller may check
+    README).  ``info_bytes_per_block``: what the handler's Info reports as bytes per block
+    (default ``block_size``; OFS reports its data bytes, ``block_size - 24``).  Fails with a diff at the first disagreement.  Returns what the caller may check
     further: ``{"recycled": names in SFS's .recycled after the handler's deletes, or None}``."""
     make_disk(image, dostype_name, block_size=block_size, handler=handler.path)
     vol, _, geo = await open_rw(image)
@@ -49,7 +51,9 @@ async def write_read_change(
     got = comparable(run.results[0], want)
     assert got == want, f"{handler.version} sees our volume differently:\n{diff(got, want)}"
     assert run.requests == [], f"the handler complained: {run.requests}"
-    assert run.info is not None and run.info["bytes_per_block"] == block_size
+    assert run.info is not None and run.info["bytes_per_block"] == (
+        info_bytes_per_block or block_size
+    ), run.info
 
     # 2. The handler changes our volume; our check finds it clean and our reader sees
     #    exactly the handler's change.
@@ -85,11 +89,9 @@ async def write_read_change(
     for path, offset in (("/sizes/size_0100000.bin", 40_000), ("/sizes/size_0000513.bin", 513)):
         old = bytearray(model.objects[path])
         old[offset : offset + len(patch)] = patch
-        model.objects[path] = bytes(old)
+        model.set_file(path, bytes(old))
     if handler_truncates:
-        model.objects["/sizes/size_0300001.bin"] = model.objects["/sizes/size_0300001.bin"][
-            :123_456
-        ]
+        model.set_file("/sizes/size_0300001.bin", model.objects["/sizes/size_0300001.bin"][:123_456])
     want = expected_listing(model)
     got = comparable(run.results[-1], want)
     assert got == want, f"the handler's own view after its changes:\n{diff(got, want)}"

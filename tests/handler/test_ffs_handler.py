@@ -79,4 +79,5 @@ async def test_ffs_reads_and_writes_our_volume(
         handler_python, ffs, tmp_path / f"dos{dos}.hdf", f"DOS{dos}", block_size=512,
         name_limit=LNFS_NAME_LIMIT if lnfs else FFS_NAME_LIMIT, hard_links=True, tmp=tmp_path,
         handler_truncates=dos not in (4, 5),
+        info_bytes_per_block=512 - 24 if dos % 2 == 0 else 512,  # OFS: data bytes per block
     )  # fmt: skip

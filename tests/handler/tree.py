@@ -74,18 +74,41 @@ class Model:
     objects: dict[str, Any] = field(default_factory=dict)
     # Attributes we set explicitly: "protection" (int), "comment" (str), "date" ([d, m, t]).
     attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Hard links: path -> every path naming the same file (one shared set per file).
+    same_file: dict[str, set[str]] = field(default_factory=dict)
+
+    def link(self, target: str, path: str) -> None:
+        group = self.same_file.get(target, {target})
+        group.add(path)
+        for p in group:
+            self.same_file[p] = group
+        self.objects[path] = self.objects[target]
+
+    def set_file(self, path: str, data: bytes) -> None:
+        """New contents for ``path`` and every hard link to the same file."""
+        for p in self.same_file.get(path, {path}):
+            self.objects[p] = data
 
     def rename(self, src: str, dst: str) -> None:
         moved = {p: v for p, v in self.objects.items() if p == src or p.startswith(src + "/")}
         for p, v in moved.items():
             del self.objects[p]
-            self.objects[dst + p[len(src) :]] = v
+            new = dst + p[len(src) :]
+            self.objects[new] = v
             if p in self.attrs:
-                self.attrs[dst + p[len(src) :]] = self.attrs.pop(p)
+                self.attrs[new] = self.attrs.pop(p)
+            group = self.same_file.pop(p, None)
+            if group is not None:
+                group.discard(p)
+                group.add(new)
+                self.same_file[new] = group
 
     def delete(self, path: str) -> None:
         del self.objects[path]
         self.attrs.pop(path, None)
+        group = self.same_file.pop(path, None)
+        if group is not None:
+            group.discard(path)
 
 
 class Writer:
@@ -124,13 +147,13 @@ class Writer:
         if len(old) < offset:
             old += bytes(offset - len(old))
         old[offset : offset + len(data)] = data
-        self.model.objects[path] = bytes(old)
+        self.model.set_file(path, bytes(old))
 
     async def truncate(self, path: str, size: int) -> None:
         st = await self.resolve(path)
         await self.vol.truncate(st.object_id, size)
         old = self.model.objects[path]
-        self.model.objects[path] = old[:size] + bytes(max(0, size - len(old)))
+        self.model.set_file(path, old[:size] + bytes(max(0, size - len(old))))
 
     async def unlink(self, path: str) -> None:
         d, n = await self.parent(path)
@@ -152,7 +175,7 @@ class Writer:
         st = await self.resolve(target)
         d, n = await self.parent(path)
         await self.vol.link(st.object_id, d, n)
-        self.model.objects[path] = self.model.objects[target]
+        self.model.link(target, path)
 
     async def symlink(self, path: str, target: str) -> None:
         d, n = await self.parent(path)
