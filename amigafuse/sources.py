@@ -72,6 +72,15 @@ def _check_sources(sources: Sequence[str]) -> None:
         raise UsageError(f"{special[0]} stands alone: it brings all of its controller's disks")
 
 
+def check_arguments(sources: Sequence[str], backend: str, transport: str) -> None:
+    """Raise UsageError for SOURCE lists, backends or transports ``open_units`` refuses."""
+    _check_sources(sources)
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: use qemu or file")
+    if transport not in TRANSPORTS:
+        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+
+
 @asynccontextmanager
 async def open_units(
     sources: Sequence[str],
@@ -86,11 +95,7 @@ async def open_units(
     (QEMU/VFIO missing), DeviceError subclasses when a disk does not come up.
     Cancellation: the driver's context managers own QEMU and their tasks and stop them
     on any exit."""
-    _check_sources(sources)
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: use qemu or file")
-    if transport not in TRANSPORTS:
-        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+    check_arguments(sources, backend, transport)
     first = sources[0]
     if first.startswith("vfio:"):
         bdf = first.removeprefix("vfio:")

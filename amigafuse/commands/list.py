@@ -26,9 +26,9 @@ from amigafuse.sources import (
     BACKENDS,
     TRANSPORTS,
     Unit,
-    _check_sources,
     _driver,
     _scsi_unit,
+    check_arguments,
     format_size,
     open_units,
 )
@@ -149,11 +149,7 @@ async def gather(sources: list[str], backend: str, transport: str) -> Listing:
     DeviceGone when QEMU dies."""
     mounter = Mounter(engine_name)
     listing = Listing()
-    _check_sources(sources)
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: use qemu or file")
-    if transport not in TRANSPORTS:
-        raise UsageError(f"unknown transport {transport!r}: use auto, legacy or modern")
+    check_arguments(sources, backend, transport)
     first = sources[0]
     if backend == "file" and not first.startswith(("qemu:", "vfio:")):
         async with open_units(sources, backend=backend, transport=transport, read_only=True) as units:
