@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +31,16 @@ SHARED_IMAGES = REPO.parent / "shared" / "images"
 REAL = SHARED_IMAGES / "real"
 HANDLER = SHARED_IMAGES / "handler"
 CACHE = REPO / "cache"
+
+
+def content(seed: str, size: int) -> bytes:
+    """``size`` deterministic pseudo-random bytes named by ``seed`` (test file contents)."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}/{i}".encode()).digest()
+        i += 1
+    return bytes(out[:size])
 
 
 def shared_image(relpath: str) -> Path:

@@ -14,6 +14,7 @@ from amigafuse.blockdev.base import BlockDevice
 from amigafuse.blockdev.file import FileBlockDevice
 from amigafuse.blockdev.window import PartitionDevice
 from amigafuse.fs.api import Kind, Stat, Volume
+from tests.conftest import content  # noqa: F401  (re-exported for the tests of this tier)
 
 
 @dataclass
@@ -62,15 +63,6 @@ def rdb_partitions(path: Path) -> list[Part]:
 def partition_device(path: Path, part: Part, read_only: bool = False) -> BlockDevice:
     dev = FileBlockDevice(str(path), read_only=read_only)
     return PartitionDevice(dev, part.first_sector, part.sectors)
-
-
-def content(seed: str, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}/{i}".encode()).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 async def walk(vol: Volume) -> dict[str, Stat]:

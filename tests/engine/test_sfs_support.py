@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev import FileBlockDevice, PartitionDevice
 from amigafuse.fs.api import Kind, Volume
+from tests.conftest import content  # noqa: F401  (re-exported for the tests of this tier)
 
 
 def first_partition(path: Path, *, read_only: bool = True) -> tuple[PartitionDevice, VolumeGeometry]:
@@ -45,15 +45,6 @@ def first_partition(path: Path, *, read_only: bool = True) -> tuple[PartitionDev
         high_cyl=high,
     )
     return PartitionDevice(dev, first, count, read_only=read_only), geo
-
-
-def content(seed: str, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}/{i}".encode()).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 def load_manifest(name: str) -> dict[str, Any]:

@@ -19,18 +19,10 @@ from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev import PartitionDevice
 from amigafuse.fs import engine_for
 from amigafuse.fs.api import Kind, SetAttrs, Stat, Volume
+from tests.conftest import content
 from tests.engine.test_sfs_support import first_partition
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def content(seed: str, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}/{i}".encode()).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 def make_disk(path: Path, dostype_name: str, *, size: str = "24M", block_size: int = 512,
