@@ -568,6 +568,7 @@ class SfsVolume(Volume):
         if extents != old:
             await w.sync_extents(object_id, old, extents)
         new_first = extents[0][0] if extents else 0
+        in_recycled = (await w.container(loc.container)).parent == codec.RECYCLEDNODE
         # Extent and bitmap changes above touch no object container: ``loc`` holds.
         await w.update_object(
             object_id,
@@ -575,6 +576,17 @@ class SfsVolume(Volume):
                        protection=obj.protection & ~FIBF_ARCHIVE),
             loc,
         )  # fmt: skip
+        await self._recount_recycled(in_recycled, size, max(size, end))
+
+    async def _recount_recycled(self, in_recycled: bool, old_size: int, new_size: int) -> None:
+        """Keep the root info's block count exact when a file already in
+        ``.recycled`` (an open file unlinked under FUSE) changes size: the count is of
+        the blocks of the size, as ``_delete`` takes it off again."""
+        w = self._writer()
+        bs = w.block_size
+        delta = (new_size + bs - 1) // bs - (old_size + bs - 1) // bs
+        if delta and in_recycled:
+            await w.adjust_deleted(0, delta)
 
     async def write(self, object_id: int, offset: int, data: bytes) -> int:
         if offset < 0:
@@ -595,7 +607,8 @@ class SfsVolume(Volume):
 
         async def op() -> None:
             w = self._writer()
-            obj = (await self._file(object_id)).obj
+            loc = await self._file(object_id)
+            obj = loc.obj
             if size > obj.size:
                 pos = obj.size
                 while pos < size:
@@ -603,6 +616,7 @@ class SfsVolume(Volume):
                     await self._write(object_id, pos, bytes(n))
                     pos += n
                 return
+            in_recycled = (await w.container(loc.container)).parent == codec.RECYCLEDNODE
             old = await w.file_extents(obj)
             keep = (size + w.block_size - 1) // w.block_size
             extents = w.shrink_extents(old, keep)
@@ -613,6 +627,7 @@ class SfsVolume(Volume):
                 replace(obj, size=size, data=extents[0][0] if extents else 0, datemodified=now_seconds(),
                         protection=obj.protection & ~FIBF_ARCHIVE),
             )  # fmt: skip
+            await self._recount_recycled(in_recycled, obj.size, size)
 
         await self._mutate(op)
 
