@@ -139,19 +139,31 @@ def compress(original: bytes, new: bytes) -> bytes:
     the next long that is zero, all ones or unchanged."""
     if len(original) != len(new):
         raise ValueError("blocks of different sizes")
-    a = struct.unpack(f">{len(original) // 4}I", original)
+    return _encode(struct.unpack(f">{len(original) // 4}I", original), new)
+
+
+def compress_from_zero(new: bytes) -> bytes:
+    """``new`` encoded for an OI_EMPTY record (the handler's ``compressfromzero``
+    choices): zero and all-ones runs, else literal runs; never a skip run."""
+    return _encode(None, new)
+
+
+def _encode(a: tuple[int, ...] | None, new: bytes) -> bytes:
+    """The run choices of :func:`compress`; without an original (``a`` None) there are
+    no unchanged runs, which gives :func:`compress_from_zero`."""
     b = struct.unpack(f">{len(new) // 4}I", new)
     end = len(b)
     out = bytearray()
     i = 0
     while i < end:
         limit = min(MAX_RUN, end - i)
-        if a[i : i + limit] == b[i : i + limit]:
-            unchanged = limit
-        else:
-            unchanged = 0
-            while a[i + unchanged] == b[i + unchanged]:
-                unchanged += 1
+        unchanged = 0
+        if a is not None:
+            if a[i : i + limit] == b[i : i + limit]:
+                unchanged = limit
+            else:
+                while a[i + unchanged] == b[i + unchanged]:
+                    unchanged += 1
         cleared = set_ = 0
         if unchanged < limit:
             cleared = _run(b, i, limit, 0)
@@ -168,32 +180,6 @@ def compress(original: bytes, new: bytes) -> bytes:
                 i += set_
             continue
         n = _literal(a, b, i, limit)
-        out.append(0xC0 | (n - 1))
-        out += new[i * 4 : (i + n) * 4]
-        i += n
-    return bytes(out)
-
-
-def compress_from_zero(new: bytes) -> bytes:
-    """``new`` encoded for an OI_EMPTY record (the handler's ``compressfromzero``
-    choices): zero and all-ones runs, else literal runs; never a skip run."""
-    b = struct.unpack(f">{len(new) // 4}I", new)
-    end = len(b)
-    out = bytearray()
-    i = 0
-    while i < end:
-        limit = min(MAX_RUN, end - i)
-        cleared = _run(b, i, limit, 0)
-        set_ = _run(b, i, limit, ALL_ONES)
-        if cleared != set_:
-            if cleared:
-                out.append(cleared - 1)
-                i += cleared
-            else:
-                out.append(0x80 | (set_ - 1))
-                i += set_
-            continue
-        n = _literal(None, b, i, limit)
         out.append(0xC0 | (n - 1))
         out += new[i * 4 : (i + n) * 4]
         i += n
