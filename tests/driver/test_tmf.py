@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from amigafuse.driver.backends.qtest import QemuDisk, launch_qemu
+from amigafuse.driver.backends.qtest import QemuDisk, QtestBackend, launch_qemu
 from amigafuse.driver.scsi import cdb as C
 from amigafuse.driver.virtio.scsi import (
     VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
@@ -54,18 +56,31 @@ def _image(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
+@asynccontextmanager
+async def _breakable(
+    tmp_path: Path, transport: str | None = None
+) -> AsyncIterator[tuple[QtestBackend, VirtioScsiController, bytes]]:
+    """QEMU with one 1 MiB disk behind blkdebug (no errors; ``break`` via QMP), its
+    controller with a 1 s watchdog, the power-on UNIT ATTENTION consumed."""
+    path, data = _image(tmp_path)
+    disk = QemuDisk(path, blkdebug_rules="")  # blkdebug in the chain, no errors
+    device = {} if transport is None else {"device": device_for(transport)}
+    options = {} if transport is None else {"transport": transport}
+    async with (
+        launch_qemu([disk], qmp=True, **device) as backend,  # type: ignore[arg-type]
+        open_virtio_scsi(backend, request_timeout=1.0, **options) as ctl,  # type: ignore[arg-type]
+    ):
+        assert backend.qmp is not None
+        await _settle(ctl)
+        yield backend, ctl, data
+
+
 @pytest.mark.parametrize("transport", ["legacy", "modern"])
 async def test_a_hung_request_is_aborted_and_the_controller_goes_on(
     tmp_path: Path, transport: str
 ) -> None:
-    path, data = _image(tmp_path)
-    disk = QemuDisk(path, blkdebug_rules="")  # blkdebug in the chain, no errors
-    async with (
-        launch_qemu([disk], device=device_for(transport), qmp=True) as backend,  # type: ignore[arg-type]
-        open_virtio_scsi(backend, transport=transport, request_timeout=1.0) as ctl,  # type: ignore[arg-type]
-    ):
+    async with _breakable(tmp_path, transport) as (backend, ctl, data):
         assert backend.qmp is not None
-        await _settle(ctl)
         # A LOGICAL UNIT RESET on an idle LUN is carried out (the control queue works).
         assert tmf_succeeded(
             await ctl.task_management(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, encode_lun(0, 0))
@@ -103,14 +118,8 @@ async def test_more_hung_requests_than_tmf_buffers(tmp_path: Path) -> None:
     # first read that reaches it, so each is set once the previous read is suspended);
     # the watchdog aborts all six through the four TMF buffers (the last two wait for a
     # free one); once resumed, all six fail as aborted and the controller goes on.
-    path, data = _image(tmp_path)
-    disk = QemuDisk(path, blkdebug_rules="")
-    async with (
-        launch_qemu([disk], qmp=True) as backend,
-        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
-    ):
+    async with _breakable(tmp_path) as (backend, ctl, data):
         assert backend.qmp is not None
-        await _settle(ctl)
         tags = [f"h{i}" for i in range(6)]
         errors: list[BaseException] = []
         completed: list[tuple[int, bytes]] = []
@@ -154,14 +163,8 @@ async def test_a_hung_request_whose_caller_gave_up_is_aborted_too(tmp_path: Path
     # The caller is cancelled while the device holds its request: the slot stays the
     # device's (abandoned); the watchdog aborts it all the same, and once QEMU lets go
     # of it the slot is free again.
-    path, data = _image(tmp_path)
-    disk = QemuDisk(path, blkdebug_rules="")
-    async with (
-        launch_qemu([disk], qmp=True) as backend,
-        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
-    ):
+    async with _breakable(tmp_path) as (backend, ctl, data):
         assert backend.qmp is not None
-        await _settle(ctl)
         await backend.qmp.hmp('qemu-io vd0 "break read_aio gaveup"')
         with trio.move_on_after(0.3) as scope:
             await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
@@ -180,14 +183,8 @@ async def test_a_hung_request_whose_caller_gave_up_is_aborted_too(tmp_path: Path
 
 
 async def test_a_request_that_never_returns_ends_in_device_gone(tmp_path: Path) -> None:
-    path, _ = _image(tmp_path)
-    disk = QemuDisk(path, blkdebug_rules="")
-    async with (
-        launch_qemu([disk], qmp=True) as backend,
-        open_virtio_scsi(backend, request_timeout=1.0) as ctl,
-    ):
+    async with _breakable(tmp_path) as (backend, ctl, _):
         assert backend.qmp is not None
-        await _settle(ctl)
         await backend.qmp.hmp('qemu-io vd0 "break read_aio never"')
         with trio.fail_after(20), pytest.raises(DeviceGone) as gone:
             await ctl.execute(0, 0, C.read(8, 1), data_in_len=512)
