@@ -991,18 +991,25 @@ async def _setup_control(
     ring: SplitRing[_TmfSlot] = SplitRing(
         arena.view[plan.ring : plan.ring + layout.total_bytes], layout, event_idx=event_idx
     )
-    base = arena.bus_address + plan.ring
-    vector = await vt.setup_queue(
-        CONTROL_QUEUE,
-        size,
-        base + layout.desc_offset,
-        base + layout.avail_offset,
-        base + layout.used_offset,
-        msix_vector=0 if msix else VIRTIO_MSI_NO_VECTOR,
-    )
-    if msix and vector != 0:
+    if not await _enable_queue(vt, CONTROL_QUEUE, size, layout, arena.bus_address + plan.ring, msix):
         return None
     return _ControlQueue(ring, plan)
+
+
+async def _enable_queue(
+    vt: VirtioTransport, queue: int, size: int, layout: RingLayout, bus_base: int, msix: bool
+) -> bool:
+    """Give the device ``queue``'s ring at ``bus_base`` (MSI-X vector 0 when ``msix``);
+    False when the device refuses that vector."""
+    vector = await vt.setup_queue(
+        queue,
+        size,
+        bus_base + layout.desc_offset,
+        bus_base + layout.avail_offset,
+        bus_base + layout.used_offset,
+        msix_vector=0 if msix else VIRTIO_MSI_NO_VECTOR,
+    )
+    return not msix or vector == 0
 
 
 async def _setup_events(
@@ -1022,16 +1029,7 @@ async def _setup_events(
     ring: SplitRing[_EventBuffer] = SplitRing(
         arena.view[ring_offset : ring_offset + layout.total_bytes], layout, event_idx=event_idx
     )
-    base = arena.bus_address + ring_offset
-    vector = await vt.setup_queue(
-        EVENT_QUEUE,
-        size,
-        base + layout.desc_offset,
-        base + layout.avail_offset,
-        base + layout.used_offset,
-        msix_vector=0 if msix else VIRTIO_MSI_NO_VECTOR,
-    )
-    if msix and vector != 0:
+    if not await _enable_queue(vt, EVENT_QUEUE, size, layout, arena.bus_address + ring_offset, msix):
         return None
     return _EventQueue(ring, buffers)
 
