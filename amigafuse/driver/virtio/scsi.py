@@ -389,6 +389,8 @@ class ControllerStats:
     kicks: int = 0
     interrupts: int = 0
     completions: int = 0
+    #: completions whose caller had been cancelled while the device held the buffer
+    abandoned: int = 0
     #: task management sent by the watchdog for requests that took too long
     aborts: int = 0
     lun_resets: int = 0
@@ -684,6 +686,7 @@ class VirtioScsiController:
         self.stats.completions += 1
         slot.written = written
         if slot.state == _ABANDONED:
+            self.stats.abandoned += 1
             self._release(slot)
             return
         slot.state = _COMPLETED
