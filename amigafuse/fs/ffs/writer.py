@@ -8,6 +8,21 @@ Write ordering and cancellation
     ``sync`` writes dirty metadata blocks (coalesced), then the bitmap pages, then the
     root, and flushes.
 
+Freed blocks
+    A block freed (deleted header, truncated data, dropped extension, dircache or
+    comment block) is still named by the metadata on the disk until the next write-back,
+    so it is not reused before then: it waits in ``_pending_free`` (marked used in the
+    in-memory bitmap) and is marked free by the write-back once the metadata that no
+    longer names it has been written.  A crash image thus holds the old tree intact, not
+    new data in old headers.  ``statfs`` counts pending blocks as free; an allocation
+    that needs them writes back first (:meth:`FfsVolume._room`, ``_write_at``).
+
+Full volumes
+    Every block a metadata change allocates inside its no-await section is counted and
+    checked (``_room``) before that section starts, so NoSpace never leaves a change
+    half done (an entry hashed in without its dircache record, or unhooked from its
+    directory without its LNFS comment block).
+
 Staged data
     Small data writes (a small file's whole contents, ``STAGE_MAX_WRITE_BYTES`` at most)
     are held in memory by :class:`StagedBlockIO` instead of costing one device request
@@ -32,6 +47,7 @@ Bitmap-valid protocol
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import trio
 
@@ -53,7 +69,7 @@ from amigafuse.errors import (
     ReadOnlyFilesystem,
     WriteProtected,
 )
-from amigafuse.fs.api import FIBF_ARCHIVE, SetAttrs, Stat, Volume
+from amigafuse.fs.api import FIBF_ARCHIVE, SetAttrs, Stat, StatFs, Volume
 from amigafuse.fs.ffs.format import encode_label
 from amigafuse.fs.ffs.layout import (
     BM_INVALID,
@@ -190,6 +206,14 @@ class FfsVolume(FfsVolumeBase, Volume):
     opened_invalid = False
     _altered_at: float | None = None  # unix time of the last change not yet in the root
 
+    def __init__(
+        self, io: FsBlockIO, geometry: VolumeGeometry, dostype: int, root_block: int,
+        root: RootBlock, block_count: int, read_only: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(io, geometry, dostype, root_block, root, block_count, read_only)
+        # freed since the last write-back: marked used until it (see "Freed blocks")
+        self._pending_free: set[int] = set()
+
     # ================================================================== cache plumbing
     def _c(self, block: int) -> object:
         """A block this operation already loaded (an invariant, not a disk check)."""
@@ -220,16 +244,52 @@ class FfsVolume(FfsVolumeBase, Volume):
         return found
 
     def _free(self, blocks: list[int]) -> None:
+        """Forget ``blocks``; they become free at the next write-back ("Freed blocks")."""
         if isinstance(self.io, StagedBlockIO):
             self.io.drop(blocks)
         for b in blocks:
             if self.bitmap.in_range(b):
-                self.bitmap.mark(b, True)
+                self._pending_free.add(b)
             self._meta.pop(b, None)
             self._dirty.discard(b)
             self._blists.pop(b, None)
             self._extents.pop(b, None)
             self._index.pop(b, None)
+
+    def _free_blocks(self) -> int:
+        """Blocks free now or at the next write-back."""
+        return self.bitmap.free_count() + len(self._pending_free)
+
+    async def _room(self, count: int) -> None:
+        """Make sure ``count`` blocks can be allocated with no await: writes back first
+        when blocks freed since the last write-back are needed.  NoSpace if the volume
+        does not have them (nothing changed).  Call it before a no-await section."""
+        if count <= 0 or self.bitmap.free_count() >= count:
+            return
+        if self._pending_free:
+            await self._write_back()
+        if self.bitmap.free_count() < count:
+            raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free, {count} needed)")
+
+    def _dc_needs_block(
+        self, dir_block: int, name: bytes, comment: bytes, leaving: int = 0, in_place: bool = False,
+    ) -> bool:  # fmt: skip
+        """Whether a record for ``name``/``comment`` added to the dircache of ``dir_block``
+        (after the record of header ``leaving`` left it; ``in_place``: or replacing it,
+        as :meth:`_dc_refresh` does) needs a new dircache block."""
+        if not self.dircache:
+            return False
+        n = DirCacheRecord.FIXED + len(name) + 1 + len(comment)
+        size = n + (n & 1)
+        room = self.block_size - 24
+        for i, b in enumerate(self._dc_blocks(dir_block)):
+            recs = self._dc_records(b)
+            kept = [r for r in recs if r.header != leaving]
+            if i > 0 and not kept and recs and not in_place:
+                continue  # emptied by the removal: it leaves the chain
+            if sum(r.packed_size for r in kept) + size <= room:
+                return False
+        return True
 
     def _new_id(self, block: int) -> None:
         """Give the new object at ``block`` an id no live object has."""
@@ -498,8 +558,9 @@ class FfsVolume(FfsVolumeBase, Volume):
         table = None
         if target is not None:
             table = softlink_table(target, self.block_size)
-        # ---- no awaits below
         need = 2 if (sec_type == ST_USERDIR and self.dircache) else 1
+        await self._room(need + self._dc_needs_block(dir_block, raw, b""))
+        # ---- no awaits below
         blocks = self._alloc(dir_block, need)
         block = blocks[0]
         t = now()
@@ -613,6 +674,8 @@ class FfsVolume(FfsVolumeBase, Volume):
         ext_need = max(0, -(-(max(need, old_count) - n) // n))
         add_ext = max(0, ext_need - len(exts))
         goal = dlist[-1] + 1 if dlist else block
+        if self.bitmap.free_count() < add + add_ext:
+            await self._room(add + add_ext)  # blocks freed since the last write-back
         new_data = self.bitmap.find_free(goal, add)
         # extension blocks go to the far end of the free run the data grows into, so a
         # file written in pieces keeps its data contiguous (one request per read)
@@ -899,7 +962,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         self._b2id[new] = oid
         self._meta.pop(block, None)
         self._dirty.discard(block)
-        self.bitmap.mark(block, True)
+        self._pending_free.add(block)  # still named on the disk until the write-back
         self._dc_refresh(new)
 
     async def unlink(self, dir_id: int, name: str) -> None:
@@ -973,6 +1036,9 @@ class FfsVolume(FfsVolumeBase, Volume):
                     if hops > self.block_count:
                         raise InvalidArgument("directory parents loop")
             dst = await self._lookup_entry(ddir, draw)
+            # loaded before the destination goes: no await may fail or be cancelled
+            # between deleting it and moving the source (rename is all or nothing)
+            comment = await self._load_comment(block)
             if dst is not None and dst[0] != block:
                 dblock, de = dst
                 same = False
@@ -1003,7 +1069,10 @@ class FfsVolume(FfsVolumeBase, Volume):
                 await self._load_parent_dc(ddir)
             if sdir != self.root_block:
                 await self._load_parent_dc(sdir)
-            comment = await self._load_comment(block)
+            need = int(self._dc_needs_block(ddir, draw, comment, leaving=block if sdir == ddir else 0))
+            if self.lnfs and not self._ce(block).comment_block and not lnfs_comment_fits(draw, comment):
+                need += 1
+            await self._room(need)
             # ---- no awaits below
             t = now()
             self._remove(sdir, block)
@@ -1042,6 +1111,12 @@ class FfsVolume(FfsVolumeBase, Volume):
             if attrs.comment is not None or self.lnfs:
                 await self._load_comment(block)  # a new comment, or LNFS comment blocks
             new_comment = self._encode_comment(attrs.comment) if attrs.comment is not None else None
+            if new_comment is not None:
+                need = int(self._dc_needs_block(e.parent, e.name, new_comment, leaving=block, in_place=True))
+                if self.lnfs and not e.comment_block and not lnfs_comment_fits(e.name, new_comment):
+                    need += 1
+                await self._room(need)
+                e = self._ce(block)
             # ---- no awaits below
             if new_comment is not None:
                 self._set_name_comment(block, e.name, new_comment)
@@ -1066,6 +1141,10 @@ class FfsVolume(FfsVolumeBase, Volume):
             self._set(self.root_block, evolve(self.root, name_area=make_bcpl(raw, 32)))
             self._touch()
 
+    async def statfs(self) -> StatFs:
+        st = await super().statfs()
+        return replace(st, free_blocks=self._free_blocks())
+
     # ================================================================== write-back
     async def _autosync(self) -> None:
         if len(self._dirty) > DIRTY_SYNC_LIMIT:
@@ -1082,6 +1161,11 @@ class FfsVolume(FfsVolumeBase, Volume):
             for start, count in runs(sorted(packed)):
                 await self.io.write(start, b"".join(packed[b] for b in range(start, start + count)))
         self._dirty.difference_update(packed)
+        if self._pending_free:
+            # nothing on the disk names them now but the root (written last; the
+            # bitmap-valid flag is clear while mounted, so a crash before it is repaired)
+            self.bitmap.mark_blocks(sorted(self._pending_free), True)
+            self._pending_free.clear()
         for page in sorted(self.bitmap.dirty_pages):
             await self.io.write(self.bitmap_blocks[page], BitmapBlock.with_map(self.bitmap.page_map(page)).pack())
             self.bitmap.dirty_pages.discard(page)
@@ -1125,6 +1209,7 @@ class FfsVolume(FfsVolumeBase, Volume):
 
     # ================================================================== validation
     def _rebuild_bitmap(self, used: set[int]) -> None:
+        self._pending_free.clear()  # what is not used is free in the rebuilt bitmap
         self.bitmap.set_all(True)
         for b in used:
             if self.bitmap.in_range(b):
