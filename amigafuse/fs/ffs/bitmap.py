@@ -36,12 +36,16 @@ class Bitmap:
         self.pages = -(-block_count // self.bits_per_block)
         self._bits = bytearray(self.pages * self.bytes_per_block)
         self.dirty_pages: set[int] = set()
+        # free bits among the ``count`` covered, kept exact by every change; None: not
+        # known (after a load), counted by the next free_count (a scan of the whole map)
+        self._free: int | None = 0
 
     # ------------------------------------------------------------------ disk form
     def load_page(self, page: int, map_bytes: bytes) -> None:
         """Take the ``map`` of bitmap block number ``page`` (big-endian longs)."""
         start = page * self.bytes_per_block
         self._bits[start : start + self.bytes_per_block] = _swap_longs(map_bytes)
+        self._free = None
 
     def page_map(self, page: int) -> bytes:
         """The on-disk ``map`` of bitmap page ``page``, bits past the volume clear."""
@@ -60,6 +64,7 @@ class Bitmap:
         if free:
             for bit in range(self.count, self.pages * self.bits_per_block):
                 self._bits[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+        self._free = self.count if free else 0
         self.dirty_pages.update(range(self.pages))
 
     # ------------------------------------------------------------------ queries
@@ -71,18 +76,31 @@ class Bitmap:
         return bool(self._bits[k >> 3] >> (k & 7) & 1)
 
     def free_count(self) -> int:
-        value = int.from_bytes(self._bits, "little") & ((1 << self.count) - 1)
-        return value.bit_count()
+        """Free blocks.  O(1) except the first call after :meth:`load_page`."""
+        if self._free is None:
+            self._free = self._count_free(0, self.count)
+        return self._free
+
+    def _count_free(self, k: int, end: int) -> int:
+        """Free bits ``k <= bit < end`` (bit numbers, not blocks)."""
+        if end <= k:
+            return 0
+        lo = k >> 3
+        value = int.from_bytes(self._bits[lo : ((end - 1) >> 3) + 1], "little") >> (k - lo * 8)
+        return (value & ((1 << (end - k)) - 1)).bit_count()
 
     # ------------------------------------------------------------------ changes
     def mark(self, block: int, free: bool) -> None:
         if not self.in_range(block):
             raise ValueError(f"block {block} is outside the bitmap")
         k = block - self.reserved
+        was = self._bits[k >> 3] >> (k & 7) & 1
         if free:
             self._bits[k >> 3] |= 1 << (k & 7)
         else:
             self._bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
+        if self._free is not None:
+            self._free += int(free) - was
         self.dirty_pages.add(k // self.bits_per_block)
 
     def mark_blocks(self, blocks: list[int], free: bool) -> None:
@@ -104,6 +122,8 @@ class Bitmap:
             raise ValueError(f"blocks {start}..{start + count - 1} are outside the bitmap")
         k = start - self.reserved
         end = k + count
+        if self._free is not None:
+            self._free += (count if free else 0) - self._count_free(k, end)
         while k < end and k & 7:
             self._set_bit(k, free)
             k += 1
