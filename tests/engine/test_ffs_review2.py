@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.memory import MemoryBlockDevice
@@ -13,6 +14,7 @@ from amigafuse.errors import NoSpace
 from amigafuse.fs.api import SetAttrs
 from amigafuse.fs.ffs import ENGINE, open_volume
 from tests.conftest import content
+from tests.engine.test_ffs_cancel import CancellingDevice
 
 DOS5 = 0x444F5305
 DOS7 = 0x444F5307
@@ -197,3 +199,71 @@ async def test_freed_blocks_come_back_when_the_volume_is_full() -> None:
     await vol.write(h.object_id, 0, content("new", 20 * 488))
     await vol.close()
     assert (await ENGINE.check_volume(dev, geo, False)).errors == []
+
+
+async def test_promotion_on_a_full_dcfs_volume() -> None:
+    """Deleting the original name of a hard-linked DOS\\5 file on a full volume: the
+    link's dircache record grows by the object's comment and may need a new dircache
+    block; the original's header, freed by that same delete, is the one to take."""
+    dev, geo = await fresh(DOS5, 400)
+    vol = await open_volume(dev, geo, False)
+    d = await vol.mkdir(vol.root_id, "d")
+    f = await vol.create(d.object_id, "orig")
+    await vol.write(f.object_id, 0, b"linked data")
+    await vol.setattr(f.object_id, SetAttrs(comment="c" * 79))
+    full = await _full_dircache_dir(vol, vol.root_id, "full")
+    await vol.unlink(full, "a_rather_long_file_name_000")  # room for the link's record only
+    await vol.link(f.object_id, full, "the_link")
+    await fill(vol, vol.root_id)
+    await vol.unlink(d.object_id, "orig")
+    st = await vol.lookup(full, "the_link")
+    assert st.comment == "c" * 79 and await vol.read(st.object_id, 0, 100) == b"linked data"
+    await vol.sync()
+    assert await clean(dev, geo) == []
+    await vol.close()
+    assert (await ENGINE.check_volume(dev, geo, False)).errors == []
+
+
+# ------------------------------------------------------------------ cancellation
+async def test_rename_onto_an_existing_name_is_all_or_nothing_when_cancelled() -> None:
+    """rename onto an existing name on DOS\\7, the source's comment in a T_COMMENT
+    block not yet read: the destination was deleted, then the comment block was read
+    (a checkpoint); cancelled there, the destination was gone and the source not
+    moved.  Now, cancelled at any device request: the old state or the new one."""
+    dev, geo = await fresh(DOS7, 3000)
+    vol = await open_volume(dev, geo, False)
+    src = await vol.create(vol.root_id, "s" * 50)
+    await vol.write(src.object_id, 0, b"source")
+    await vol.setattr(src.object_id, SetAttrs(comment="m" * 79))  # 2+50+79 > 112: a block
+    dst = await vol.create(vol.root_id, "dst")
+    await vol.write(dst.object_id, 0, b"destination")
+    await vol.close()
+    raw = bytes(dev.data)
+
+    async def op(v: Any) -> None:
+        await v.rename(v.root_id, "s" * 50, v.root_id, "dst")
+
+    probe = CancellingDevice(raw)
+    v = await open_volume(probe, geo, False)
+    start = probe.count
+    await op(v)
+    total = probe.count - start
+    await v.close()
+    assert total >= 2
+    for k in range(1, total + 1):
+        cdev = CancellingDevice(raw)
+        v = await open_volume(cdev, geo, False)
+        with trio.CancelScope() as scope:
+            cdev.scope = scope
+            cdev.cancel_at = cdev.count + k
+            await op(v)
+        cdev.scope = None
+        await v.close()
+        assert (await ENGINE.check_volume(cdev, geo, False)).errors == [], k
+        after = await open_volume(cdev, geo, True)
+        found = {s.name: s for s in await after.readdir(after.root_id)}
+        if "s" * 50 in found:  # old state
+            assert await after.read(found["dst"].object_id, 0, 100) == b"destination", k
+        else:  # new state
+            assert await after.read(found["dst"].object_id, 0, 100) == b"source", k
+            assert found["dst"].comment == "m" * 79, k

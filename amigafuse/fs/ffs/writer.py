@@ -11,11 +11,13 @@ Write ordering and cancellation
 Freed blocks
     A block freed (deleted header, truncated data, dropped extension, dircache or
     comment block) is still named by the metadata on the disk until the next write-back,
-    so it is not reused before then: it waits in ``_pending_free`` (marked used in the
-    in-memory bitmap) and is marked free by the write-back once the metadata that no
-    longer names it has been written.  A crash image thus holds the old tree intact, not
-    new data in old headers.  ``statfs`` counts pending blocks as free; an allocation
-    that needs them writes back first (:meth:`FfsVolume._room`, ``_write_at``).
+    so file data must not go into it before then: it waits in ``_pending_free`` (marked
+    used in the in-memory bitmap) and is marked free by the write-back once the metadata
+    that no longer names it has been written.  A crash image thus holds the old tree
+    intact, not new data in old headers.  Metadata blocks may take pending blocks
+    (``_alloc``): they reach the disk only in a write-back, the same pass that writes
+    what no longer names them.  ``statfs`` counts pending blocks as free; file data that
+    needs them writes back first (``_write_at``).
 
 Full volumes
     Every block a metadata change allocates inside its no-await section is counted and
@@ -236,11 +238,17 @@ class FfsVolume(FfsVolumeBase, Volume):
             raise ReadOnlyFilesystem("the volume is closed")
 
     def _alloc(self, goal: int, count: int) -> list[int]:
-        """``count`` free blocks near ``goal``, marked used.  NoSpace if there are fewer."""
+        """``count`` free blocks near ``goal`` for *metadata* (written only by a
+        write-back), marked used; blocks freed since the last write-back are taken when
+        the bitmap has too few (see "Freed blocks").  NoSpace if there are fewer."""
         found = self.bitmap.find_free(goal, count)
-        if len(found) < count:
-            raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free, {count} needed)")
+        if len(found) + len(self._pending_free) < count:
+            raise NoSpace(f"the volume is full ({self._free_blocks()} blocks free, {count} needed)")
         self.bitmap.mark_blocks(found, False)
+        if len(found) < count:
+            extra = sorted(self._pending_free)[: count - len(found)]
+            self._pending_free.difference_update(extra)  # already marked used
+            found = [*found, *extra]
         return found
 
     def _free(self, blocks: list[int]) -> None:
@@ -260,16 +268,12 @@ class FfsVolume(FfsVolumeBase, Volume):
         """Blocks free now or at the next write-back."""
         return self.bitmap.free_count() + len(self._pending_free)
 
-    async def _room(self, count: int) -> None:
-        """Make sure ``count`` blocks can be allocated with no await: writes back first
-        when blocks freed since the last write-back are needed.  NoSpace if the volume
-        does not have them (nothing changed).  Call it before a no-await section."""
-        if count <= 0 or self.bitmap.free_count() >= count:
-            return
-        if self._pending_free:
-            await self._write_back()
-        if self.bitmap.free_count() < count:
-            raise NoSpace(f"the volume is full ({self.bitmap.free_count()} blocks free, {count} needed)")
+    def _room(self, count: int) -> None:
+        """NoSpace unless ``count`` metadata blocks can be allocated (:meth:`_alloc`).
+        Called before a no-await section, so a full volume refuses a change before it
+        starts instead of in its middle."""
+        if count > 0 and self._free_blocks() < count:
+            raise NoSpace(f"the volume is full ({self._free_blocks()} blocks free, {count} needed)")
 
     def _dc_needs_block(
         self, dir_block: int, name: bytes, comment: bytes, leaving: int = 0, in_place: bool = False,
@@ -559,7 +563,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         if target is not None:
             table = softlink_table(target, self.block_size)
         need = 2 if (sec_type == ST_USERDIR and self.dircache) else 1
-        await self._room(need + self._dc_needs_block(dir_block, raw, b""))
+        self._room(need + self._dc_needs_block(dir_block, raw, b""))
         # ---- no awaits below
         blocks = self._alloc(dir_block, need)
         block = blocks[0]
@@ -674,8 +678,8 @@ class FfsVolume(FfsVolumeBase, Volume):
         ext_need = max(0, -(-(max(need, old_count) - n) // n))
         add_ext = max(0, ext_need - len(exts))
         goal = dlist[-1] + 1 if dlist else block
-        if self.bitmap.free_count() < add + add_ext:
-            await self._room(add + add_ext)  # blocks freed since the last write-back
+        if self.bitmap.free_count() < add + add_ext and self._pending_free:
+            await self._write_back()  # file data may use freed blocks only after it
         new_data = self.bitmap.find_free(goal, add)
         # extension blocks go to the far end of the free run the data grows into, so a
         # file written in pieces keeps its data contiguous (one request per read)
@@ -1072,7 +1076,7 @@ class FfsVolume(FfsVolumeBase, Volume):
             need = int(self._dc_needs_block(ddir, draw, comment, leaving=block if sdir == ddir else 0))
             if self.lnfs and not self._ce(block).comment_block and not lnfs_comment_fits(draw, comment):
                 need += 1
-            await self._room(need)
+            self._room(need)
             # ---- no awaits below
             t = now()
             self._remove(sdir, block)
@@ -1115,8 +1119,7 @@ class FfsVolume(FfsVolumeBase, Volume):
                 need = int(self._dc_needs_block(e.parent, e.name, new_comment, leaving=block, in_place=True))
                 if self.lnfs and not e.comment_block and not lnfs_comment_fits(e.name, new_comment):
                     need += 1
-                await self._room(need)
-                e = self._ce(block)
+                self._room(need)
             # ---- no awaits below
             if new_comment is not None:
                 self._set_name_comment(block, e.name, new_comment)
