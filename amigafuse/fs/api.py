@@ -6,9 +6,19 @@ nothing else about the engines.
 Identity
     Every object has an ``object_id`` (int > 0), stable for the object's lifetime within
     one open :class:`Volume`, even if the engine moves its header on disk (an FFS
-    hard-link promotion, say): the engine keeps the indirection.  ``root_id`` is the root
-    directory.  A hard link and its target have the *same* object_id (``nlink`` counts the
-    names), as on Unix.
+    hard-link promotion, say): the engine keeps the indirection.  An id is never reused
+    for another object while the Volume is open: once its object is deleted, the id
+    raises NotFound even if the object's storage (header block, SFS object node) now
+    belongs to a new object, which gets another id.  So a stale reference (an open file
+    unlinked and deleted, a FUSE inode the kernel still holds) can never reach another
+    object.  ``root_id`` is the root directory.  A hard link and its target have the
+    *same* object_id (``nlink`` counts the names), as on Unix.
+
+Busy objects
+    The FUSE layer calls ``set_busy(object_id, True)`` when an object is first opened
+    and ``set_busy(object_id, False)`` when its last handle is released.  Engines that
+    delete objects on their own (SFS purging ``.recycled``) never delete a busy one;
+    the default does nothing.
 
 Names
     ``str`` names are the Latin-1 decoding of the on-disk bytes.  Engines compare them as
@@ -202,6 +212,13 @@ class Volume(abc.ABC):
     @abc.abstractmethod
     async def sync(self) -> None:
         """Write every cached change to the device and flush it."""
+
+    def set_busy(self, object_id: int, busy: bool) -> None:
+        """Object ``object_id`` is open (``busy``) or its last handle was released.
+        The caller counts handles: one ``True`` per first open, one ``False`` per last
+        release.  Plain bookkeeping: no I/O, never raises (an id whose object is gone is
+        ignored).  Default: nothing (engines that never delete objects on their own)."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -155,6 +155,9 @@ class AmigaOperations(pyfuse3.Operations):
         self._case_sensitive = [i.case_sensitive for i in infos]
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
+        # Open files: inode (the fh) -> [slot, object_id, handles].  The engine is told
+        # when an object gets its first handle and loses its last (Volume.set_busy).
+        self._open_files: dict[int, list[int]] = {}
         self._next_dir_handle = 1
         self.volume_roots: dict[int, int] = {}  # inode -> slot
         if single:
@@ -432,9 +435,34 @@ class AmigaOperations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             if flags & (os.O_WRONLY | os.O_RDWR):
                 self._writable(slot)
-            if flags & os.O_TRUNC:
-                await self._writable(slot).truncate(object_id, 0)
+            self._hold(inode, slot, object_id)  # before any await: busy from here on
+            try:
+                if flags & os.O_TRUNC:
+                    await self._writable(slot).truncate(object_id, 0)
+            except BaseException:
+                self._unhold(inode)
+                raise
             return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def _hold(self, inode: int, slot: int, object_id: int) -> None:
+        """One more open handle on ``inode`` (its fh); the first makes the object busy
+        in its engine, so the engine does not delete it on its own (fs.api "Busy")."""
+        held = self._open_files.get(inode)
+        if held is None:
+            self._open_files[inode] = [slot, object_id, 1]
+            self.volumes[slot].volume.set_busy(object_id, True)
+        else:
+            held[2] += 1
+
+    def _unhold(self, inode: int) -> None:
+        """One handle on ``inode`` fewer; the last one makes the object not busy."""
+        held = self._open_files.get(inode)
+        if held is None:
+            return
+        held[2] -= 1
+        if held[2] <= 0:
+            del self._open_files[inode]
+            self.volumes[held[0]].volume.set_busy(held[1], False)
 
     async def read(self, fh: Any, off: int, size: int) -> bytes:
         with _translate("read", fh, off, size):
@@ -452,6 +480,7 @@ class AmigaOperations(pyfuse3.Operations):
     async def release(self, fh: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("release(%r,)", fh)
+        self._unhold(int(fh))
 
     async def fsync(self, fh: Any, datasync: bool) -> None:
         with _translate("fsync", fh):
@@ -476,6 +505,7 @@ class AmigaOperations(pyfuse3.Operations):
             protection = mapping.mode_to_protection(mode & ~ctx.umask, 0)
             st = await volume.create(dir_id, self._name(slot, name), protection=protection)
             attrs = self._entry(slot, st, parent_inode)
+            self._hold(attrs.st_ino, slot, st.object_id)
             return pyfuse3.FileInfo(fh=attrs.st_ino, keep_cache=True), attrs
 
     async def mknod(self, parent_inode: Any, name: Any, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:

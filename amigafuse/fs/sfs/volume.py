@@ -1,7 +1,20 @@
 """The SFS :class:`~amigafuse.fs.api.Volume`.
 
-Object ids are SFS object-node numbers (the root directory is node 1, ``.recycled``
-node 2); they stay stable across renames because SFS never renumbers a node.
+Identity: object ids are SFS object-node numbers (the root directory is node 1,
+``.recycled`` node 2); they stay stable across renames because SFS never renumbers a
+node.  A node freed while the volume is open (a delete, a purge of ``.recycled``) may be
+handed to a new object; that object then gets a fresh id (from ``FRESH_ID_BASE`` up,
+above every 32-bit node number) and the freed node's old id answers NotFound for the
+rest of the session.  Invariant: an id never names two objects while the volume is
+open (``_node``/``_oid`` translate at the interface; ``SfsWriter.removed_nodes`` holds
+the freed nodes, counted only for operations that were not rolled back).
+
+Busy objects (``set_busy``, told by the FUSE layer for open files): a purge of
+``.recycled`` skips them, so a file unlinked while open lives on in ``.recycled`` and
+its descriptor keeps reading and writing it (POSIX).  A busy object deleted at once
+(a volume without ``.recycled``, a delete inside ``.recycled``, an unlink on a volume
+too full even for the move) is gone: its id answers NotFound (ENOENT), never another
+object.
 
 Locking: ``self._lock`` serialises every mutation and every read that walks metadata,
 because a mutation changes several blocks between awaits (pending overlay, caches).
@@ -57,6 +70,7 @@ ZERO_CHUNK = 1 << 20
 MAX_NAME_LENGTH = 107  # SFS 1.277; 1.8x accepted 100
 MAX_COMMENT_LENGTH = 79
 OPERATION_MARGIN = 64  # blocks an operation is assumed to change, for the early commit
+FRESH_ID_BASE = 1 << 32  # ids for objects on reused nodes (node numbers are 32-bit)
 RECYCLED_PURGE_FILES = 35  # the handler purges .recycled after a delete or create beyond this
 PROTECTION_INVERT = 0x0F  # SFS stores RWED as "allowed" bits, AmigaDOS as "denied"
 
@@ -146,6 +160,12 @@ class SfsVolume(Volume):
         self._closed = False
         self._label = ""
         self._created = DateStamp.from_seconds_since_1978(self.root.datecreated)
+        # Identity (module docstring): fresh ids of objects on reused nodes, both ways,
+        # and the ids the FUSE layer holds open (``set_busy``).
+        self._id_of_node: dict[int, int] = {}
+        self._node_of_id: dict[int, int] = {}
+        self._next_fresh_id = FRESH_ID_BASE
+        self._busy: set[int] = set()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -225,6 +245,48 @@ class SfsVolume(Volume):
     def root_id(self) -> int:
         return codec.ROOTNODE
 
+    # ------------------------------------------------------------------ identity
+    def _oid(self, node: int) -> int:
+        """The object id of the object on ``node`` (module docstring, "Identity")."""
+        return self._id_of_node.get(node, node)
+
+    def _node(self, object_id: int) -> int:
+        """The node of object ``object_id``.  NotFound for the id of an object deleted
+        in this session (its node may carry another object by now)."""
+        node = self._node_of_id.get(object_id)
+        if node is not None:
+            return node
+        if object_id >= FRESH_ID_BASE:
+            raise NotFound(f"object {object_id} no longer exists")
+        w = self.w
+        if w is not None and object_id in w.removed_nodes:
+            raise NotFound(f"object {object_id} no longer exists")
+        return object_id
+
+    def _new_id(self, node: int) -> int:
+        """The id of a new object on ``node``: the node number, unless that number
+        named an object deleted in this session (then a fresh id)."""
+        w = self.w
+        old = self._id_of_node.pop(node, None)
+        if old is not None:
+            self._node_of_id.pop(old, None)
+        if w is None or (node not in w.removed_nodes and node not in w.op_removed):
+            return node
+        fresh = self._next_fresh_id
+        self._next_fresh_id += 1
+        self._id_of_node[node] = fresh
+        self._node_of_id[fresh] = node
+        return fresh
+
+    def set_busy(self, object_id: int, busy: bool) -> None:
+        """Object ``object_id`` is open (``busy``) or no longer open: a purge of
+        ``.recycled`` never deletes a busy file (it skips it; ENOSPC when only busy
+        files are left).  Ids of objects that no longer exist are ignored."""
+        if busy:
+            self._busy.add(object_id)
+        else:
+            self._busy.discard(object_id)
+
     # ------------------------------------------------------------------ helpers
     async def _stat_of(self, obj: SfsObject) -> Stat:
         bs = self.r.block_size
@@ -238,7 +300,7 @@ class SfsVolume(Volume):
             blocks = (obj.size + bs - 1) // bs
         name = obj.name.decode("latin-1") if obj.objectnode != codec.ROOTNODE else ""
         return Stat(
-            object_id=obj.objectnode,
+            object_id=self._oid(obj.objectnode),
             name=name,
             kind=kind,
             size=size,
@@ -265,12 +327,12 @@ class SfsVolume(Volume):
     # ------------------------------------------------------------------ queries
     async def getattr(self, object_id: int) -> Stat:
         async with self._locked:
-            return await self._stat_of((await self.r.locate(object_id)).obj)
+            return await self._stat_of((await self.r.locate(self._node(object_id))).obj)
 
     async def lookup(self, dir_id: int, name: str) -> Stat:
         raw = encode_name(name)
         async with self._locked:
-            d = await self._dir(dir_id)
+            d = await self._dir(self._node(dir_id))
             loc = await self.r.find_in_dir(d.obj, raw)
             if loc is None:
                 raise NotFound(f"{name!r} not found")
@@ -278,10 +340,11 @@ class SfsVolume(Volume):
 
     async def readdir(self, dir_id: int) -> list[Stat]:
         async with self._locked:
-            d = await self._dir(dir_id)
+            dir_node = self._node(dir_id)
+            d = await self._dir(dir_node)
             out = []
             entries = await self.r.dir_entries(d.obj)
-            self.r.index_dir(dir_id, entries)
+            self.r.index_dir(dir_node, entries)
             for loc in entries:
                 if loc.obj.bits & codec.OTYPE_HIDDEN and not self.show_recycled:
                     continue
@@ -292,7 +355,7 @@ class SfsVolume(Volume):
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
         async with self._locked:
-            obj = (await self.r.locate(object_id)).obj
+            obj = (await self.r.locate(self._node(object_id))).obj
             if obj.is_dir:
                 raise IsADirectory(f"object {object_id} is a directory")
             if obj.is_softlink:
@@ -301,7 +364,7 @@ class SfsVolume(Volume):
 
     async def readlink(self, object_id: int) -> str:
         async with self._locked:
-            obj = (await self.r.locate(object_id)).obj
+            obj = (await self.r.locate(self._node(object_id))).obj
             if not obj.is_softlink:
                 raise InvalidArgument(f"object {object_id} is not a soft link")
             return (await self.r.softlink_target(obj)).decode("latin-1")
@@ -384,7 +447,8 @@ class SfsVolume(Volume):
         does; whether any was deleted.  Each pass takes the first file of the *last*
         container of the directory's chain (the oldest ones), going to earlier
         containers when that one holds none; passes repeat while the file was found
-        past the first container, up to 10 files or 1024 KiB.  Each file is deleted in
+        past the first container, up to 10 files or 1024 KiB.  Busy (open) files are
+        skipped, as the handler skips files it cannot lock.  Each file is deleted in
         its own operation (undone whole if it fails).  Called under the lock."""
         if not self.root.recycled:
             return False
@@ -404,6 +468,8 @@ class SfsVolume(Volume):
                 for obj in oc.objects:
                     if obj.is_dir or obj.is_softlink or obj.bits & codec.OTYPE_UNDELETABLE:
                         continue
+                    if self._oid(obj.objectnode) in self._busy:
+                        continue  # open (an unlinked file still in use): kept
                     w.begin()
                     try:
                         await self._delete(await w.locate(obj.objectnode))
@@ -465,18 +531,21 @@ class SfsVolume(Volume):
         await w.update_object(node, obj.evolve(datemodified=now, protection=obj.protection & ~FIBF_ARCHIVE))
 
     async def _new_entry(self, dir_id: int, name: str, bits: int, protection: int) -> tuple[int, SfsObject]:
+        """A new object in directory ``dir_id`` (an object id); its node and object."""
         w = self._writer()
         raw = encode_name(name)
-        if dir_id == codec.RECYCLEDNODE:
+        dir_node = self._node(dir_id)
+        if dir_node == codec.RECYCLEDNODE:
             raise PermissionDenied("nothing can be created in .recycled (the handler keeps it for deleted files)")
-        d = await self._dir(dir_id)
-        if dir_id not in w.dir_index:
-            w.index_dir(dir_id, await w.dir_entries(d.obj))
+        d = await self._dir(dir_node)
+        if dir_node not in w.dir_index:
+            w.index_dir(dir_node, await w.dir_entries(d.obj))
         if await w.find_in_dir(d.obj, raw) is not None:
             raise Exists(f"{name!r} already exists")
         obj = SfsObject(0, 0, 0, protection ^ PROTECTION_INVERT, 0, 0, now_seconds(), bits, raw, b"", w.sfs2)
-        node = await w.add_object(dir_id, obj)
-        await self._touch(dir_id)
+        node = await w.add_object(dir_node, obj)
+        self._new_id(node)
+        await self._touch(dir_node)
         return node, obj.evolve(objectnode=node)
 
     async def create(self, dir_id: int, name: str, *, protection: int = 0) -> Stat:
@@ -535,6 +604,7 @@ class SfsVolume(Volume):
         return loc
 
     async def _write(self, object_id: int, offset: int, data: bytes) -> None:
+        """Write into the file on node ``object_id`` (a node, not an id)."""
         w = self._writer()
         loc = await self._file(object_id)
         obj = loc.obj
@@ -596,7 +666,7 @@ class SfsVolume(Volume):
         data = bytes(data)
 
         async def op() -> int:
-            await self._write(object_id, offset, data)
+            await self._write(self._node(object_id), offset, data)
             return len(data)
 
         return await self._mutate(op)
@@ -607,13 +677,14 @@ class SfsVolume(Volume):
 
         async def op() -> None:
             w = self._writer()
-            loc = await self._file(object_id)
+            node = self._node(object_id)
+            loc = await self._file(node)
             obj = loc.obj
             if size > obj.size:
                 pos = obj.size
                 while pos < size:
                     n = min(ZERO_CHUNK, size - pos)
-                    await self._write(object_id, pos, bytes(n))
+                    await self._write(node, pos, bytes(n))
                     pos += n
                 return
             in_recycled = (await w.container(loc.container)).parent == codec.RECYCLEDNODE
@@ -621,9 +692,9 @@ class SfsVolume(Volume):
             keep = (size + w.block_size - 1) // w.block_size
             extents = w.shrink_extents(old, keep)
             if extents != old:
-                await w.sync_extents(object_id, old, extents)
+                await w.sync_extents(node, old, extents)
             await w.update_object(
-                object_id,
+                node,
                 replace(obj, size=size, data=extents[0][0] if extents else 0, datemodified=now_seconds(),
                         protection=obj.protection & ~FIBF_ARCHIVE),
             )  # fmt: skip
@@ -703,7 +774,7 @@ class SfsVolume(Volume):
 
     async def _entry(self, dir_id: int, name: str) -> Located:
         raw = encode_name(name)
-        d = await self._dir(dir_id)
+        d = await self._dir(self._node(dir_id))
         loc = await self.r.find_in_dir(d.obj, raw)
         if loc is None:
             raise NotFound(f"{name!r} not found")
@@ -717,7 +788,7 @@ class SfsVolume(Volume):
             if loc.obj.is_dir:
                 raise IsADirectory(f"{name!r} is a directory")
             await self._remove(loc, recycle)
-            await self._touch(dir_id)
+            await self._touch(self._node(dir_id))
 
         try:
             await self._mutate(op)
@@ -734,16 +805,18 @@ class SfsVolume(Volume):
             if not loc.obj.is_dir:
                 raise NotADirectory(f"{name!r} is not a directory")
             await self._delete(loc)
-            await self._touch(dir_id)
+            await self._touch(self._node(dir_id))
 
         await self._mutate(op)
 
     async def rename(self, src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> None:
         recycle = True
+        src_dir_id, dst_dir_id = src_dir, dst_dir  # ids; the op works on their nodes
 
         async def op() -> None:
             w = self._writer()
-            src = await self._entry(src_dir, src_name)
+            src_dir, dst_dir = self._node(src_dir_id), self._node(dst_dir_id)
+            src = await self._entry(src_dir_id, src_name)
             if src.obj.bits & codec.OTYPE_UNDELETABLE:
                 raise PermissionDenied(f"{src_name!r} is kept in place by the filesystem (undeletable)")
             raw = encode_name(dst_name)
@@ -804,7 +877,8 @@ class SfsVolume(Volume):
 
         async def op() -> Stat:
             w = self._writer()
-            obj = (await w.locate(object_id)).obj
+            node = self._node(object_id)
+            obj = (await w.locate(node)).obj
             new = obj
             if attrs.protection is not None:
                 new = replace(new, protection=(attrs.protection ^ PROTECTION_INVERT) & 0xFFFFFFFF)
@@ -817,8 +891,8 @@ class SfsVolume(Volume):
             if attrs.gid is not None:
                 new = replace(new, ownergid=attrs.gid)
             if new != obj:
-                await w.update_object(object_id, new)
-            return await self._stat_of((await w.locate(object_id)).obj)
+                await w.update_object(node, new)
+            return await self._stat_of((await w.locate(node)).obj)
 
         return await self._mutate(op)
 

@@ -105,12 +105,18 @@ class SfsWriter(SfsReader):
         # On-disk contents of blocks changed since the last commit (the bases their
         # transaction records are compressed against; see the module invariant).
         self.originals: dict[int, bytes] = {}
+        # Object nodes freed since the volume was opened (by operations that were not
+        # rolled back), and those freed by the running operation: the Volume never
+        # lets a freed node's number name another object (see volume.py, "Identity").
+        self.removed_nodes: set[int] = set()
+        self.op_removed: list[int] = []
         self.data_hint = root.bitmapbase + (root.totalblocks + codec.blocks_per_bitmap(self.block_size) - 1) // codec.blocks_per_bitmap(self.block_size)
 
     # ------------------------------------------------------------------ operations
     def begin(self) -> None:
         self.undo = {}
         self.undo_data = {}
+        self.op_removed = []
         self.freemap.begin()
 
     def rollback(self) -> None:
@@ -126,6 +132,7 @@ class SfsWriter(SfsReader):
             else:
                 self.pending_data[block] = olddata
         self.undo_data = {}
+        self.op_removed = []
         self.freemap.rollback()
         self.extent_cache.clear()
         self.parsed.clear()
@@ -136,6 +143,8 @@ class SfsWriter(SfsReader):
     def end(self) -> None:
         self.undo = None
         self.undo_data = {}
+        self.removed_nodes.update(self.op_removed)
+        self.op_removed = []
         self.freemap.end()
 
     def needs_commit(self) -> bool:
@@ -621,6 +630,7 @@ class SfsWriter(SfsReader):
         await self.hash_remove(d, loc.obj.objectnode, loc.obj.name)
         await self._remove_from_container(await self.locate(loc.obj.objectnode))
         await self.delete_node(loc.obj.objectnode)
+        self.op_removed.append(loc.obj.objectnode)
 
     async def parent_of(self, node: int) -> int:
         loc = await self.locate(node)
