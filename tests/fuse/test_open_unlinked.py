@@ -108,9 +108,9 @@ DELETED_AT_ONCE = [
 
 
 @pytest.mark.parametrize(("image_name", "part"), DELETED_AT_ONCE)
-def test_a_deleted_open_file_never_reaches_the_objects_that_reuse_its_storage(
+def test_a_deleted_open_file_never_reaches_the_objects_that_reuse_its_storage(  # type: ignore[no-untyped-def]
     cli_mount, tmp_path: Path, image_name: str, part: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     image = tmp_path / "disk.hdf"
     shutil.copyfile(shared_image(image_name), image)
     mnt = cli_mount(image)
