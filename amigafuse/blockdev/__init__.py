@@ -1,6 +1,6 @@
 """Async block devices: the contract (:mod:`.base`), files, memory and windows."""
 
-from amigafuse.blockdev.base import BlockDevice, DeviceInfo
+from amigafuse.blockdev.base import BlockDevice, DeviceInfo, ReadLease
 from amigafuse.blockdev.file import FileBlockDevice
 from amigafuse.blockdev.memory import MemoryBlockDevice
 from amigafuse.blockdev.window import FsBlockIO, PartitionDevice
@@ -12,4 +12,5 @@ __all__ = [
     "FsBlockIO",
     "MemoryBlockDevice",
     "PartitionDevice",
+    "ReadLease",
 ]

@@ -20,11 +20,19 @@ Contract, for every implementation:
   the implementation keeps any buffer it handed to hardware until the hardware is done
   with it, whatever happens to the caller.
 * ``read_only`` devices raise :class:`~amigafuse.errors.WriteProtected` from ``write``.
+* ``read_lease(lba, count)`` is ``read`` without the copy where a device can lend its
+  own buffer (the VirtIO SCSI disk lends the request's DMA buffer): it returns a
+  :class:`ReadLease` whose ``view`` holds the bytes until ``release()``.  The caller
+  must release every lease it got (``with lease:`` or try/finally); until then the
+  buffer is withheld from the device (a slot of the queue stays taken), so hold leases
+  briefly.  Devices that cannot lend return a lease on fresh bytes (the default).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from amigafuse.errors import OutOfRange, WriteProtected
@@ -39,6 +47,58 @@ class DeviceInfo:
     revision: str = ""
     serial: str = ""
     description: str = ""
+
+
+class ReadLease:
+    """Bytes read from a device, in a buffer the device may have lent (see
+    ``BlockDevice.read_lease``).
+
+    ``view`` is valid until :meth:`release`; after it the buffer may be reused by the
+    device, so nobody may keep ``view`` (or a slice of it) past the release: copy what
+    must outlive it (``bytes(lease.view)``).  :meth:`release` is idempotent, never
+    raises and never awaits, so it may run from ``finally`` blocks and from
+    ``trio.lowlevel.current_trio_token().run_sync_soon``.  A lease is also a context
+    manager that releases on exit.
+    """
+
+    __slots__ = ("_release", "view")
+
+    def __init__(self, view: memoryview, release: Callable[[], None] | None = None) -> None:
+        self.view = view
+        self._release = release
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> ReadLease:
+        """A lease on bytes the caller owns (nothing to give back)."""
+        return cls(memoryview(data))
+
+    def narrowed(self, start: int, stop: int) -> ReadLease:
+        """A lease on ``view[start:stop]`` that takes over this one's release (this
+        lease must not be released any more)."""
+        release, self._release = self._release, None
+        return ReadLease(self.view[start:stop], release)
+
+    @property
+    def lent(self) -> bool:
+        """Whether releasing gives a buffer back to its device."""
+        return self._release is not None
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            # a use of this view after the release fails loudly instead of reading
+            # bytes the device may have replaced (views taken from it stay usable:
+            # their owners must not keep them past the release either)
+            view, self.view = self.view, memoryview(b"")
+            with contextlib.suppress(BufferError):  # someone holds a buffer export
+                view.release()
+            release()
+
+    def __enter__(self) -> ReadLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 class BlockDevice(abc.ABC):
@@ -82,6 +142,11 @@ class BlockDevice(abc.ABC):
     @abc.abstractmethod
     async def read(self, lba: int, count: int) -> bytes:
         """Read ``count`` blocks from ``lba``.  Raises DeviceError subclasses."""
+
+    async def read_lease(self, lba: int, count: int) -> ReadLease:
+        """``read`` into a buffer the device may lend (see :class:`ReadLease`; the
+        caller releases it).  The default wraps :meth:`read`.  Raises as :meth:`read`."""
+        return ReadLease.of(await self.read(lba, count))
 
     @abc.abstractmethod
     async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import trio
 
-from amigafuse.blockdev.base import BlockDevice, DeviceInfo
+from amigafuse.blockdev.base import BlockDevice, DeviceInfo, ReadLease
 from amigafuse.errors import OutOfRange, WriteProtected
 
 
@@ -61,6 +61,10 @@ class PartitionDevice(BlockDevice):
         self.check_range(lba, count)
         return await self.parent.read(self.first_lba + lba, count)
 
+    async def read_lease(self, lba: int, count: int) -> ReadLease:
+        self.check_range(lba, count)
+        return await self.parent.read_lease(self.first_lba + lba, count)
+
     async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         self.check_write(lba, data)
         await self.parent.write(self.first_lba + lba, data)
@@ -101,6 +105,14 @@ class FsBlockIO:
         """The device's hint (see BlockDevice.requests_in_flight)."""
         return self.device.requests_in_flight
 
+    @property
+    def max_transfer_blocks(self) -> int:
+        """Filesystem blocks the device takes in one request (at least 1; larger
+        requests are split by the device)."""
+        if self._per:
+            return max(1, self.device.max_transfer_blocks // self._per)
+        return self.device.max_transfer_blocks * self._sub
+
     def _check(self, block: int, count: int) -> None:
         if block < 0 or count < 0 or block + count > self.block_count:
             raise OutOfRange(
@@ -120,6 +132,20 @@ class FsBlockIO:
         raw = await self.device.read(first, last - first + 1)
         start = (block - first * self._sub) * self.fs_block_size
         return raw[start : start + count * self.fs_block_size]
+
+    async def read_lease(self, block: int, count: int = 1) -> ReadLease:
+        """:meth:`read` into a buffer the device may lend (BlockDevice.read_lease: the
+        caller releases the lease)."""
+        self._check(block, count)
+        if count == 0:
+            return ReadLease.of(b"")
+        if self._per:
+            return await self.device.read_lease(block * self._per, count * self._per)
+        first = block // self._sub
+        last = (block + count - 1) // self._sub
+        lease = await self.device.read_lease(first, last - first + 1)
+        start = (block - first * self._sub) * self.fs_block_size
+        return lease.narrowed(start, start + count * self.fs_block_size)
 
     async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole filesystem blocks starting at ``block``."""

@@ -23,6 +23,12 @@ Design notes (invariants):
   request fails at once with the same error: a dead QEMU never costs a timeout twice.
 * Cancellation: a cancelled request may or may not have reached the medium; the
   transport keeps its DMA buffers until the device completes (transport contract).
+* Zero-copy reads (:meth:`ScsiDisk.read_lease`): a read of at most one transfer on a
+  transport that lends buffers (``execute_lent``) hands the transport's DMA buffer to
+  the caller as a :class:`~amigafuse.blockdev.base.ReadLease`; between the transport
+  returning it and the lease being built there is no checkpoint, so a cancellation
+  cannot lose it.  Anything but a GOOD complete read is copied and judged as in
+  :meth:`ScsiDisk.read` (retries, sense).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from amigafuse.blockdev.base import BlockDevice, DeviceInfo
+from amigafuse.blockdev.base import BlockDevice, DeviceInfo, ReadLease
 from amigafuse.driver.scsi import cdb as C
 from amigafuse.driver.scsi.sense import Action, classify
 from amigafuse.driver.scsi.transport import (
@@ -168,6 +174,10 @@ class ScsiDisk(BlockDevice):
         self._capacity_stale = False
         self._seen_ua = len(self.stats.unit_attention_codes)
         self._max_transfer_blocks = max(1, transport.max_transfer_bytes // capacity.block_length)
+        #: the transport's lending execute (VirtioScsiController.execute_lent), if any
+        self._execute_lent: Callable[..., Awaitable[ScsiCommandResult]] | None = getattr(
+            transport, "execute_lent", None
+        )
 
     # ------------------------------------------------------------------ opening
 
@@ -400,6 +410,18 @@ class ScsiDisk(BlockDevice):
         except DeviceGone as exc:
             self._gone = exc
             raise
+        if result.response or result.status or len(result.data) != nbytes:
+            return await self._judge_read(cdb, lba, count, result)
+        self.stats.reads += 1
+        self.stats.blocks_read += count
+        return result.data
+
+    async def _judge_read(
+        self, cdb: bytes, lba: int, count: int, result: ScsiCommandResult
+    ) -> bytes:
+        """The data of a (copied) READ result; anything but GOOD goes through
+        execute() (sense, retries, unit attentions) starting from it."""
+        nbytes = count * self.block_size
         if result.response or result.status:
             result = await self.execute(
                 cdb, data_in_len=nbytes, what=lambda: self._what(cdb, lba, count), first=result
@@ -450,6 +472,37 @@ class ScsiDisk(BlockDevice):
 
         await self._split(lba, count, one)
         return b"".join(parts)
+
+    async def read_lease(self, lba: int, count: int) -> ReadLease:
+        """:meth:`read` without the copy (BlockDevice.read_lease): a read of at most one
+        transfer on a lending transport comes back in the transport's DMA buffer, which
+        stays withheld from the device (one slot of its queue) until the lease is
+        released.  Larger reads, other transports and reads that needed a retry come
+        back copied.  Raises as :meth:`read`."""
+        execute_lent = self._execute_lent
+        if execute_lent is None or count > self._max_transfer_blocks or count == 0:
+            return ReadLease.of(await self.read(lba, count))
+        if self._gone is not None or self._capacity_stale:
+            await self._prepare()
+        self.check_range(lba, count)
+        if count <= C.MAX_COUNT_10 and lba + count - 1 <= C.MAX_LBA_10:
+            cdb = _READ_10.pack(C.READ_10, 0, lba, 0, count, 0)
+        else:
+            cdb = C.read(lba, count)
+        self.stats.commands += 1
+        try:
+            result = await execute_lent(
+                self.target, self.lun, cdb, data_in_len=count * self.block_size
+            )
+        except DeviceGone as exc:
+            self._gone = exc
+            raise
+        if result.release is not None and result.lent is not None:
+            # no checkpoint between the transport's return and here: the lease owns it
+            self.stats.reads += 1
+            self.stats.blocks_read += count
+            return ReadLease(result.lent, result.release)
+        return ReadLease.of(await self._judge_read(cdb, lba, count, result))
 
     async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole blocks at ``lba`` (BlockDevice contract).  Raises WriteProtected

@@ -7,6 +7,7 @@ disks on it and never sees virtqueues, PCI or backends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,11 @@ class ScsiCommandResult:
     (0 GOOD, 2 CHECK CONDITION, 8 BUSY...); ``sense`` the sense bytes the device returned
     (``sense_len`` of them); ``data`` the data-in bytes transferred (``data_in_len -
     residual`` bytes); ``residual`` as the device reported it.
+
+    A transport that lends buffers (``execute_lent``, optional: the VirtIO controller
+    has it) returns a GOOD, complete read with ``data`` empty, ``lent`` a view of its
+    own buffer and ``release`` the function that gives the buffer back (the caller
+    calls it exactly once, and no one uses ``lent`` after).
     """
 
     response: int
@@ -39,6 +45,8 @@ class ScsiCommandResult:
     sense: bytes
     data: bytes
     residual: int
+    lent: memoryview | None = None
+    release: Callable[[], None] | None = None
 
 
 class ScsiTransport(Protocol):

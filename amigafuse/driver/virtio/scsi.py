@@ -11,6 +11,12 @@ Design (invariants in docs/driver.md):
   harvested *and* its caller copied the results out (or abandoned it).  A caller
   cancelled while its command is in flight abandons the slot; the completion path
   returns it to the free list when the device is done with it.
+* Lending (zero-copy reads, :meth:`VirtioScsiController.execute_lent`): a read that
+  completed GOOD with all its bytes leaves its slot *lent* instead of free: the caller
+  gets a view of the slot's data buffer and a release function, and the slot returns to
+  the free list only when that is called (once; a stale release naming an older tag is
+  ignored).  A lent slot is never in the ring, so the watchdog, failure and recovery
+  paths leave it alone.
 * Exactly one completion path: the task started by :func:`open_virtio_scsi` waits for
   the interrupt, reads the ISR (deasserting INTx; not with MSI-X, where the request
   queue signals on vector 0 when the backend offers it), harvests the used ring and
@@ -299,7 +305,7 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-_FREE, _IN_FLIGHT, _COMPLETED, _ABANDONED = range(4)
+_FREE, _IN_FLIGHT, _COMPLETED, _ABANDONED, _LENT = range(5)
 
 
 def _fresh(exc: BaseException) -> BaseException:
@@ -396,6 +402,8 @@ class ControllerStats:
     lun_resets: int = 0
     #: events reported on the event queue (hot-plug)
     events: int = 0
+    #: reads whose data buffer was lent to the caller (execute_lent) and given back
+    lent: int = 0
 
 
 class VirtioScsiController:
@@ -500,10 +508,11 @@ class VirtioScsiController:
         *,
         data_out: bytes | bytearray | memoryview | None = None,
         data_in_len: int = 0,
+        lend: bool = False,
     ) -> ScsiCommandResult:
         """Run one SCSI command (see ScsiTransport).  Raises DeviceGone when the backend
         died, HardwareError when the device broke the virtqueue protocol, UsageError on
-        a request this controller cannot carry."""
+        a request this controller cannot carry.  ``lend``: see :meth:`execute_lent`."""
         out_len = 0 if data_out is None else len(data_out)
         if out_len and data_in_len:
             raise UsageError("bidirectional SCSI commands are not supported")
@@ -572,7 +581,19 @@ class VirtioScsiController:
             except BaseException:
                 self._release(slot)
                 raise
-        return self._result(slot, data_in_len)
+        return self._result(slot, data_in_len, lend)
+
+    async def execute_lent(
+        self, target: int, lun: int, cdb: bytes, *, data_in_len: int
+    ) -> ScsiCommandResult:
+        """A data-in command whose data is lent, not copied: when it completes GOOD with
+        all ``data_in_len`` bytes, the result's ``lent`` is a view of the slot's DMA
+        buffer and ``release`` gives the slot back (the caller must call it, once, and
+        drop the view then); any other outcome comes back as from :meth:`execute`
+        (copied, ``release`` None).  Raises as :meth:`execute`.  Cancellation: as
+        :meth:`execute`; once this returned, no checkpoint stands between the caller
+        and the release it owns."""
+        return await self.execute(target, lun, cdb, data_in_len=data_in_len, lend=True)
 
     def _submit(
         self,
@@ -646,8 +667,23 @@ class VirtioScsiController:
             except DeviceGone as exc:
                 self._fail_all(exc)
 
-    def _result(self, slot: _Slot, data_in_len: int) -> ScsiCommandResult:
-        """Copy the results out of a _COMPLETED slot (ours) and free it."""
+    def _result(self, slot: _Slot, data_in_len: int, lend: bool = False) -> ScsiCommandResult:
+        """Copy the results out of a _COMPLETED slot (ours) and free it; with ``lend``,
+        a GOOD and complete read leaves the slot _LENT to the caller instead."""
+        if lend and slot.error is None and slot.aborted is None:
+            lay = slot.layout
+            mem = self._mem
+            sense_len, residual, _qualifier, status, response = _RESP_HEAD.unpack_from(
+                mem, lay.response
+            )
+            if not (response or status or residual or sense_len):
+                slot.state = _LENT
+                tag = slot.tag
+                return ScsiCommandResult(
+                    0, 0, b"", b"", 0,
+                    lent=mem[lay.data : lay.data + data_in_len],
+                    release=lambda: self._give_back(slot, tag),
+                )  # fmt: skip
         try:
             if slot.error is not None:
                 raise _fresh(slot.error)
@@ -672,6 +708,12 @@ class VirtioScsiController:
         finally:
             self._release(slot)
         return ScsiCommandResult(response, status, sense, data, residual)
+
+    def _give_back(self, slot: _Slot, tag: int) -> None:
+        """The end of a lend (see :meth:`execute_lent`); a stale call is ignored."""
+        if slot.state == _LENT and slot.tag == tag:
+            self.stats.lent += 1
+            self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
         slot.state = _FREE
