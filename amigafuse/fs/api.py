@@ -49,6 +49,7 @@ import enum
 from dataclasses import dataclass, field
 
 from amigafuse.amiga.dates import DateStamp
+from amigafuse.blockdev.base import ReadLease
 
 
 class Kind(enum.Enum):
@@ -159,6 +160,13 @@ class Volume(abc.ABC):
     @abc.abstractmethod
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes from ``offset`` (short at end of file).  IsADirectory for dirs."""
+
+    async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
+        """:meth:`read` into a buffer the device may lend (zero-copy), as a
+        :class:`~amigafuse.blockdev.base.ReadLease` the caller must release, soon (it
+        may hold one of the device's request buffers).  Raises as :meth:`read`.
+        Default: a lease on :meth:`read`'s bytes."""
+        return ReadLease.of(await self.read(object_id, offset, length))
 
     @abc.abstractmethod
     async def readlink(self, object_id: int) -> str:

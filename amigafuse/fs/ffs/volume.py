@@ -31,7 +31,7 @@ import trio
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
-from amigafuse.blockdev.base import BlockDevice
+from amigafuse.blockdev.base import BlockDevice, ReadLease
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
     ChainLoopError,
@@ -81,6 +81,7 @@ from amigafuse.fs.ffs.layout import (
     upper_name,
     verify_checksum,
 )
+from amigafuse.fs.ffs.reader import read_planned
 
 log = logging.getLogger(__name__)
 
@@ -930,6 +931,33 @@ class FfsVolumeBase:
                 self._reads_done = trio.Event()
         try:
             return await self._read_planned(*plan)
+        finally:
+            self._data_reads -= 1
+            if not self._data_reads:
+                self._reads_done.set()
+
+    async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
+        """:meth:`read` into a buffer the device may lend (Volume.read_lease; the
+        caller releases the lease): a contiguous FFS read comes back in the device's
+        own buffer, fragmented ones in one request per run of nearby ranges
+        (:mod:`.reader`).  Raises as :meth:`read`."""
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        async with self._locked(beside_reads=True):
+            self._maybe_evict()
+            block, e = await self._file(object_id)
+            plan = await self._plan_read(block, e, offset, length)
+            if isinstance(plan, bytes):
+                return ReadLease.of(plan)
+            # read outside the lock, beside other reads, as in read()
+            self._data_reads += 1
+            if self._data_reads == 1:
+                self._reads_done = trio.Event()
+        try:
+            return await read_planned(
+                self.io, *plan, max_span_blocks=self.io.max_transfer_blocks,
+                in_flight=min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight),
+            )  # fmt: skip
         finally:
             self._data_reads -= 1
             if not self._data_reads:
