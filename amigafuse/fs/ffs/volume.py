@@ -280,6 +280,10 @@ class FfsVolumeBase:
         d = DirCacheBlock.unpack(data)
         if d.type != T_DIRCACHE or d.header_key != block:
             raise CorruptError("bad dircache block", block=block, field="type/header_key")
+        try:  # records that overrun the block never reach the cache (the writers decode them)
+            d.decode_records()
+        except ValueError as exc:
+            raise CorruptError(str(exc), block=block, field="records") from None
         self._remember(block, d)
         return d
 
@@ -401,17 +405,26 @@ class FfsVolumeBase:
         await self._prefetch_chains(dir_block, [h for h in table if h])
         out: list[tuple[int, EntryBlock]] = []
         complete = True
-        for head in table:
+        misplaced: set[int] = set()
+        for slot, head in enumerate(table):
             if not head:
                 continue
             try:
-                out.extend(await self._chain(dir_block, head))
+                chain = await self._chain(dir_block, head)
+                out.extend(chain)
+                misplaced.update(
+                    b for b, e in chain if hash_name(e.name, self.intl, self.block_size) != slot
+                )
             except CorruptError as exc:
                 complete = False
                 log.warning("directory %d: %s", dir_block, exc)
                 self._note(f"damaged directory entry skipped: {exc}")
         if complete:
-            self._index[dir_block] = {self._key(e.name): b for b, e in out}
+            # An entry whose name hashes to another slot cannot be found by name (AmigaOS
+            # Lookup() walks only the name's slot): leave it out of the index as well,
+            # so lookups with and without the index agree and writers never look for it
+            # in a chain it is not in.
+            self._index[dir_block] = {self._key(e.name): b for b, e in out if b not in misplaced}
         if self.dircache:
             try:
                 order = {h: i for i, h in enumerate(await self._dircache_headers(dir_block))}
