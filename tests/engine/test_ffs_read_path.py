@@ -583,3 +583,21 @@ async def test_many_concurrent_lease_readers_stay_within_the_devices_buffers() -
         nursery.start_soon(reader, frag, "a", 0)
         nursery.start_soon(reader, frag, "a", 512 * 1024)
     assert got == [True, True] and lending.lent_now == 0
+
+
+async def test_read_lease_sees_data_staged_but_not_yet_written() -> None:
+    """A read-write volume holds small writes in memory (StagedBlockIO overrides read):
+    read_lease must return them, not the device's older bytes."""
+    dev, geo, _frag, whole = await build(512, 24_000, 256 * 1024)
+    lending = LendingDevice(dev.data)
+    vol = await open_volume(lending, geo, False)
+    await vol.write(whole, 1000, b"new bytes")  # a small write: staged, not on the device
+    want = bytearray(content("w", 256 * 1024))
+    want[1000:1009] = b"new bytes"
+    with await vol.read_lease(whole, 0, 256 * 1024) as lease:
+        assert lease.view == want
+    assert lending.lent_now == 0
+    await vol.truncate(whole, 3)
+    with await vol.read_lease(whole, 0, 100) as lease:
+        assert lease.view == want[:3]
+    await vol.close()
