@@ -24,6 +24,16 @@ Invariants:
   engine serialises its own work (fs.api contract).  The kernel serialises requests
   that change one directory (it holds the directory's lock), so the lookups rename makes
   before renaming (the moved inode, RENAME_NOREPLACE) see the state the rename applies to.
+* Deferred metadata: mode and mtime changes (setattr) of a file
+  with open handles are kept in ``_deferred`` and handed to the engine in one setattr
+  when its last handle is released (or at fsync, the periodic commit, unmount, or
+  before an xattr request that reads or sets its protection).  ``cp -a`` sends three
+  such changes per file (the kernel's own mtime, utimensat, chmod): one engine call
+  instead of three, none of them while cp waits.  While deferred, every attribute reply (getattr, lookup,
+  readdirplus, the protection xattr) shows them (``_attrs`` overlays ``_deferred``), so
+  nothing the kernel caches is stale; the entry leaves ``_deferred`` only after the
+  engine has them.  A change that fails then (the file was unlinked meanwhile, or the
+  volume went read-only) is logged: close(2) has already returned.
 """
 
 from __future__ import annotations
@@ -87,6 +97,18 @@ class MountedVolume:
 class _DirHandle:
     inode: int
     entries: list[tuple[bytes, Stat]] | None = None
+
+
+@dataclass
+class _Deferred:
+    """An open file's metadata changes not yet handed to its engine ("Deferred metadata")."""
+
+    slot: int
+    object_id: int
+    handles: int = 1
+    stat: Stat | None = None  # the engine's answer when last asked (None: ask again)
+    protection: int | None = None
+    date: DateStamp | None = None
 
 
 class _translate:
@@ -155,6 +177,7 @@ class AmigaOperations(pyfuse3.Operations):
         self._case_sensitive = [i.case_sensitive for i in infos]
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
+        self._deferred: dict[int, _Deferred] = {}  # inode -> changes kept until release
         # Open files: inode (the fh) -> [slot, object_id, handles].  The engine is told
         # when an object gets its first handle and loses its last (Volume.set_busy).
         self._open_files: dict[int, list[int]] = {}
@@ -197,7 +220,14 @@ class AmigaOperations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = ENTRY_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
-        a.st_mode = mapping.protection_to_mode(st.protection, st.kind, self.options.umask)
+        protection, date = st.protection, st.date
+        deferred = self._deferred.get(inode)
+        if deferred is not None:
+            if deferred.protection is not None:
+                protection = deferred.protection
+            if deferred.date is not None:
+                date = deferred.date
+        a.st_mode = mapping.protection_to_mode(protection, st.kind, self.options.umask)
         # Directories: 1, the "not counted" convention (as btrfs): find & co. then never
         # infer the number of subdirectories from it.
         a.st_nlink = 1 if st.kind is Kind.DIR else max(1, st.nlink)
@@ -212,7 +242,7 @@ class AmigaOperations(pyfuse3.Operations):
             a.st_size = st.size
         a.st_blksize = BLKSIZE
         a.st_blocks = (st.disk_blocks * self._block_sizes[slot] + 511) // 512
-        ns = st.date.to_unix_ns()
+        ns = date.to_unix_ns()
         a.st_atime_ns = ns
         a.st_mtime_ns = ns
         a.st_ctime_ns = ns
@@ -309,22 +339,90 @@ class AmigaOperations(pyfuse3.Operations):
                 if fields.update_size or fields.update_mode or fields.update_mtime:
                     raise FUSEError(errno.EPERM)
                 return self._top_attrs()
-            changes = fields.update_size or fields.update_mode or fields.update_mtime
-            if not changes:
-                return await self.getattr(inode, ctx)
+            if not (fields.update_size or fields.update_mode or fields.update_mtime):
+                return await self.getattr(inode, ctx)  # atime/ctime only: nothing to store
             volume = self._writable(slot)
+            inode = int(inode)
+            deferred = self._deferred.get(inode)
+            if deferred is not None and not fields.update_size:
+                st = await self._deferred_stat(deferred)
+                if fields.update_mode:
+                    base = st.protection if deferred.protection is None else deferred.protection
+                    deferred.protection = mapping.mode_to_protection(attr.st_mode, base)
+                if fields.update_mtime:
+                    deferred.date = DateStamp.from_unix_ns(attr.st_mtime_ns)
+                return self._attrs(slot, st, inode)
             if fields.update_size:
                 await volume.truncate(object_id, attr.st_size)
-            protection = None
+            old = await volume.getattr(object_id)
+            protection = date = None
+            if deferred is not None:  # a truncate of an open file: its deferred changes too
+                protection, date = deferred.protection, deferred.date
+                deferred.protection = deferred.date = deferred.stat = None
             if fields.update_mode:
-                old = await volume.getattr(object_id)
-                protection = mapping.mode_to_protection(attr.st_mode, old.protection)
-            date = DateStamp.from_unix_ns(attr.st_mtime_ns) if fields.update_mtime else None
+                base = old.protection if protection is None else protection
+                protection = mapping.mode_to_protection(attr.st_mode, base)
+            if fields.update_mtime:
+                date = DateStamp.from_unix_ns(attr.st_mtime_ns)
+            # no engine change (and no dirty header) when nothing changes
+            if protection == old.protection:
+                protection = None
+            if date == old.date:
+                date = None
+            st = old
             if protection is not None or date is not None:
                 st = await volume.setattr(object_id, SetAttrs(protection=protection, date=date))
-            else:
-                st = await volume.getattr(object_id)
             return self._attrs(slot, st, inode)
+
+    async def _deferred_stat(self, deferred: _Deferred) -> Stat:
+        st = deferred.stat
+        if st is None:
+            st = deferred.stat = await self.volumes[deferred.slot].volume.getattr(deferred.object_id)
+        return st
+
+    def _opened(self, inode: int, slot: int, object_id: int, st: Stat | None = None) -> None:
+        """One more handle on ``inode``: its mode/mtime changes wait for the last release."""
+        deferred = self._deferred.get(inode)
+        if deferred is None:
+            self._deferred[inode] = _Deferred(slot, object_id, stat=st)
+        else:
+            deferred.handles += 1
+
+    async def _settle(self, inode: int) -> None:
+        """Hand the engine the changes deferred for ``inode`` in one setattr.  Raises what
+        the engine raises; the changes then stay deferred (cancellation too: applying
+        them twice is harmless)."""
+        deferred = self._deferred.get(inode)
+        if deferred is None or (deferred.protection is None and deferred.date is None):
+            return
+        protection, date = deferred.protection, deferred.date
+        # cleared before the await: a change arriving meanwhile waits for the next settle
+        deferred.protection = deferred.date = deferred.stat = None
+        try:
+            await self.volumes[deferred.slot].volume.setattr(
+                deferred.object_id, SetAttrs(protection=protection, date=date)
+            )
+        except BaseException:
+            if deferred.protection is None:
+                deferred.protection = protection
+            if deferred.date is None:
+                deferred.date = date
+            raise
+
+    async def _settle_quietly(self, inode: int, why: str) -> None:
+        try:
+            await self._settle(inode)
+        except AmigaFuseError as exc:
+            deferred = self._deferred.get(inode)
+            if deferred is not None:
+                deferred.protection = deferred.date = None  # not retried for ever
+            level = logging.DEBUG if exc.errno == errno.ENOENT else logging.WARNING
+            log.log(level, "inode %d: mode/date change not stored at %s: %s", inode, why, exc.message)
+
+    async def _settle_slot(self, slot: int) -> None:
+        """Every deferred change on volume ``slot`` (before its write-back)."""
+        for inode in [i for i, d in self._deferred.items() if d.slot == slot]:
+            await self._settle_quietly(inode, "write-back")
 
     async def readlink(self, inode: Any, ctx: Any) -> Any:
         with _translate("readlink", inode):
@@ -442,6 +540,7 @@ class AmigaOperations(pyfuse3.Operations):
             except BaseException:
                 self._unhold(inode)
                 raise
+            self._opened(int(inode), slot, object_id)
             return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     def _hold(self, inode: int, slot: int, object_id: int) -> None:
@@ -464,23 +563,19 @@ class AmigaOperations(pyfuse3.Operations):
             del self._open_files[inode]
             self.volumes[held[0]].volume.set_busy(held[1], False)
 
-    async def read(self, fh: Any, off: int, size: int) -> memoryview:  # type: ignore[override]
-        # Zero copy: the engine may answer with a view of the device's DMA buffer (a
-        # lease, see Volume.read_lease).  pyfuse3 passes what we return straight to
-        # fuse_reply_buf, which copies it into the kernel, with no await in between
-        # (pyfuse3 3.x handlers.pxi, fuse_read_async); the lease is given back only
-        # after that: run_sync_soon callbacks run once this task has yielded.
+    async def read(self, fh: Any, off: int, size: int) -> bytes:
         with _translate("read", fh, off, size):
             slot, object_id = self._resolve(fh)
-            lease = await self.volumes[slot].volume.read_lease(object_id, off, size)
-        if lease.lent:
-            trio.lowlevel.current_trio_token().run_sync_soon(lease.release)
-        return lease.view
+            return await self.volumes[slot].volume.read(object_id, off, size)
 
     async def write(self, fh: Any, off: int, buf: bytes) -> int:
         with _translate("write", fh, off, len(buf)):
             slot, object_id = self._resolve(fh)
-            return await self._writable(slot).write(object_id, off, buf)
+            written = await self._writable(slot).write(object_id, off, buf)
+            deferred = self._deferred.get(fh)
+            if deferred is not None:
+                deferred.stat = None  # size and blocks changed
+            return written
 
     # No flush(): pyfuse3 answers ENOSYS and the kernel stops sending FLUSH on every
     # close() (it still writes back its dirty pages first); durability is fsync/umount.
@@ -488,12 +583,23 @@ class AmigaOperations(pyfuse3.Operations):
     async def release(self, fh: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("release(%r,)", fh)
+        inode = int(fh)
+        deferred = self._deferred.get(inode)
+        if deferred is not None and deferred.handles == 1:
+            # stays in _deferred (shown by _attrs) until the engine has the changes
+            await self._settle_quietly(inode, "release")
+        deferred = self._deferred.get(inode)
+        if deferred is not None:
+            deferred.handles -= 1
+            if deferred.handles <= 0:
+                del self._deferred[inode]
         self._unhold(int(fh))
 
     async def fsync(self, fh: Any, datasync: bool) -> None:
         with _translate("fsync", fh):
             slot, _ = self._resolve(fh)
             if not self.volumes[slot].read_only:
+                await self._settle(int(fh))
                 await self.volumes[slot].volume.sync()
 
     async def fsyncdir(self, fh: Any, datasync: bool) -> None:
@@ -514,6 +620,7 @@ class AmigaOperations(pyfuse3.Operations):
             st = await volume.create(dir_id, self._name(slot, name), protection=protection)
             attrs = self._entry(slot, st, parent_inode)
             self._hold(attrs.st_ino, slot, st.object_id)
+            self._opened(attrs.st_ino, slot, st.object_id, st)
             return pyfuse3.FileInfo(fh=attrs.st_ino, keep_cache=True), attrs
 
     async def mknod(self, parent_inode: Any, name: Any, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -660,6 +767,9 @@ class AmigaOperations(pyfuse3.Operations):
                     raise FUSEError(pyfuse3.ENOATTR)
                 return st.comment.encode("utf-8")
             if name == XATTR_PROTECTION:
+                deferred = self._deferred.get(int(inode))
+                if deferred is not None and deferred.protection is not None:
+                    return mapping.protection_to_string(deferred.protection).encode()
                 return mapping.protection_to_string(st.protection).encode()
             if object_id == mv.volume.root_id and name == XATTR_VOLUME:
                 return mv.volume.info.label.encode("utf-8")
@@ -693,6 +803,7 @@ class AmigaOperations(pyfuse3.Operations):
             slot, object_id = self._resolve(inode)
             volume = self._writable(slot)
             mv = self.volumes[slot]
+            await self._settle(int(inode))  # the engine's protection and date are current
             try:
                 text = bytes(value).decode("utf-8").rstrip("\0")
             except UnicodeDecodeError:
@@ -777,6 +888,7 @@ class AmigaOperations(pyfuse3.Operations):
                 continue
             seen = mv.changes  # requests after this point are left for the next round
             try:
+                await self._settle_slot(self.volumes.index(mv))
                 await mv.volume.sync()
             except AmigaFuseError as exc:
                 log.warning("%s: periodic write-back failed: %s", mv.name, exc.message)
@@ -786,6 +898,8 @@ class AmigaOperations(pyfuse3.Operations):
     async def close_volumes(self) -> list[str]:
         """Close every volume (flush, mark clean).  Returns error messages (empty when fine)."""
         problems = []
+        for inode in list(self._deferred):
+            await self._settle_quietly(inode, "unmount")
         for mv in self.volumes:
             try:
                 await mv.volume.close()
