@@ -63,7 +63,7 @@ def adapter() -> tuple[AmigaOperations, CountingVolume]:
 
 async def cp_a_file(ops: AmigaOperations, name: bytes, mode: int) -> int:
     """The requests ``cp -a`` makes for one small file, up to (not including) release."""
-    fi, entry = await ops.create(1, name, stat.S_IFREG | 0o600, os.O_WRONLY | os.O_CREAT, CTX)
+    fi, _attrs = await ops.create(1, name, stat.S_IFREG | 0o600, os.O_WRONLY | os.O_CREAT, CTX)
     inode = fi.fh
     with pytest.raises(Exception) as exc:
         await ops.getxattr(inode, b"security.capability", CTX)
