@@ -13,12 +13,19 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
+from types import SimpleNamespace
 
+import pyfuse3
 import pytest
 
+from amigafuse.errors import NoSpace
+from amigafuse.fuse.ops import AmigaOperations, MountedVolume
+from amigafuse.fuse.options import MountOptions
 from tests.conftest import content, shared_image
 from tests.fuse.conftest import amigafuse, check_image, make_two_partition_sfs_disk
+from tests.fuse.memvolume import MemoryVolume
 
 pytestmark = pytest.mark.fuse
 
@@ -150,3 +157,49 @@ def test_a_deleted_open_file_never_reaches_the_objects_that_reuse_its_storage(  
     for name, data in news.items():
         assert (mnt2 / part / "work" / name).read_bytes() == data, name
     assert not (mnt2 / part / "work" / "victim").exists()
+
+
+# ---------------------------------------------------------------------------------
+# The adapter's bookkeeping, driven directly (no mount): which objects are busy.
+
+CTX = SimpleNamespace(umask=0o022, uid=0, gid=0, pid=0)
+
+
+class BusyVolume(MemoryVolume):
+    def __init__(self) -> None:
+        super().__init__("Busy")
+        self.busy_calls: list[tuple[int, bool]] = []
+        self.fail_truncate = False
+
+    def set_busy(self, object_id: int, busy: bool) -> None:
+        self.busy_calls.append((object_id, busy))
+
+    async def truncate(self, object_id: int, size: int) -> None:
+        if self.fail_truncate:
+            raise NoSpace("refused for the test")
+        await super().truncate(object_id, size)
+
+
+async def test_the_adapter_marks_an_object_busy_from_its_first_open_to_its_last_release() -> None:
+    vol = BusyVolume()
+    ops = AmigaOperations([MountedVolume("DH0", vol, False)], MountOptions(), single=True)
+    fi, _attrs = await ops.create(1, b"f", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+    inode = int(fi.fh)
+    oid = ops.table.resolve(inode).object_id  # type: ignore[union-attr]
+    assert vol.busy_calls == [(oid, True)]
+    await ops.open(inode, os.O_RDONLY, CTX)
+    await ops.release(inode)
+    assert vol.busy_calls == [(oid, True)]  # one handle left
+    await ops.release(inode)
+    assert vol.busy_calls == [(oid, True), (oid, False)]
+    # An open that fails (its O_TRUNC refused) leaves the object as it was.
+    vol.fail_truncate = True
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.open(inode, os.O_WRONLY | os.O_TRUNC, CTX)
+    assert exc.value.errno == errno.ENOSPC
+    assert vol.busy_calls == [(oid, True), (oid, False), (oid, True), (oid, False)]
+    vol.fail_truncate = False
+    await ops.open(inode, os.O_WRONLY | os.O_TRUNC, CTX)
+    assert vol.busy_calls[-1] == (oid, True)
+    await ops.release(inode)
+    assert vol.busy_calls[-1] == (oid, False)
