@@ -21,6 +21,13 @@ RDB, one DOS\\3 partition), independent of amigafuse's own writers.
 Also, untimed: the FUSE requests per file that ``cp -a`` of one directory of the small
 files makes reach amigafuse (``cp_small_in_requests``, from a ``-d`` mount's log).
 
+The floor: ``pyfuse3_null_floor`` runs the same ``cp -a`` (and sync) into a *null*
+pyfuse3 filesystem served by this script (``--serve-null``: attributes in a dict, data
+dropped, the same writeback cache and xattr answers as amigafuse), so the kernel sends
+it the same requests.  Its time and CPU are what pyfuse3, trio and the kernel cost
+before any filesystem work: no pyfuse3 filesystem can copy these files faster.
+``cp_small_in_per_file`` puts amigafuse's server CPU per file beside that floor's.
+
 Each mount workload also reports ``server_cpu_seconds``: the CPU time the mount process
 used during it (from /proc; QEMU's own time not included), a steadier measure than wall
 time on a busy machine.
@@ -230,6 +237,186 @@ def count_requests(empty_image: Path, src: Path, work: Path) -> dict[str, Any]:
             "by_operation": {k: round(v / files, 2) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}}
 
 
+def serve_null(mountpoint: str, counts_path: str) -> int:
+    """A null pyfuse3 filesystem at ``mountpoint`` until unmounted; writes its request
+    counts to ``counts_path`` (JSON) at the end.  Answers what ``cp -a`` asks as amigafuse
+    does (writeback cache on, security.* and ACL xattrs ENOTSUP), does nothing else."""
+    import errno
+    import stat as stat_mod
+
+    import pyfuse3
+    import trio
+
+    counts: dict[str, int] = {}
+
+    def seen(op: str) -> None:
+        counts[op] = counts.get(op, 0) + 1
+
+    class Null(pyfuse3.Operations):
+        enable_writeback_cache = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attrs: dict[int, pyfuse3.EntryAttributes] = {}
+            self.names: dict[tuple[int, bytes], int] = {}
+            self.next_inode = pyfuse3.ROOT_INODE + 1
+            self._new(pyfuse3.ROOT_INODE, stat_mod.S_IFDIR | 0o755)
+
+        def _new(self, inode: int, mode: int) -> pyfuse3.EntryAttributes:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = inode
+            a.st_mode = mode
+            a.st_nlink = 1
+            a.st_blksize = 1 << 20
+            a.entry_timeout = a.attr_timeout = 60.0
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = time.time_ns()
+            self.attrs[inode] = a
+            return a
+
+        def _add(self, parent: int, name: bytes, mode: int) -> pyfuse3.EntryAttributes:
+            inode = self.next_inode
+            self.next_inode += 1
+            self.names[(parent, name)] = inode
+            return self._new(inode, mode)
+
+        async def lookup(self, parent_inode, name, ctx):  # type: ignore[no-untyped-def]
+            seen("lookup")
+            inode = self.names.get((parent_inode, name))
+            if inode is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.attrs[inode]
+
+        async def getattr(self, inode, ctx=None):  # type: ignore[no-untyped-def]
+            seen("getattr")
+            return self.attrs[inode]
+
+        async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
+            seen("setattr")
+            a = self.attrs[inode]
+            if fields.update_mode:
+                a.st_mode = attr.st_mode
+            if fields.update_mtime:
+                a.st_mtime_ns = attr.st_mtime_ns
+            if fields.update_size:
+                a.st_size = attr.st_size
+            return a
+
+        async def mkdir(self, parent_inode, name, mode, ctx):  # type: ignore[no-untyped-def]
+            seen("mkdir")
+            return self._add(parent_inode, name, stat_mod.S_IFDIR | (mode & 0o777))
+
+        async def create(self, parent_inode, name, mode, flags, ctx):  # type: ignore[no-untyped-def]
+            seen("create")
+            a = self._add(parent_inode, name, stat_mod.S_IFREG | (mode & 0o777))
+            return pyfuse3.FileInfo(fh=a.st_ino), a
+
+        async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
+            seen("open")
+            return pyfuse3.FileInfo(fh=inode)
+
+        async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
+            seen("write")
+            a = self.attrs[fh]
+            a.st_size = max(a.st_size, off + len(buf))
+            return len(buf)
+
+        async def release(self, fh):  # type: ignore[no-untyped-def]
+            seen("release")
+
+        async def getxattr(self, inode, name, ctx):  # type: ignore[no-untyped-def]
+            seen("getxattr")
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.ENOTSUP)
+
+        async def setxattr(self, inode, name, value, ctx):  # type: ignore[no-untyped-def]
+            seen("setxattr")
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+        async def opendir(self, inode, ctx):  # type: ignore[no-untyped-def]
+            seen("opendir")
+            return inode
+
+        async def readdir(self, fh, start_id, token):  # type: ignore[no-untyped-def]
+            seen("readdir")
+
+        async def releasedir(self, fh):  # type: ignore[no-untyped-def]
+            seen("releasedir")
+
+        async def fsync(self, fh, datasync):  # type: ignore[no-untyped-def]
+            seen("fsync")
+
+        async def fsyncdir(self, fh, datasync):  # type: ignore[no-untyped-def]
+            seen("fsyncdir")
+
+        async def forget(self, inode_list):  # type: ignore[no-untyped-def]
+            seen("forget")
+
+        async def statfs(self, ctx):  # type: ignore[no-untyped-def]
+            seen("statfs")
+            s = pyfuse3.StatvfsData()
+            s.f_bsize = s.f_frsize = 512
+            s.f_blocks = s.f_bfree = s.f_bavail = 1 << 20
+            s.f_namemax = 107
+            return s
+
+    pyfuse3.init(Null(), mountpoint, {"fsname=nullfloor", "subtype=nullfloor"})
+    print("READY", flush=True)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
+        Path(counts_path).write_text(json.dumps(counts))
+    return 0
+
+
+def null_floor(tree: Path, work: Path, runs: int) -> dict[str, Any]:
+    """``cp -a`` of ``tree`` (then the same syncs) into the null pyfuse3 filesystem."""
+    mnt = work / "mnt_null"
+    mnt.mkdir(exist_ok=True)
+    files = sum(1 for p in tree.rglob("*") if p.is_file())
+    times, cpus = [], []
+    counts: dict[str, int] = {}
+    for run in range(runs):
+        counts_path = work / f"null_counts{run}.json"
+        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-null", str(mnt), str(counts_path)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            if "READY" not in proc.stdout.readline():
+                raise RuntimeError(f"the null filesystem did not start: {proc.stderr.read()[-400:]}")  # type: ignore[union-attr]
+            deadline = time.monotonic() + 30
+            while not is_mounted(mnt):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the null filesystem did not mount")
+                time.sleep(0.02)
+
+            def cpu(pid: int = proc.pid) -> float:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+            def copy() -> None:
+                must(["cp", "-a", str(tree), str(mnt / tree.name)])
+                must(["sync", "-f", str(mnt)])
+                must(["sync", str(mnt)])
+
+            cpu0 = cpu()
+            times.append(timed(copy))
+            cpus.append(cpu() - cpu0)
+        finally:
+            sh(["fusermount3", "-u", str(mnt)])
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        counts = json.loads(counts_path.read_text()) if counts_path.exists() else {}
+    requests = sum(v for k, v in counts.items() if k != "forget")
+    return {"seconds": round(median(times), 4), "runs": [round(t, 4) for t in times],
+            "server_cpu_seconds": round(median(cpus), 3),
+            "server_cpu_us_per_file": round(median(cpus) / files * 1e6, 1),
+            "requests_per_file": round(requests / files, 2),
+            "by_operation": {k: round(v / files, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -311,7 +498,11 @@ def main() -> int:
     ap.add_argument("--backends", default="file,qemu")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", help="keep work files here (default: a temporary directory)")
+    ap.add_argument("--serve-null", nargs=2, metavar=("MOUNTPOINT", "COUNTS_JSON"),
+                    help="internal: serve the null pyfuse3 filesystem (the floor) there")
     args = ap.parse_args()
+    if args.serve_null:
+        return serve_null(*args.serve_null)
 
     tmp = tempfile.TemporaryDirectory(prefix="amigafuse-bench-") if not args.workdir else None
     work = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
@@ -384,9 +575,27 @@ def main() -> int:
         except Exception as exc:  # reported, not fatal
             result["cp_small_in_requests"] = {"error": str(exc)[:400]}
 
+        try:
+            result["pyfuse3_null_floor"] = null_floor(tree, work, args.runs)
+        except Exception as exc:  # reported, not fatal
+            result["pyfuse3_null_floor"] = {"error": str(exc)[:400]}
+        floor = result["pyfuse3_null_floor"]
+        files = args.small_files
+
         for backend in args.backends.split(","):
             res = bench_mount(backend, full, write_target, big, tree, work, args.runs)
             result[f"amigafuse_{backend}"] = res
+            small = res.get("cp_small_in", {})
+            if "server_cpu_seconds" in small:
+                per_file: dict[str, Any] = {
+                    "server_cpu_us": round(small["server_cpu_seconds"] / files * 1e6, 1),
+                    "wall_us": round(small["seconds"] / files * 1e6, 1),
+                    "amitools_wall_us": round(am["cp_small_in"] / files * 1e6, 1),
+                }
+                if "server_cpu_seconds" in floor:
+                    per_file["null_floor_server_cpu_us"] = floor["server_cpu_us_per_file"]
+                    per_file["null_floor_wall_us"] = round(floor["seconds"] / files * 1e6, 1)
+                res["cp_small_in_per_file"] = per_file
             ratios: dict[str, Any] = {}
             cat = res.get("cat_big", {}).get("seconds")
             if cat:
@@ -397,6 +606,8 @@ def main() -> int:
                 if s:
                     ratios[f"{k}_speedup_vs_amitools"] = round(am[k] / s, 2)
                     ratios[f"{k}_vs_plain_directory"] = round(pl[k] / s, 3)
+            if res.get("cp_small_in", {}).get("seconds") and floor.get("seconds"):
+                ratios["cp_small_in_null_floor_vs_amitools"] = round(am["cp_small_in"] / floor["seconds"], 2)
             result[f"ratios_{backend}"] = ratios
     finally:
         for m in work.glob("mnt_*"):

@@ -178,6 +178,8 @@ class AmigaOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._deferred: dict[int, _Deferred] = {}  # inode -> changes kept until release
+        # (protection, kind) -> st_mode: a volume has few distinct protections
+        self._modes: dict[tuple[int, Kind], int] = {}
         # Open files: inode (the fh) -> [slot, object_id, handles].  The engine is told
         # when an object gets its first handle and loses its last (Volume.set_busy).
         self._open_files: dict[int, list[int]] = {}
@@ -227,7 +229,14 @@ class AmigaOperations(pyfuse3.Operations):
                 protection = deferred.protection
             if deferred.date is not None:
                 date = deferred.date
-        a.st_mode = mapping.protection_to_mode(protection, st.kind, self.options.umask)
+        mode = self._modes.get((protection, st.kind))
+        if mode is None:
+            if len(self._modes) > 1024:  # a hostile disk: every object different
+                self._modes.clear()
+            mode = self._modes[(protection, st.kind)] = mapping.protection_to_mode(
+                protection, st.kind, self.options.umask
+            )
+        a.st_mode = mode
         # Directories: 1, the "not counted" convention (as btrfs): find & co. then never
         # infer the number of subdirectories from it.
         a.st_nlink = 1 if st.kind is Kind.DIR else max(1, st.nlink)
