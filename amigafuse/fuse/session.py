@@ -190,7 +190,7 @@ async def serve(
     mountpoint: str,
     fuse_options: set[str],
     *,
-    read_ahead_kb: int = 1024,
+    read_ahead_kb: int = 4096,
     commit_s: int = 5,
     on_ready: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

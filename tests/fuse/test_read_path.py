@@ -95,3 +95,22 @@ def test_many_concurrent_readers_get_their_bytes(cli_mount, tmp_path: Path) -> N
     # and the mount still serves whole files afterwards
     drop_cached(root / "big.bin")
     assert (root / "big.bin").read_bytes() == files["big.bin"]
+
+
+def test_the_mount_raises_the_kernel_readahead(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sequential reads reach us as 1 MiB requests, several at once, only if the mount's
+    readahead is raised (default 4096 KiB; -o read_ahead_kb=N)."""
+    from amigafuse.fuse.session import mount_device_number
+
+    image = tmp_path / "disk.hdf"
+    src = tmp_path / "src"
+    src.mkdir()
+    make_ffs_disk(image, {"a.bin": b"a" * 1000}, src)
+
+    def readahead_kb(mnt: Path) -> int:
+        dev = mount_device_number(str(mnt))
+        assert dev is not None
+        return int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+
+    assert readahead_kb(cli_mount(image, options="backend=file,ro")) == 4096
+    assert readahead_kb(cli_mount(image, options="backend=file,ro,read_ahead_kb=512")) == 512
