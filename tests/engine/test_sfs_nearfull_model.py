@@ -225,14 +225,16 @@ class NearFullModel(RuleBasedStateMachine):
 
     @rule()
     def drain(self) -> None:
-        """Back from full: delete every file (and what .recycled holds that is not
-        open); then a new file of a few blocks must fit."""
+        """Back from full: close the open files, delete every file and empty
+        .recycled; then a new file of a few blocks must fit."""
+        for oid in self.open:
+            self.vol.set_busy(oid, False)
+        self.open.clear()
         for name in sorted(self.model):
             self.call(self.vol.unlink, self.vol.root_id, name)
         self.model.clear()
         for s in self.call(self.vol.readdir, REC):
-            if s.object_id not in self.open:
-                self.call(self.vol.unlink, REC, s.name)
+            self.call(self.vol.unlink, REC, s.name)
         name = self.fresh_name("after")
         oid = int(self.call(self.vol.create, self.vol.root_id, name).object_id)
         self.call(self.vol.write, oid, 0, b"back" * self.block_size)
