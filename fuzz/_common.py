@@ -251,12 +251,15 @@ async def _check(engine: Engine, device: BlockDevice, geo: VolumeGeometry) -> Ch
 KNOWN_UNDETECTABLE = (
     "marked free",  # FFS and SFS: blocks in use that the bitmap calls free
     "names parent",  # FFS: a header in a directory that is not its parent (cross-linked)
+    "used twice",  # FFS and SFS: two owners of one block; freeing one frees the other's
+    "not marked used in its admin space",  # SFS: the admin-space bits lie the same way
 )
 
 
 def lying_bitmap(report: CheckReport) -> bool:
     """The checker found damage that only a walk of the whole tree shows: blocks in use
-    that the bitmap calls free, or a header linked from two directories.  Neither engine
+    that the bitmap calls free, a header linked from two directories, or a block with
+    two owners.  Neither engine
     walks the whole tree on every read-write mount (AmigaOS does not either), so writes
     may reuse those blocks or move the cross-linked entry: known and accepted
     (fuzz/README.md), not counted as a finding."""

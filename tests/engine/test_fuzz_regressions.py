@@ -11,12 +11,17 @@ import struct
 
 import pytest
 
+from amigafuse.amiga.dostype import SFS0
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.memory import MemoryBlockDevice
-from amigafuse.errors import CorruptError, NotFound
+from amigafuse.errors import ChainLoopError, CorruptError, NotFound
 from amigafuse.fs.ffs import ENGINE as FFS
 from amigafuse.fs.ffs import open_volume as ffs_open
 from amigafuse.fs.ffs.layout import hash_name, with_checksum
+from amigafuse.fs.sfs import check_volume as sfs_check
+from amigafuse.fs.sfs import codec as sfs_codec
+from amigafuse.fs.sfs import format_volume as sfs_format
+from amigafuse.fs.sfs import open_volume as sfs_open
 
 DOS3 = 0x444F5303
 DOS5 = 0x444F5305
@@ -108,3 +113,40 @@ async def test_dircache_records_overrunning_their_block_are_eio_for_writers() ->
     assert info.value.block == dircache
     assert info.value.errno == 5
     await vol.close()
+
+
+async def test_sfs_hash_chain_repeating_the_removed_node_is_refused() -> None:
+    """fuzz: sfs-0-512 (``block 4 +116: interesting 0x7 +checksum``, a node's ``next``
+    naming a node already in the chain).  hash_remove unlinked the first copy of the
+    node and left the loop in place (here: a chain whose only node points to itself,
+    so the directory's hash table kept naming the removed object).  Now the whole
+    chain is walked first and a repeat is a ChainLoopError; nothing is written."""
+    geo = VolumeGeometry(dostype=SFS0, fs_block_size=512)
+    dev = MemoryBlockDevice((1 << 20) // 512)
+    await sfs_format(dev, geo, "Regress")
+    vol = await sfs_open(dev, geo, False)
+    st = await vol.create(vol.root_id, "a")
+    await vol.write(st.object_id, 0, b"a" * 100)
+    await vol.close()
+    vol = await sfs_open(MemoryBlockDevice(data=bytes(dev.data)), geo, True)
+    node = (await vol.lookup(vol.root_id, "a")).object_id
+    ref = (await vol.r.node_path(node))[-1]  # type: ignore[attr-defined]
+    raw = bytearray(dev.data)
+    start = ref.block * 512
+    offset = start + sfs_codec.NODECONTAINER_HEADER + (node - ref.nodenumber) * sfs_codec.OBJECTNODE_SIZE
+    on = sfs_codec.ObjectNode(*struct.unpack_from(sfs_codec.ObjectNode.FORMAT, raw, offset))
+    assert on.next == 0  # the only entry of its chain
+    struct.pack_into(">I", raw, offset + 4, node)  # next: itself
+    blk = bytearray(raw[start : start + 512])
+    sfs_codec.set_checksum(blk)
+    raw[start : start + 512] = blk
+    damaged = bytes(raw)
+    rw = MemoryBlockDevice(data=damaged)
+    vol = await sfs_open(rw, geo, False)
+    with pytest.raises(ChainLoopError):
+        await vol.rename(vol.root_id, "a", vol.root_id, "b")
+    await vol.close()
+    before = await sfs_check(MemoryBlockDevice(data=damaged), geo, False)
+    after = await sfs_check(rw, geo, False)
+    assert not before.clean
+    assert after.errors == before.errors

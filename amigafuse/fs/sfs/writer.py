@@ -592,23 +592,28 @@ class SfsWriter(SfsReader):
         ht = codec.HashTable.unpack(await self.block(hblock, codec.HASHTABLE_ID))
         h16 = codec.name_hash(name, self.case_sensitive)
         chain = h16 % len(ht.hashentry)
-        prev = 0
+        # The whole chain is walked before anything changes: a chain that loops or
+        # holds a node twice is refused (unlinking the first copy of a repeated node
+        # would leave the second behind, hashed under a name it no longer has).
+        links: list[tuple[int, int]] = []  # (node, its next)
+        seen: set[int] = set()
         cur = ht.hashentry[chain]
-        steps = 0
         while cur:
-            steps += 1
-            if steps > self.total_blocks * 64:
-                raise ChainLoopError("hash chain loops", block=hblock, field="hashentry")
+            if cur in seen:
+                raise ChainLoopError(f"hash chain {chain} loops or repeats node {cur}", block=hblock, field="hashentry")
+            seen.add(cur)
             on = await self.object_node(cur)
+            links.append((cur, on.next))
+            cur = on.next
+        for i, (cur, nxt) in enumerate(links):
             if cur == node:
-                if prev:
-                    await self.set_node(prev, next=on.next)
+                if i:
+                    await self.set_node(links[i - 1][0], next=nxt)
                 else:
                     buf = await self.modify(hblock, codec.HASHTABLE_ID)
-                    struct.pack_into(">I", buf, codec.HASHTABLE_HEADER + 4 * chain, on.next)
+                    struct.pack_into(">I", buf, codec.HASHTABLE_HEADER + 4 * chain, nxt)
                 await self.set_node(node, next=0)
                 return
-            prev, cur = cur, on.next
         raise CorruptError(f"object node {node} is missing from its hash chain", block=hblock, field="hashentry")
 
     # ------------------------------------------------------------------ objects
