@@ -210,6 +210,15 @@ async def _check_dircache(vol: FfsVolume, d: int, entries, claim, report: CheckR
             bad.add(d)
 
 
+async def stale_dircaches(vol: FfsVolume) -> set[int]:
+    """The directories whose dircache does not match their entries (DOS\\4/5), as
+    ``check`` finds them; validation rebuilds those (a crash inside a write-back can
+    leave a directory and its dircache from different states)."""
+    report = CheckReport()
+    _, bad = await _check_tree(vol, report)
+    return bad
+
+
 def bitmap_differences(bitmap: Bitmap, used: set[int]) -> tuple[list[int], list[int]]:
     """(blocks in use but marked free, blocks marked used but unused), compared a whole
     bitmap at a time."""

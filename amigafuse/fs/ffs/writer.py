@@ -8,6 +8,19 @@ Write ordering and cancellation
     ``sync`` writes dirty metadata blocks (coalesced), then the bitmap pages, then the
     root, and flushes.
 
+Write-back order
+    A write-back writes, in this order: (1) the blocks nothing on the disk names yet
+    (metadata allocated since the last write-back, ``_fresh``, and the staged data),
+    (2) the other dirty metadata (existing blocks, which may now name blocks of (1)),
+    (3) the bitmap pages, (4) the root.  Blocks freed meanwhile keep their old contents
+    on the disk until the write-back ends (see "Freed blocks").  So a crash at any
+    point of a write-back leaves every pointer on the disk naming a valid block, old or
+    new: the tree walks, and validation (the bitmap-valid flag is clear while mounted)
+    rebuilds the bitmap and mounts the volume.  What a crash in (2) can leave is a
+    change half applied across blocks (an entry in both directories of a rename, a
+    dircache record not matching its directory, a file's old size with new blocks):
+    ``amigafuse check --repair`` reports and rebuilds what it can.
+
 Freed blocks
     A block freed (deleted header, truncated data, dropped extension, dircache or
     comment block) is still named by the metadata on the disk until the next write-back,
@@ -215,6 +228,9 @@ class FfsVolume(FfsVolumeBase, Volume):
         super().__init__(io, geometry, dostype, root_block, root, block_count, read_only)
         # freed since the last write-back: marked used until it (see "Freed blocks")
         self._pending_free: set[int] = set()
+        # metadata blocks allocated since the last write-back from blocks that were
+        # free on the disk: nothing there names them yet ("Write-back order")
+        self._fresh: set[int] = set()
 
     # ================================================================== cache plumbing
     def _c(self, block: int) -> object:
@@ -245,6 +261,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         if len(found) + len(self._pending_free) < count:
             raise NoSpace(f"the volume is full ({self._free_blocks()} blocks free, {count} needed)")
         self.bitmap.mark_blocks(found, False)
+        self._fresh.update(found)
         if len(found) < count:
             extra = sorted(self._pending_free)[: count - len(found)]
             self._pending_free.difference_update(extra)  # already marked used
@@ -258,6 +275,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         for b in blocks:
             if self.bitmap.in_range(b):
                 self._pending_free.add(b)
+            self._fresh.discard(b)
             self._meta.pop(b, None)
             self._dirty.discard(b)
             self._blists.pop(b, None)
@@ -733,6 +751,7 @@ class FfsVolume(FfsVolumeBase, Volume):
         # ---- metadata, no awaits below
         self.bitmap.mark_blocks(new_data, False)
         self.bitmap.mark_blocks(new_exts, False)
+        self._fresh.update(new_exts)
         t = now()
         if add or add_ext:
             grown = dlist if len(self._blists.get(block, ((), ()))[0]) == old_count else list(dlist)
@@ -932,12 +951,23 @@ class FfsVolume(FfsVolumeBase, Volume):
             next_link=le.next_link, real_entry=0,
         )  # fmt: skip
         self._set(new, moved)
+        # the object's old header is free from now on (pending: see "Freed blocks"), so
+        # a comment block the link's longer name needs below can always be found
+        self._meta.pop(block, None)
+        self._dirty.discard(block)
+        self._fresh.discard(block)
+        self._pending_free.add(block)
         if self.lnfs:
-            self._set(new, moved.with_name_comment(le.name, comment if not cblock else b"", cblock))
             if cblock:
                 c = self._c(cblock)
                 assert isinstance(c, CommentBlock)
                 self._set(cblock, evolve(c, owner=new))
+            elif not lnfs_comment_fits(le.name, comment):
+                # the link's name leaves no room for the comment in the shared field
+                (cblock,) = self._alloc(new, 1)
+                self._set(cblock, CommentBlock.new(self.block_size, cblock, new, comment))
+                comment = b""
+            self._set(new, moved.with_name_comment(le.name, comment if not cblock else b"", cblock))
         # the other links now point at the new header
         nxt = le.next_link
         while nxt:
@@ -964,9 +994,6 @@ class FfsVolume(FfsVolumeBase, Volume):
         self._b2id.pop(block, None)
         self._id2b[oid] = new
         self._b2id[new] = oid
-        self._meta.pop(block, None)
-        self._dirty.discard(block)
-        self._pending_free.add(block)  # still named on the disk until the write-back
         self._dc_refresh(new)
 
     async def unlink(self, dir_id: int, name: str) -> None:
@@ -1154,16 +1181,22 @@ class FfsVolume(FfsVolumeBase, Volume):
             await self._write_back()
 
     async def _write_back(self) -> None:
-        """Write staged data and dirty metadata blocks (together, coalesced), then the
-        bitmap pages, then the root."""
+        """Write staged data and new metadata blocks (together, coalesced), then the
+        other dirty metadata blocks, then the bitmap pages, then the root (see "Write-back
+        order")."""
         bs = self.block_size
         packed = {b: self._pack(self._meta[b]) for b in self._dirty if b != self.root_block}
-        if isinstance(self.io, StagedBlockIO):
-            await self.io.flush_staged(packed)
-        else:
-            for start, count in runs(sorted(packed)):
-                await self.io.write(start, b"".join(packed[b] for b in range(start, start + count)))
+        fresh = self._fresh
+        new = {b: raw for b, raw in packed.items() if b in fresh}
+        old = {b: raw for b, raw in packed.items() if b not in fresh}
+        for phase in (new, old):
+            if isinstance(self.io, StagedBlockIO):
+                await self.io.flush_staged(phase)  # the staged data goes with the first
+            else:
+                for start, count in runs(sorted(phase)):
+                    await self.io.write(start, b"".join(phase[b] for b in range(start, start + count)))
         self._dirty.difference_update(packed)
+        fresh.clear()
         if self._pending_free:
             # nothing on the disk names them now but the root (written last; the
             # bitmap-valid flag is clear while mounted, so a crash before it is repaired)
@@ -1213,6 +1246,7 @@ class FfsVolume(FfsVolumeBase, Volume):
     # ================================================================== validation
     def _rebuild_bitmap(self, used: set[int]) -> None:
         self._pending_free.clear()  # what is not used is free in the rebuilt bitmap
+        self._fresh.clear()
         self.bitmap.set_all(True)
         for b in used:
             if self.bitmap.in_range(b):
@@ -1302,5 +1336,12 @@ async def open_volume(
             return vol
         vol._rebuild_bitmap(used)
         vol._note("the bitmap was invalid and has been rebuilt (volume validated)")
+        if vol.dircache:
+            from amigafuse.fs.ffs.check import stale_dircaches  # check imports this module
+
+            stale = await stale_dircaches(vol)
+            if stale:
+                await vol.repair(used, stale)
+                vol._note(f"the dircache of {len(stale)} directories did not match them and has been rebuilt")
     await vol._mark_mounted()
     return vol
