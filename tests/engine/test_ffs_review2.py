@@ -735,3 +735,58 @@ async def test_a_crash_anywhere_inside_a_write_back_is_validated(dostype: int) -
         await v.close()
         report = await ENGINE.check_volume(crash, geo, False)
         assert report.errors == [], (k, report.errors)
+
+
+@pytest.mark.parametrize("dostype", [0x444F5300, 0x444F5305])
+async def test_a_write_back_cancelled_at_any_request_is_finished_by_the_next(dostype: int) -> None:
+    """sync() cancelled at each of its device requests in turn: the volume stays
+    usable, the next close writes everything, and the result is the new state, clean."""
+    dev = MemoryBlockDevice(3000)
+    geo = VolumeGeometry(dostype=dostype, fs_block_count=3000, reserved=2)
+    await ENGINE.format_volume(dev, geo, "Cancel")
+    vol = await open_volume(dev, geo, False)
+    d = await vol.mkdir(vol.root_id, "d")
+    for i in range(6):
+        f = await vol.create(d.object_id, f"f{i}")
+        await vol.write(f.object_id, 0, content(f"f{i}", 1500))
+    await vol.close()
+    raw = bytes(dev.data)
+
+    async def changes(v: Any) -> None:
+        dd = await v.lookup(v.root_id, "d")
+        await v.unlink(dd.object_id, "f0")
+        await v.rename(dd.object_id, "f1", v.root_id, "moved")
+        g = await v.create(dd.object_id, "g")
+        await v.write(g.object_id, 0, content("g", 90_000))
+        f2 = await v.lookup(dd.object_id, "f2")
+        await v.write(f2.object_id, 1500, content("more", 40_000))
+
+    probe = CancellingDevice(raw)
+    v = await open_volume(probe, geo, False)
+    await changes(v)
+    start = probe.count
+    await v.sync()
+    total = probe.count - start
+    await v.close()
+    assert total >= 3
+    for k in range(1, total + 1):
+        cdev = CancellingDevice(raw)
+        v = await open_volume(cdev, geo, False)
+        await changes(v)
+        with trio.CancelScope() as scope:
+            cdev.scope = scope
+            cdev.cancel_at = cdev.count + k
+            await v.sync()
+        cdev.scope = None
+        assert scope.cancelled_caught, k
+        await v.close()
+        assert (await ENGINE.check_volume(cdev, geo, False)).errors == [], k
+        after = await open_volume(cdev, geo, True)
+        dd = await after.lookup(after.root_id, "d")
+        assert sorted(s.name for s in await after.readdir(dd.object_id)) == ["f2", "f3", "f4", "f5", "g"], k
+        g = await after.lookup(dd.object_id, "g")
+        assert await after.read(g.object_id, 0, 1 << 20) == content("g", 90_000), k
+        f2 = await after.lookup(dd.object_id, "f2")
+        assert await after.read(f2.object_id, 0, 1 << 20) == content("f2", 1500) + content("more", 40_000), k
+        moved = await after.lookup(after.root_id, "moved")
+        assert await after.read(moved.object_id, 0, 1 << 20) == content("f1", 1500), k
