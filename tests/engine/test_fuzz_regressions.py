@@ -150,3 +150,33 @@ async def test_sfs_hash_chain_repeating_the_removed_node_is_refused() -> None:
     after = await sfs_check(rw, geo, False)
     assert not before.clean
     assert after.errors == before.errors
+
+
+async def test_bitmap_that_is_another_blocks_copy_is_rebuilt_not_believed() -> None:
+    """fuzz: ffs-0-512 ``block 351 +0: copy-block-from 0x191`` (no checksum fix
+    needed: any header's longs sum to zero, so it passes as a bitmap block too).  The
+    copy marked the root block free; create() allocated the root for the new header
+    and the next step died on ``assert isinstance(root, RootBlock)``, with the root
+    about to be overwritten.  Now a bitmap that calls the root or a bitmap block free
+    is damaged: a read-write open validates the volume and rebuilds it."""
+    raw, _ = await ffs_image(DOS3, ("alpha", "beta"))
+    bitmap_block = struct.unpack_from(">L", raw, ROOT * BS + BS - 196)[0]  # bm_pages[0]
+    assert 2 <= bitmap_block < BLOCKS
+    # every block free, checksum valid (the fuzzer's copy did this for the root's bit)
+    raw[bitmap_block * BS + 4 : bitmap_block * BS + BS] = b"\xff" * (BS - 4)
+    reseal(raw, bitmap_block, 0)
+    dev = MemoryBlockDevice(data=raw)
+    vol = await ffs_open(dev, ffs_geometry(DOS3), False)
+    assert any("bitmap damaged" in n for n in vol.info.notes)
+    for i in range(5):
+        st = await vol.create(vol.root_id, f"new{i}")
+        await vol.write(st.object_id, 0, b"n" * 2000)
+    await vol.close()
+    assert struct.unpack_from(">L", dev.data, ROOT * BS)[0] == 2  # still T_HEADER
+    assert struct.unpack_from(">l", dev.data, ROOT * BS + BS - 4)[0] == 1  # ST_ROOT
+    report = await FFS.check_volume(dev, ffs_geometry(DOS3), False)
+    assert report.clean, report.errors
+    vol = await ffs_open(dev, ffs_geometry(DOS3), True)
+    names = sorted(s.name for s in await vol.readdir(vol.root_id))
+    assert names == ["alpha", "beta", "new0", "new1", "new2", "new3", "new4"]
+    assert await vol.read((await vol.lookup(vol.root_id, "alpha")).object_id, 0, 100) == b"alpha" * 10

@@ -1035,6 +1035,17 @@ class FfsVolumeBase:
             self.bitmap_blocks = pages[:need]
             self.bitmap_ext_blocks = exts
             return
+        # A bitmap whose checksum verifies may still be another block's bytes (any block
+        # whose longs sum to zero passes): one that calls the root or a bitmap block
+        # free would let the next allocation overwrite it.  Treat it as damaged.
+        vital = [self.root_block, *pages, *exts]
+        free = [b for b in vital if self.bitmap.in_range(b) and self.bitmap.is_free(b)]
+        if free:
+            self.bitmap_ok = False
+            self._note(f"bitmap damaged: it marks block {free[0]} (root or bitmap) free")
+            self.bitmap_blocks = pages
+            self.bitmap_ext_blocks = exts
+            return
         self.bitmap_blocks = pages
         self.bitmap_ext_blocks = exts
         self.bitmap_ok = True
