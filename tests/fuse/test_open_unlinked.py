@@ -203,3 +203,35 @@ async def test_the_adapter_marks_an_object_busy_from_its_first_open_to_its_last_
     assert vol.busy_calls[-1] == (oid, True)
     await ops.release(inode)
     assert vol.busy_calls[-1] == (oid, False)
+
+
+def test_sfs_a_removed_directory_held_open_never_names_the_directory_on_its_node(  # type: ignore[no-untyped-def]
+    cli_mount, tmp_path: Path
+) -> None:
+    """A directory removed while a process holds it (a shell's cwd), then a new
+    directory that takes its object node: the new one is a directory of its own (not
+    the kernel's dead inode), and the old descriptor lists and creates nothing."""
+    image = make_two_partition_sfs_disk(tmp_path / "disk.hdf", size_mib=16)
+    mnt = cli_mount(image)
+    root = mnt / "DH0"
+    (root / "cwd").mkdir()
+    dfd = os.open(root / "cwd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(root / "cwd")
+        (root / "other").mkdir()
+        (root / "other" / "child").write_bytes(b"child")
+        assert os.listdir(root / "other") == ["child"]
+        assert (root / "other" / "child").read_bytes() == b"child"
+        with pytest.raises(OSError) as exc:
+            os.listdir(dfd)
+        assert exc.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as exc:
+            os.open("new", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
+        assert exc.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as exc:
+            os.fstat(dfd)  # (was: the attributes of "other", which has its node)
+        assert exc.value.errno == errno.ENOENT
+    finally:
+        os.close(dfd)
+    assert amigafuse("umount", str(mnt)).returncode == 0
+    assert check_image(image) == {"DH0": [], "DH1": []}
