@@ -41,7 +41,7 @@ from amigafuse.amiga.geometry import VolumeGeometry  # noqa: E402
 from amigafuse.blockdev.base import BlockDevice  # noqa: E402
 from amigafuse.blockdev.memory import MemoryBlockDevice  # noqa: E402
 from amigafuse.blockdev.window import PartitionDevice  # noqa: E402
-from amigafuse.errors import AmigaFuseError  # noqa: E402
+from amigafuse.errors import AmigaFuseError, MediumError  # noqa: E402
 from amigafuse.fs import CheckReport, Engine  # noqa: E402
 from amigafuse.fs.api import Kind, Volume  # noqa: E402
 
@@ -187,6 +187,75 @@ def mutate(fdp: DataProvider, base: BaseImage) -> tuple[bytearray, list[Mutation
     return raw, done
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A device fault for one input: ``kind`` is ``none``, ``truncate`` (the partition
+    window holds only ``value`` of the volume's device blocks), ``read`` (reads of
+    device block ``value`` fail with MediumError) or ``write`` (writes of it do)."""
+
+    kind: str = "none"
+    value: int = 0
+
+    def __str__(self) -> str:
+        return f"fault {self.kind} {self.value}"
+
+
+def decode_fault(fdp: DataProvider, base: BaseImage) -> Fault:
+    """After the mutations: most inputs have no fault; the rest truncate the volume or
+    make one of its (metadata) blocks unreadable or unwritable."""
+    if fdp.remaining_bytes() == 0:
+        return Fault()
+    kind = fdp.ConsumeIntInRange(0, 7)
+    dev_blocks = len(base.data) // 512
+    per_block = base.block_size // 512
+    if kind == 5:
+        return Fault("truncate", dev_blocks * fdp.ConsumeIntInRange(1, 15) // 16)
+    if kind in (6, 7):
+        block = base.meta_blocks[fdp.ConsumeIntInRange(0, len(base.meta_blocks) - 1)]
+        return Fault("read" if kind == 6 else "write", block * per_block)
+    return Fault()
+
+
+class FaultyDevice(BlockDevice):
+    """A window that fails reads or writes touching one device block (MediumError)."""
+
+    def __init__(self, inner: BlockDevice, fault: Fault) -> None:
+        self.inner = inner
+        self.fault = fault
+
+    @property
+    def block_size(self) -> int:
+        return self.inner.block_size
+
+    @property
+    def block_count(self) -> int:
+        return self.inner.block_count
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self.inner.requests_in_flight
+
+    def _hits(self, kind: str, lba: int, count: int) -> bool:
+        return self.fault.kind == kind and lba <= self.fault.value < lba + count
+
+    async def read(self, lba: int, count: int) -> bytes:
+        if self._hits("read", lba, count):
+            raise MediumError(f"injected read error at block {self.fault.value}")
+        return await self.inner.read(lba, count)
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        if self._hits("write", lba, max(1, len(data) // self.block_size)):
+            raise MediumError(f"injected write error at block {self.fault.value}")
+        await self.inner.write(lba, data)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+
 # --------------------------------------------------------------------------- exercising
 
 
@@ -313,19 +382,23 @@ async def _writes(vol: Volume) -> None:
 
 
 async def exercise(
-    base: BaseImage, raw: bytes | bytearray, *, write: bool = True
+    base: BaseImage, raw: bytes | bytearray, *, write: bool = True, fault: Fault | None = None
 ) -> dict[str, Any]:
-    """Drive the engine over ``raw`` (a mutated copy of ``base.data``).  Raises a finding
-    (see the module docstring); returns what happened, for statistics."""
+    """Drive the engine over ``raw`` (a mutated copy of ``base.data``) through a device
+    with ``fault``.  Raises a finding (see the module docstring); returns what
+    happened, for statistics."""
     engine, geo = base.engine, base.geometry
+    fault = fault or Fault()
     dev_bs = 512
     part_blocks = len(raw) // dev_bs
+    if fault.kind == "truncate":
+        part_blocks = min(part_blocks, fault.value)
     guard = bytes([GUARD_BYTE]) * (GUARD_BLOCKS * dev_bs)
     outcome: dict[str, Any] = {"opened_ro": False, "opened_rw": False}
 
     # read-only: mount, walk, close
     parent = MemoryBlockDevice(data=guard + bytes(raw) + guard, block_size=dev_bs)
-    part = PartitionDevice(parent, GUARD_BLOCKS, part_blocks, read_only=True)
+    part = FaultyDevice(PartitionDevice(parent, GUARD_BLOCKS, part_blocks, read_only=True), fault)
     with trio.fail_after(TIME_BOUND_S):
         try:
             vol = await engine.open_volume(part, geo, True)
@@ -346,7 +419,7 @@ async def exercise(
         before = await _check(
             engine, PartitionDevice(parent, GUARD_BLOCKS, part_blocks, read_only=True), geo
         )
-    rw_part = PartitionDevice(parent, GUARD_BLOCKS, part_blocks)
+    rw_part = FaultyDevice(PartitionDevice(parent, GUARD_BLOCKS, part_blocks), fault)
     with trio.fail_after(TIME_BOUND_S):
         try:
             rw = await engine.open_volume(rw_part, geo, False)
@@ -368,6 +441,8 @@ async def exercise(
     outcome["check_after"] = None if after is None else len(after.errors)
     if outcome["opened_rw"] and before is not None and after is None:
         raise Damage("the checker could read the volume before the writes, not after")
+    if fault.kind == "write":
+        return outcome  # a failed write is a crash at that point: see test_*_crash.py
     if outcome["opened_rw"] and before is not None and after is not None:
         if before.clean and not after.clean:
             raise Damage(f"writes on a clean volume left checker errors: {after.errors[:5]}")
@@ -382,12 +457,14 @@ async def exercise(
 def run_one(base: BaseImage, fdp: DataProvider, *, write: bool = True) -> dict[str, Any]:
     """Mutate and exercise one input under both time bounds."""
     raw, mutations = mutate(fdp, base)
+    fault = decode_fault(fdp, base)
     try:
         with wall_clock(WALL_BOUND_S):
-            result: dict[str, Any] = trio.run(lambda: exercise(base, raw, write=write))
+            result: dict[str, Any] = trio.run(lambda: exercise(base, raw, write=write, fault=fault))
     except BaseException:
         print(
-            f"[{base.name}] finding with mutations: {[str(m) for m in mutations]}", file=sys.stderr
+            f"[{base.name}] finding with mutations: {[str(m) for m in mutations]}, {fault}",
+            file=sys.stderr,
         )
         raise
     result["mutations"] = mutations
