@@ -25,8 +25,8 @@ with _driver.instrumented():
     from amigafuse.amiga.dostype import SFS0, SFS2
     from amigafuse.amiga.geometry import VolumeGeometry
     from amigafuse.blockdev.memory import MemoryBlockDevice
-    from amigafuse.errors import AmigaFuseError
-    from amigafuse.fs.sfs import ENGINE, codec, format_volume, open_volume
+    from amigafuse.errors import AmigaFuseError, DeviceGone
+    from amigafuse.fs.sfs import ENGINE, check_volume, codec, format_volume, open_volume
     from fuzz._common import BaseImage, DataProvider, run_one
 
 VOLUME_BYTES = 1 << 20
@@ -35,7 +35,7 @@ KNOWN_IDS = (
     codec.ROOT_ID_SFS0, codec.ROOT_ID_SFS2, codec.OBJECTCONTAINER_ID, codec.HASHTABLE_ID,
     codec.SOFTLINK_ID, codec.NODECONTAINER_ID, codec.BNODECONTAINER_ID, codec.BITMAP_ID,
     codec.ADMINSPACECONTAINER_ID, codec.TRANSACTIONSTORAGE_ID, codec.TRANSACTIONFAILURE_ID,
-    codec.TRANSACTIONOK_ID,
+    codec.TRANSACTIONOK_ID, codec.JOURNAL_HEADER_ID, codec.JOURNAL_DATA_ID,
 )  # fmt: skip
 
 
@@ -69,8 +69,48 @@ async def _build(dostype: int, bs: int) -> bytes:
     return bytes(dev.data)
 
 
-def make_base(dostype: int, bs: int) -> BaseImage:
+class _StopAfter(MemoryBlockDevice):
+    """A memory device that stops taking writes after ``limit`` of them (a crash)."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        super().__init__(data=data)
+        self.limit = limit
+        self.done = 0
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        if self.done >= self.limit:
+            raise DeviceGone("simulated crash")
+        self.done += 1
+        await super().write(lba, data)
+
+
+async def _crash(clean: bytes, dostype: int, bs: int) -> bytes:
+    """``clean`` after a crash in the middle of a commit: a transaction is pending."""
+    geo = VolumeGeometry(dostype=dostype, fs_block_size=bs)
+    for limit in range(1, 200):
+        dev = _StopAfter(clean, limit)
+        try:
+            vol = await open_volume(dev, geo, False)
+            d = await vol.lookup(vol.root_id, "dir")
+            for i in range(6):
+                st = await vol.create(d.object_id, f"crash_{i}")
+                await vol.write(st.object_id, 0, _pattern(i, 900 * i + 1))
+            await vol.unlink(vol.root_id, "file_00_with_a_longer_name")
+            await vol.rename(vol.root_id, "big.bin", d.object_id, "moved.bin")
+            await vol.sync()
+        except DeviceGone:
+            pass
+        crashed = bytes(dev.data)
+        report = await check_volume(MemoryBlockDevice(data=crashed), geo, False)
+        if any("is pending" in e for e in report.errors):
+            return crashed
+    raise AssertionError("no crash point left a pending journal")
+
+
+def make_base(dostype: int, bs: int, *, journal: bool = False) -> BaseImage:
     data = trio.run(_build, dostype, bs)
+    if journal:
+        data = trio.run(_crash, data, dostype, bs)
     sfs2 = dostype == SFS2
     meta: list[int] = []
     for block in range(len(data) // bs):
@@ -87,7 +127,7 @@ def make_base(dostype: int, bs: int) -> BaseImage:
         1 << 16, bs, *KNOWN_IDS, *meta[:40],
     )  # fmt: skip
     return BaseImage(
-        name=f"sfs-{dostype & 0xFF}-{bs}",
+        name=f"sfs-{dostype & 0xFF}-{bs}" + ("-journal" if journal else ""),
         engine=ENGINE,
         geometry=VolumeGeometry(dostype=dostype, fs_block_size=bs),
         data=data,
@@ -98,7 +138,7 @@ def make_base(dostype: int, bs: int) -> BaseImage:
     )
 
 
-BASES = [make_base(dostype, bs) for dostype, bs in VARIANTS]
+BASES = [make_base(dostype, bs) for dostype, bs in VARIANTS] + [make_base(SFS0, 512, journal=True)]
 
 
 def one_input(fdp: DataProvider) -> None:
