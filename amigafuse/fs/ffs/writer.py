@@ -1246,7 +1246,6 @@ class FfsVolume(FfsVolumeBase, Volume):
     # ================================================================== validation
     def _rebuild_bitmap(self, used: set[int]) -> None:
         self._pending_free.clear()  # what is not used is free in the rebuilt bitmap
-        self._fresh.clear()
         self.bitmap.set_all(True)
         for b in used:
             if self.bitmap.in_range(b):
