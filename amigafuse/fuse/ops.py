@@ -594,13 +594,15 @@ class AmigaOperations(pyfuse3.Operations):
             log.debug("release(%r,)", fh)
         inode = int(fh)
         deferred = self._deferred.get(inode)
-        if deferred is not None and deferred.handles == 1:
-            # stays in _deferred (shown by _attrs) until the engine has the changes
-            await self._settle_quietly(inode, "release")
-        deferred = self._deferred.get(inode)
         if deferred is not None:
-            deferred.handles -= 1
-            if deferred.handles <= 0:
+            if deferred.handles == 1:
+                # The last handle.  The entry stays (shown by _attrs) until the engine
+                # has the changes, those that arrive during the await (a chmod by path)
+                # included; each round either hands them over or drops them (logged).
+                while deferred.protection is not None or deferred.date is not None:
+                    await self._settle_quietly(inode, "release")
+            deferred.handles -= 1  # an open() during the await keeps the entry
+            if deferred.handles <= 0 and self._deferred.get(inode) is deferred:
                 del self._deferred[inode]
         self._unhold(int(fh))
 
@@ -618,6 +620,7 @@ class AmigaOperations(pyfuse3.Operations):
                 return
             slot, _ = self._resolve(handle.inode)
             if slot != TOP_SLOT and not self.volumes[slot].read_only:
+                await self._settle_slot(slot)
                 await self.volumes[slot].volume.sync()
 
     # ------------------------------------------------------------------ changes

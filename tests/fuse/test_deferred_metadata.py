@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trio
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.errors import NotFound
@@ -37,9 +38,15 @@ class CountingVolume(MemoryVolume):
         super().__init__("Count")
         self.setattrs: list[SetAttrs] = []
         self.fail_setattr: Exception | None = None
+        self.hold: trio.Event | None = None  # setattr waits for it (once), after `entered`
+        self.entered = trio.Event()
 
     async def setattr(self, object_id: int, attrs: SetAttrs) -> Stat:
         self.setattrs.append(attrs)
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            self.entered.set()
+            await hold.wait()
         if self.fail_setattr is not None:
             raise self.fail_setattr
         return await super().setattr(object_id, attrs)
@@ -103,6 +110,23 @@ async def test_a_second_handle_keeps_the_changes_until_the_last_release() -> Non
     assert vol.setattrs == []
     await ops.release(inode)
     assert len(vol.setattrs) == 1
+
+
+async def test_a_chmod_during_the_release_is_handed_over_too() -> None:
+    ops, vol = adapter()
+    inode = await cp_a_file(ops, b"f", 0o640)
+    vol.hold = trio.Event()
+    hold = vol.hold
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.release, inode)
+        await vol.entered.wait()  # the release is handing over the first changes
+        await ops.setattr(inode, attr(mode=stat.S_IFREG | 0o604), fields(mode=True), None, CTX)
+        assert len(vol.setattrs) == 1  # still deferred: the entry is there
+        hold.set()
+    assert len(vol.setattrs) == 2 and ops._deferred == {}
+    got = await ops.getattr(inode, CTX)
+    assert stat.S_IMODE(got.st_mode) == 0o604
+    assert await ops.getxattr(inode, b"user.amiga.protection", CTX) == b"----rw-d"
 
 
 async def test_truncate_takes_the_deferred_changes_along() -> None:
