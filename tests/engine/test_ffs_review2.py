@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,13 @@ async def fill(vol: Any, dir_id: int, leave: int = 0) -> None:
 
 
 async def clean(dev: MemoryBlockDevice, geo: VolumeGeometry) -> list[str]:
-    """The checker's errors on what is on ``dev`` now (a copy, opened read-only),
-    except the bitmap-valid flag a live read-write volume keeps clear."""
+    """The checker's errors *and warnings* on what is on ``dev`` now (a copy, opened
+    read-only), except the bitmap-valid flag a live read-write volume keeps clear.  We
+    write no block a warning is about (unsorted hash chains, stale dircache records,
+    blocks past a file's end, OFS sequence numbers)."""
     snap = MemoryBlockDevice(data=bytes(dev.data), read_only=True)
     report = await ENGINE.check_volume(snap, geo, False)
-    return [e for e in report.errors if "bitmap-valid flag" not in e]
+    return [e for e in report.errors if "bitmap-valid flag" not in e] + report.warnings
 
 
 # ------------------------------------------------------------------ full volumes
@@ -632,6 +635,8 @@ class WideModel(RuleBasedStateMachine):
         links |= {(d, k) for d, ents in self.dirs.items() for k, (_, ob) in ents.items() if self.objs[ob].kind == "soft"}
         if any((self.root, k) in links for k in self.dirs[self.root]):
             return  # amitools' open() already reads the root directory
+        if any(not _amitools_can_encode(o.comment) for o in self.objs.values()):
+            return  # amitools 0.8.1 NFKC-normalises Latin-1 text ('¸' -> U+0327) and fails
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "wide.adf"
             path.write_bytes(bytes(self.dev.data))
@@ -661,6 +666,14 @@ class WideModel(RuleBasedStateMachine):
 
 
 AMITOOLS_DIRS_COMPARED = [0]
+
+
+def _amitools_can_encode(text: str) -> bool:
+    try:
+        unicodedata.normalize("NFKC", text).encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _wide(dostype: int, bs: int, blocks: int, reserved: int = 2) -> type[WideModel]:
