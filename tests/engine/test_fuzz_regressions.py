@@ -180,3 +180,35 @@ async def test_bitmap_that_is_another_blocks_copy_is_rebuilt_not_believed() -> N
     names = sorted(s.name for s in await vol.readdir(vol.root_id))
     assert names == ["alpha", "beta", "new0", "new1", "new2", "new3", "new4"]
     assert await vol.read((await vol.lookup(vol.root_id, "alpha")).object_id, 0, 100) == b"alpha" * 10
+
+
+async def test_dircache_volume_without_dircache_blocks_refuses_directory_changes() -> None:
+    """fuzz: ffs-1-512 ``block 0 +3: bitflip 0x4`` (the boot block says DOS\\5 on a
+    volume written as DOS\\1, so no directory has a dircache).  create() started a
+    dircache holding only the new entry (the checker then found every other entry
+    missing from it: 5 -> 7 errors).  Now a change to a directory that has entries but
+    no dircache is refused (CorruptError, pointing to check --repair), which rebuilds
+    them; afterwards the same change works."""
+    raw, _ = await ffs_image(0x444F5301, ("alpha", "beta"))
+    raw[3] = 5  # DOS\1 -> DOS\5
+    dev = MemoryBlockDevice(data=raw)
+    geo = ffs_geometry(0x444F5301)  # what the RDB says
+    before = await FFS.check_volume(MemoryBlockDevice(data=raw), geo, False)
+    assert any("no dircache block" in e for e in before.errors)
+    vol = await ffs_open(dev, geo, False)
+    with pytest.raises(CorruptError, match="check --repair") as info:
+        await vol.create(vol.root_id, "gamma")
+    assert info.value.block == ROOT
+    with pytest.raises(CorruptError):
+        await vol.unlink(vol.root_id, "alpha")
+    await vol.close()
+    after = await FFS.check_volume(dev, geo, False)
+    assert after.errors == before.errors
+    repaired = await FFS.check_volume(dev, geo, True)
+    assert repaired.repaired
+    vol = await ffs_open(dev, geo, False)
+    await vol.create(vol.root_id, "gamma")
+    await vol.unlink(vol.root_id, "alpha")
+    await vol.close()
+    final = await FFS.check_volume(dev, geo, False)
+    assert final.clean, final.errors

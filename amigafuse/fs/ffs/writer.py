@@ -71,6 +71,7 @@ from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.base import BlockDevice
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
+    CorruptError,
     DirectoryNotEmpty,
     Exists,
     FileTooLarge,
@@ -378,6 +379,13 @@ class FfsVolume(FfsVolumeBase, Volume):
         if b:
             await self._chain(dir_block, head)
         if self.dircache:
+            first = self.root.extension if dir_block == self.root_block else self._ce(dir_block).extension
+            if not first and any(table):
+                # a new record would start a dircache that lacks every other entry
+                raise CorruptError(
+                    f"directory {dir_block} has entries but no dircache block; run amigafuse check --repair",
+                    block=dir_block, field="extension",
+                )  # fmt: skip
             await self._dircache_chain(dir_block)
             if dir_block != self.root_block:
                 await self._load_parent_dc(dir_block)
