@@ -286,8 +286,8 @@ class NearFull4K(NearFullModel):
 def test_random_operations_to_enospc_and_back(machine: type[NearFullModel]) -> None:
     case = machine.TestCase
     case.settings = settings(
-        max_examples=int(os.environ.get("SFS_NEARFULL_EXAMPLES", "6")),
-        stateful_step_count=25,
+        max_examples=int(os.environ.get("SFS_NEARFULL_EXAMPLES", "5")),
+        stateful_step_count=int(os.environ.get("SFS_NEARFULL_STEPS", "20")),
         deadline=None,
     )
     case().runTest()
