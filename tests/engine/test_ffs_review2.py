@@ -1,5 +1,7 @@
-"""Review of issue 4 (the FFS write paths): full volumes, crash images and
-cancellation.  Each test here failed before the fix named in its docstring."""
+"""Review of issue 4 (the FFS write paths): full volumes, crash images (between and
+inside write-backs), cancellation, LNFS promotion, and a wider random-operation model
+checked after every step.  A test whose docstring names a failure failed before the fix
+committed with it; the others guard what the fixes must not break."""
 
 from __future__ import annotations
 
