@@ -212,3 +212,27 @@ async def test_dircache_volume_without_dircache_blocks_refuses_directory_changes
     await vol.close()
     final = await FFS.check_volume(dev, geo, False)
     assert final.clean, final.errors
+
+
+async def test_header_without_parent_on_a_dircache_volume_is_eio() -> None:
+    """fuzz: ffs-5-512 ``block 360 +500: u32 0x0 +checksum`` (a file header's parent
+    field zeroed).  truncate() refreshed the file's dircache record in "directory 0":
+    KeyError from the block cache.  Now loading what the refresh needs refuses a
+    header that names no parent: CorruptError."""
+    raw, keys = await ffs_image(DOS5, ("alpha", "beta"))
+    header = keys["alpha"]
+    struct.pack_into(">L", raw, header * BS + BS - 12, 0)  # parent
+    reseal(raw, header)
+    dev = MemoryBlockDevice(data=raw)
+    vol = await ffs_open(dev, ffs_geometry(DOS5), False)
+    alpha = await vol.lookup(vol.root_id, "alpha")
+    assert await vol.read(alpha.object_id, 0, 100) == b"alpha" * 10
+    with pytest.raises(CorruptError, match="no parent") as info:
+        await vol.truncate(alpha.object_id, 10)
+    assert info.value.block == header
+    beta = await vol.lookup(vol.root_id, "beta")
+    await vol.truncate(beta.object_id, 4)  # the rest of the volume still works
+    await vol.close()
+    vol = await ffs_open(dev, ffs_geometry(DOS5), True)
+    assert await vol.read((await vol.lookup(vol.root_id, "beta")).object_id, 0, 100) == b"beta"
+    assert await vol.read(alpha.object_id, 0, 100) == b"alpha" * 10

@@ -534,6 +534,9 @@ class FfsVolume(FfsVolumeBase, Volume):
         """Load what refreshing ``block``'s dircache record needs."""
         if self.dircache:
             e = await self._entry(block)
+            if not e.parent and block != self.root_block:
+                # _dc_refresh would look for the record in directory 0
+                raise CorruptError(f"header {block} names no parent directory", block=block, field="parent")
             if e.parent:
                 if e.parent != self.root_block:
                     await self._entry(e.parent)
