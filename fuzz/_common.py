@@ -20,7 +20,6 @@ What counts as a finding (raised, so the fuzzer records the input):
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import struct
 import sys
@@ -53,14 +52,21 @@ MAX_READ_BYTES = 1 << 20
 MAX_ENTRIES = 5000  # a walk visits at most this many entries
 MAX_DEPTH = 40
 
-# The engines log what they tolerate (a damaged dircache...); thousands of inputs a
-# minute would drown the fuzzer's own output.
-logging.disable(logging.CRITICAL)
 
 # Dates written by format and by the writes come from time.time(): a fixed clock makes
 # the base images, and so every saved input, replay byte for byte in another process.
 FIXED_UNIX_TIME = 1_700_000_000.0
-time.time = lambda: FIXED_UNIX_TIME
+
+
+@contextlib.contextmanager
+def fixed_clock() -> Iterator[None]:
+    """``time.time()`` returns FIXED_UNIX_TIME in the body (then the real clock again)."""
+    real = time.time
+    time.time = lambda: FIXED_UNIX_TIME
+    try:
+        yield
+    finally:
+        time.time = real
 
 
 class Hang(Exception):
@@ -458,7 +464,7 @@ def run_one(base: BaseImage, fdp: DataProvider, *, write: bool = True) -> dict[s
     raw, mutations = mutate(fdp, base)
     fault = decode_fault(fdp, base)
     try:
-        with wall_clock(WALL_BOUND_S):
+        with wall_clock(WALL_BOUND_S), fixed_clock():
             result: dict[str, Any] = trio.run(lambda: exercise(base, raw, write=write, fault=fault))
     except BaseException:
         print(

@@ -8,6 +8,7 @@ inputs without coverage guidance (useful where atheris is not installed).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import sys
@@ -24,10 +25,16 @@ except ImportError:  # the fuzz extra is optional
 OneInput = Callable[[Any], None]
 
 
+def _as_harness() -> bool:
+    """Whether this process runs a harness script (not, say, pytest importing one)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.dirname(os.path.abspath(sys.argv[0])) == here
+
+
 @contextlib.contextmanager
 def instrumented() -> Iterator[None]:
     """Imports in the body are instrumented for coverage when atheris is active."""
-    if atheris is not None and "--random" not in sys.argv:
+    if atheris is not None and _as_harness() and "--random" not in sys.argv:
         with atheris.instrument_imports(include=["amigafuse"]):
             yield
     else:
@@ -59,6 +66,9 @@ def _random(one_input: OneInput, count: int, seed: int) -> int:
 
 
 def main(one_input: OneInput) -> None:
+    # The engines log what they tolerate (a damaged dircache...); thousands of inputs
+    # a minute would drown the fuzzer's own output.
+    logging.disable(logging.CRITICAL)
     argv = sys.argv
     if "--random" in argv:
         count = int(argv[argv.index("--random") + 1])

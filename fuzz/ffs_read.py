@@ -40,7 +40,7 @@ with _driver.instrumented():
         verify_checksum,
         with_checksum,
     )
-    from fuzz._common import BaseImage, DataProvider, run_one
+    from fuzz._common import BaseImage, DataProvider, fixed_clock, run_one
 
 BLOCKS = 700  # filesystem blocks per volume: a few hundred metadata blocks at most
 
@@ -87,7 +87,8 @@ def _geometry(dostype: int, bs: int) -> VolumeGeometry:
 
 
 def make_base(dostype: int, bs: int) -> BaseImage:
-    data = trio.run(_build, dostype, bs)
+    with fixed_clock():
+        data = trio.run(_build, dostype, bs)
     root_key = (2 + BLOCKS - 1) // 2
     root = RootBlock.unpack(data[root_key * bs : root_key * bs + bs])
     bitmap_blocks = {b for b in root.bm_pages if 0 < b < BLOCKS}

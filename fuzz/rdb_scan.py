@@ -51,6 +51,7 @@ with _driver.instrumented():
         DataProvider,
         Mutation,
         _writes,
+        fixed_clock,
         mutate,
         walk,
         wall_clock,
@@ -112,7 +113,8 @@ def scan_image(image: bytes | bytearray) -> tuple[DiskLayout, int]:
 
 
 def make_base() -> tuple[BaseImage, tuple[int, ...]]:
-    data = trio.run(_build)
+    with fixed_clock():
+        data = trio.run(_build)
     layout = scan_image(data)[0]
     meta = [b for b in range(64) if data[b * 512 : b * 512 + 4] in RDB_IDS]
     firsts = tuple(p.first_lba for p in layout.partitions)
@@ -198,7 +200,7 @@ def one_input(fdp: DataProvider) -> None:
     raw, mutations = mutate(fdp, BASE)
     write = fdp.ConsumeBool()
     try:
-        with wall_clock(WALL_BOUND_S):
+        with wall_clock(WALL_BOUND_S), fixed_clock():
             trio.run(exercise, bytes(raw), write)
     except BaseException:
         print(f"[rdb] finding with mutations: {[str(m) for m in mutations]}", file=sys.stderr)

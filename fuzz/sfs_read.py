@@ -27,7 +27,7 @@ with _driver.instrumented():
     from amigafuse.blockdev.memory import MemoryBlockDevice
     from amigafuse.errors import AmigaFuseError, DeviceGone
     from amigafuse.fs.sfs import ENGINE, check_volume, codec, format_volume, open_volume
-    from fuzz._common import BaseImage, DataProvider, run_one
+    from fuzz._common import BaseImage, DataProvider, fixed_clock, run_one
 
 VOLUME_BYTES = 1 << 20
 VARIANTS: tuple[tuple[int, int], ...] = ((SFS0, 512), (SFS2, 1024), (SFS0, 1024))
@@ -108,9 +108,11 @@ async def _crash(clean: bytes, dostype: int, bs: int) -> bytes:
 
 
 def make_base(dostype: int, bs: int, *, journal: bool = False) -> BaseImage:
-    data = trio.run(_build, dostype, bs)
+    with fixed_clock():
+        data = trio.run(_build, dostype, bs)
     if journal:
-        data = trio.run(_crash, data, dostype, bs)
+        with fixed_clock():
+            data = trio.run(_crash, data, dostype, bs)
     sfs2 = dostype == SFS2
     meta: list[int] = []
     for block in range(len(data) // bs):

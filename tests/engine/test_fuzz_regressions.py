@@ -236,3 +236,24 @@ async def test_header_without_parent_on_a_dircache_volume_is_eio() -> None:
     vol = await ffs_open(dev, ffs_geometry(DOS5), True)
     assert await vol.read((await vol.lookup(vol.root_id, "beta")).object_id, 0, 100) == b"beta"
     assert await vol.read(alpha.object_id, 0, 100) == b"alpha" * 10
+
+
+def test_fuzz_harnesses_run_a_fixed_sample_without_findings() -> None:
+    """The fuzz harnesses (fuzz/, normally run under atheris) over a fixed sample of
+    inputs: none may raise a finding (a non-AmigaFuseError exception, a hang, damage
+    outside the partition or to a volume the checker found sound), and most inputs
+    must get as far as a read-only mount and a walk, so the harnesses keep testing."""
+    import random
+
+    from fuzz import ffs_read, rdb_scan, sfs_read
+    from fuzz._common import BytesProvider, run_one
+
+    rng = random.Random(20261124)
+    mounted = 0
+    for i in range(30):
+        for harness in (ffs_read, sfs_read):
+            base = harness.BASES[i % len(harness.BASES)]
+            result = run_one(base, BytesProvider(rng.randbytes(40)))
+            mounted += bool(result["opened_ro"] and result.get("walked", 0) > 0)
+        rdb_scan.one_input(BytesProvider(rng.randbytes(40)))
+    assert mounted >= 40
