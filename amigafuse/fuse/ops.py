@@ -572,10 +572,18 @@ class AmigaOperations(pyfuse3.Operations):
             del self._open_files[inode]
             self.volumes[held[0]].volume.set_busy(held[1], False)
 
-    async def read(self, fh: Any, off: int, size: int) -> bytes:
+    async def read(self, fh: Any, off: int, size: int) -> memoryview:  # type: ignore[override]
+        # Zero copy: the engine may answer with a view of the device's DMA buffer (a
+        # lease, see Volume.read_lease).  pyfuse3 passes what we return straight to
+        # fuse_reply_buf, which copies it into the kernel, with no await in between
+        # (pyfuse3 3.x handlers.pxi, fuse_read_async); the lease is given back only
+        # after that: run_sync_soon callbacks run once this task has yielded.
         with _translate("read", fh, off, size):
             slot, object_id = self._resolve(fh)
-            return await self.volumes[slot].volume.read(object_id, off, size)
+            lease = await self.volumes[slot].volume.read_lease(object_id, off, size)
+        if lease.lent:
+            trio.lowlevel.current_trio_token().run_sync_soon(lease.release)
+        return lease.view
 
     async def write(self, fh: Any, off: int, buf: bytes) -> int:
         with _translate("write", fh, off, len(buf)):
