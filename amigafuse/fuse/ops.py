@@ -432,6 +432,9 @@ class AmigaOperations(pyfuse3.Operations):
         """Every deferred change on volume ``slot`` (before its write-back)."""
         for inode in [i for i, d in self._deferred.items() if d.slot == slot]:
             await self._settle_quietly(inode, "write-back")
+            deferred = self._deferred.get(inode)
+            if deferred is not None and deferred.handles <= 0:
+                del self._deferred[inode]  # left by a cancelled release, now settled
 
     async def readlink(self, inode: Any, ctx: Any) -> Any:
         with _translate("readlink", inode):
@@ -602,17 +605,26 @@ class AmigaOperations(pyfuse3.Operations):
             log.debug("release(%r,)", fh)
         inode = int(fh)
         deferred = self._deferred.get(inode)
-        if deferred is not None:
-            if deferred.handles == 1:
+        try:
+            if deferred is not None and deferred.handles == 1:
                 # The last handle.  The entry stays (shown by _attrs) until the engine
                 # has the changes, those that arrive during the await (a chmod by path)
                 # included; each round either hands them over or drops them (logged).
                 while deferred.protection is not None or deferred.date is not None:
                     await self._settle_quietly(inode, "release")
-            deferred.handles -= 1  # an open() during the await keeps the entry
-            if deferred.handles <= 0 and self._deferred.get(inode) is deferred:
-                del self._deferred[inode]
-        self._unhold(int(fh))
+        finally:
+            # Runs when cancelled too (unmount): the handle is gone either way.  Changes
+            # still pending then stay in the entry for the write-back/unmount settle.
+            if deferred is not None:
+                deferred.handles -= 1  # an open() during the await keeps the entry
+                pending = deferred.protection is not None or deferred.date is not None
+                if (
+                    deferred.handles <= 0
+                    and not pending
+                    and self._deferred.get(inode) is deferred
+                ):
+                    del self._deferred[inode]
+            self._unhold(inode)
 
     async def fsync(self, fh: Any, datasync: bool) -> None:
         with _translate("fsync", fh):

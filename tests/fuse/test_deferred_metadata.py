@@ -129,6 +129,23 @@ async def test_a_chmod_during_the_release_is_handed_over_too() -> None:
     assert await ops.getxattr(inode, b"user.amiga.protection", CTX) == b"----rw-d"
 
 
+async def test_a_release_cancelled_while_handing_over_still_closes_the_handle() -> None:
+    # Unmount cancels requests in flight: the handle is gone (the object no longer busy
+    # in its engine) and the changes not yet stored are handed over at unmount.
+    ops, vol = adapter()
+    inode = await cp_a_file(ops, b"f", 0o640)
+    assert inode in ops._open_files
+    vol.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.release, inode)
+        await vol.entered.wait()
+        nursery.cancel_scope.cancel()
+    assert inode not in ops._open_files
+    assert ops._deferred[inode].handles == 0  # kept: its changes are still pending
+    assert await ops.close_volumes() == []
+    assert len(vol.setattrs) == 2 and vol.setattrs[-1].protection is not None
+
+
 async def test_truncate_takes_the_deferred_changes_along() -> None:
     ops, vol = adapter()
     inode = await cp_a_file(ops, b"f", 0o640)
