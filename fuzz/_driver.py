@@ -23,12 +23,14 @@ except ImportError:  # the fuzz extra is optional
     atheris = None
 
 OneInput = Callable[[Any], None]
+HARNESSES = ("ffs_read.py", "sfs_read.py", "rdb_scan.py")
 
 
 def _as_harness() -> bool:
     """Whether this process runs a harness script (not, say, pytest importing one)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.dirname(os.path.abspath(sys.argv[0])) == here
+    script = os.path.abspath(sys.argv[0])
+    return os.path.dirname(script) == here and os.path.basename(script) in HARNESSES
 
 
 @contextlib.contextmanager
