@@ -24,6 +24,17 @@ def _swap_longs(raw: bytes) -> bytes:
     return arr.tobytes()
 
 
+def _clear_bits(buf: bytearray, first_bit: int) -> None:
+    """Clear bit ``first_bit`` and every bit after it to the end of ``buf`` (bit k is
+    bit ``k & 7`` of byte ``k >> 3``); whole bytes at once (a 32 KiB-block bitmap page
+    holds 262,112 bits: bit by bit that was ~90 ms a call)."""
+    byte = first_bit >> 3
+    if first_bit & 7:
+        buf[byte] &= (1 << (first_bit & 7)) - 1
+        byte += 1
+    buf[byte:] = bytes(len(buf) - byte)
+
+
 class Bitmap:
     """Free-block bitmap of ``block_count`` blocks starting at block ``reserved``."""
 
@@ -55,15 +66,13 @@ class Bitmap:
         first_bit = page * self.bits_per_block
         last_valid = self.count - first_bit
         if last_valid < self.bits_per_block:
-            for bit in range(max(last_valid, 0), self.bits_per_block):
-                chunk[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+            _clear_bits(chunk, max(last_valid, 0))
         return _swap_longs(bytes(chunk))
 
     def set_all(self, free: bool) -> None:
         self._bits[:] = (b"\xff" if free else b"\0") * len(self._bits)
         if free:
-            for bit in range(self.count, self.pages * self.bits_per_block):
-                self._bits[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+            _clear_bits(self._bits, self.count)
         self._free = self.count if free else 0
         self.dirty_pages.update(range(self.pages))
 
