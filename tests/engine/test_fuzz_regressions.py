@@ -257,3 +257,35 @@ def test_fuzz_harnesses_run_a_fixed_sample_without_findings() -> None:
             mounted += bool(result["opened_ro"] and result.get("walked", 0) > 0)
         rdb_scan.one_input(BytesProvider(rng.randbytes(40)))
     assert mounted >= 40
+
+
+async def test_sfs_recycled_counters_at_their_maximum_do_not_overflow() -> None:
+    """fuzz: sfs-0-1024 ``block 3 +992: u32 0xffffffff +checksum`` (the root info's
+    deletedfiles at its maximum).  unlink() moved the file into .recycled and counted
+    it: 0xFFFFFFFF + 1 raised struct.error when the root info was packed.  Now the
+    counters are clamped to 32 bits."""
+    geo = VolumeGeometry(dostype=SFS0, fs_block_size=512)
+    dev = MemoryBlockDevice((1 << 20) // 512)
+    await sfs_format(dev, geo, "Regress")
+    vol = await sfs_open(dev, geo, False)
+    st = await vol.create(vol.root_id, "a")
+    await vol.write(st.object_id, 0, b"a" * 1000)
+    await vol.close()
+    vol = await sfs_open(MemoryBlockDevice(data=bytes(dev.data)), geo, True)
+    container = vol.r.root.rootobjectcontainer  # type: ignore[attr-defined]
+    raw = bytearray(dev.data)
+    start = container * 512
+    info = start + 512 - sfs_codec.ROOTINFO_SIZE
+    struct.pack_into(">II", raw, info, 0xFFFFFFFF, 0xFFFFFFFF)  # deletedblocks, deletedfiles
+    blk = bytearray(raw[start : start + 512])
+    sfs_codec.set_checksum(blk)
+    raw[start : start + 512] = blk
+    rw = MemoryBlockDevice(data=bytes(raw))
+    vol = await sfs_open(rw, geo, False)
+    await vol.unlink(vol.root_id, "a")
+    await vol.close()
+    # counted (clamped), then .recycled over its limit purged the oldest entries
+    deleted_blocks, deleted_files = struct.unpack_from(">II", rw.data, info)
+    assert deleted_files >= 0xFFFFFFF0 and deleted_blocks >= 0xFFFFFFF0
+    vol = await sfs_open(rw, geo, True)
+    assert [s.name for s in await vol.readdir(vol.root_id)] == []

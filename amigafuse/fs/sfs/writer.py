@@ -882,10 +882,11 @@ class SfsWriter(SfsReader):
         buf = await self.modify(self.root.rootobjectcontainer, codec.OBJECTCONTAINER_ID)
         off = self.block_size - codec.ROOTINFO_SIZE
         ri = codec.RootInfo.unpack(bytes(buf[off:]))
+        # the stored counters may be anything (0xFFFFFFFF + 1 does not pack): clamp
         buf[off:] = replace(
             ri,
-            deletedfiles=max(0, ri.deletedfiles + files),
-            deletedblocks=max(0, ri.deletedblocks + blocks),
+            deletedfiles=min(0xFFFFFFFF, max(0, ri.deletedfiles + files)),
+            deletedblocks=min(0xFFFFFFFF, max(0, ri.deletedblocks + blocks)),
         ).pack()
         self.deleted_files = None  # the operation may still be undone: read it again
 
