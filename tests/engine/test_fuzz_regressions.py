@@ -289,3 +289,32 @@ async def test_sfs_recycled_counters_at_their_maximum_do_not_overflow() -> None:
     assert deleted_files >= 0xFFFFFFF0 and deleted_blocks >= 0xFFFFFFF0
     vol = await sfs_open(rw, geo, True)
     assert [s.name for s in await vol.readdir(vol.root_id)] == []
+
+
+async def test_sfs_node_container_numbering_past_32_bits_is_eio() -> None:
+    """fuzz: sfs-0-512 ``block 19 +12: u32 0xffffffff +checksum`` (a node container's
+    nodenumber near 2^32).  create() took a free node there and its number did not
+    fit the object's 32-bit field: struct.error.  Now such a container is refused when
+    it is read: CorruptError.  (Built here as a copy of the root node container in a
+    free block, read through the reader, so the volume itself still opens.)"""
+    geo = VolumeGeometry(dostype=SFS0, fs_block_size=512)
+    dev = MemoryBlockDevice((1 << 20) // 512)
+    await sfs_format(dev, geo, "Regress")
+    vol = await sfs_open(dev, geo, False)
+    await vol.create(vol.root_id, "a")
+    await vol.close()
+    vol = await sfs_open(MemoryBlockDevice(data=bytes(dev.data)), geo, True)
+    root_nodes = vol.r.root.objectnoderoot  # type: ignore[attr-defined]
+    raw = bytearray(dev.data)
+    spare = 1500  # free on this 2048-block volume
+    assert raw[spare * 512 : spare * 512 + 512] == bytes(512)
+    blk = bytearray(raw[root_nodes * 512 : root_nodes * 512 + 512])
+    assert struct.unpack_from(">I", blk, 0)[0] == sfs_codec.NODECONTAINER_ID
+    struct.pack_into(">II", blk, 8, spare, 0xFFFFFFF0)  # ownblock, nodenumber
+    sfs_codec.set_checksum(blk)
+    raw[spare * 512 : spare * 512 + 512] = blk
+    vol = await sfs_open(MemoryBlockDevice(data=bytes(raw)), geo, False)
+    with pytest.raises(CorruptError, match="2\\^32") as info:
+        await vol.r.ncontainer(spare)  # type: ignore[attr-defined]
+    assert info.value.block == spare
+    await vol.close()

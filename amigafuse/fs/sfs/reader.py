@@ -176,6 +176,12 @@ class SfsReader:
         if isinstance(hit, NodeContainer):
             return hit
         nc = NodeContainer.unpack(await self.block(block, codec.NODECONTAINER_ID))
+        span = len(nc.objectnodes) if nc.nodes == 1 else len(nc.node) * nc.nodes
+        if nc.nodenumber + span > 0xFFFFFFFF:  # node numbers are 32-bit longs
+            raise CorruptError(
+                f"node container numbers nodes past 2^32 (from {nc.nodenumber})",
+                block=block, field="nodenumber",
+            )  # fmt: skip
         self.parsed[block] = nc
         return nc
 
