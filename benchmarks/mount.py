@@ -54,6 +54,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+EXTRA_OPTIONS = ""  # ",opt=value..." from --mount-options
 AMITOOLS_BIN = Path(PY).parent
 
 
@@ -156,7 +157,7 @@ def ffs_writable(image: Path, work: Path) -> bool:
 class Mount:
     def __init__(self, image: Path, mnt: Path, backend: str, ro: bool = False) -> None:
         self.mnt = mnt
-        opts = f"backend={backend}" + (",ro" if ro else "")
+        opts = f"backend={backend}" + (",ro" if ro else "") + EXTRA_OPTIONS
         proc = sh([PY, "-m", "amigafuse", "mount", "-o", opts, str(image), str(mnt)], cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"mount failed: {proc.stderr.strip()}")
@@ -497,18 +498,23 @@ def main() -> int:
     ap.add_argument("--small-files", type=int, default=5000)
     ap.add_argument("--backends", default="file,qemu")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mount-options", default="",
+                    help="extra -o options for every amigafuse mount, e.g. read_ahead_kb=1024")
     ap.add_argument("--workdir", help="keep work files here (default: a temporary directory)")
     ap.add_argument("--serve-null", nargs=2, metavar=("MOUNTPOINT", "COUNTS_JSON"),
                     help="internal: serve the null pyfuse3 filesystem (the floor) there")
     args = ap.parse_args()
     if args.serve_null:
         return serve_null(*args.serve_null)
+    global EXTRA_OPTIONS
+    EXTRA_OPTIONS = "," + args.mount_options if args.mount_options else ""
 
     tmp = tempfile.TemporaryDirectory(prefix="amigafuse-bench-") if not args.workdir else None
     work = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"big_mib": args.big_mib, "small_files": args.small_files,
-                              "runs": args.runs, "drop_caches": drop_caches()}
+                              "runs": args.runs, "drop_caches": drop_caches(),
+                              "mount_options": args.mount_options}
     try:
         big, tree = make_payload(work, args.big_mib, args.small_files)
         disk_mib = args.big_mib * 2 + 64 + args.small_files * 3 // 1024 * 2
