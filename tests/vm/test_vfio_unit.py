@@ -330,6 +330,27 @@ async def test_req_releases_the_device_at_once() -> None:
         backend._release()
 
 
+def test_req_keeps_the_arena_mapped_until_close() -> None:
+    # A request completed just before the REQ is copied out of the arena by its woken
+    # caller afterwards (seen in the guest: "operation forbidden on released
+    # memoryview"); the arena goes only when the owner closes the backend.
+    import mmap
+    import os
+
+    backend = _backend_with_eventfds()
+    backend._arena_map = mmap.mmap(-1, 4096)
+    view = memoryview(backend._arena_map)
+    backend._arena = vfio.DmaArena(view=view, bus_address=0x1000_0000)
+    view[0:4] = b"data"
+    os.eventfd_write(backend._req_fd, 1)
+    assert backend.dead and backend._req_fd == -1
+    assert bytes(view[0:4]) == b"data"  # still readable after the device was given back
+    backend._release()
+    with pytest.raises(ValueError, match="released"):
+        bytes(view[0:4])
+    assert backend._arena is None and backend._arena_map is None
+
+
 async def test_interrupt_mode_choice_without_a_kernel() -> None:
     """INTx forced: enable_msix declines (no ioctl) and says why; an unknown mode is a
     usage error; before anything is enabled the mode reads intx and waiting is refused."""

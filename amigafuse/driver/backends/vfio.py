@@ -741,8 +741,10 @@ class VfioBackend(Backend):
             )
             # Give it back at once (reset, unmap, close), even if our owner keeps the
             # backend open (an idle mount): the kernel's unbind waits for that.  Every
-            # later operation raises the DeviceGone above; the arena memory stays valid.
-            self._release()
+            # later operation raises the DeviceGone above.  The arena memory stays
+            # mapped in our process until the backend is closed: a request completed
+            # just before may still be copied out of it by its woken caller.
+            self._release(keep_arena=True)
 
     def _check_devfn(self, devfn: int) -> bool:
         return devfn == self.devfn
@@ -1036,9 +1038,12 @@ class VfioBackend(Backend):
         self._release()
         await trio.lowlevel.checkpoint()
 
-    def _release(self) -> None:
-        """Reset the device, unmap DMA, close every fd.  Idempotent, never raises."""
+    def _release(self, keep_arena: bool = False) -> None:
+        """Reset the device, unmap DMA, close every fd, and (unless ``keep_arena``) free
+        the arena's memory.  Idempotent, never raises."""
         if self._closed:
+            if not keep_arena:
+                self._free_arena()
             return
         self._closed = True
         if self._device_fd >= 0:
@@ -1087,6 +1092,13 @@ class VfioBackend(Backend):
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, name, -1)
+        if not keep_arena:
+            self._free_arena()
+        if self._gone is None:
+            self._gone = DeviceGone(f"VFIO device {self.bdf} is closed")
+
+    def _free_arena(self) -> None:
+        """Drop our mapping of the arena (the device no longer has it: DMA unmapped)."""
         if self._arena is not None:
             self._arena.view.release()
             self._arena = None
@@ -1094,8 +1106,6 @@ class VfioBackend(Backend):
             with contextlib.suppress(BufferError):
                 self._arena_map.close()
             self._arena_map = None
-        if self._gone is None:
-            self._gone = DeviceGone(f"VFIO device {self.bdf} is closed")
 
 
 @asynccontextmanager
