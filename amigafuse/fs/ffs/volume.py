@@ -928,6 +928,18 @@ class FfsVolumeBase:
                     self._note(f"damaged directory entry skipped: {exc}")
             return out
 
+    def _data_read_started(self) -> None:
+        """A data read goes to the device outside the lock (called holding it):
+        operations that change blocks wait for ``_reads_done`` (see the invariants)."""
+        self._data_reads += 1
+        if self._data_reads == 1:
+            self._reads_done = trio.Event()
+
+    def _data_read_ended(self) -> None:
+        self._data_reads -= 1
+        if not self._data_reads:
+            self._reads_done.set()
+
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
@@ -939,15 +951,11 @@ class FfsVolumeBase:
                 return plan
             # the data is read outside the lock, beside other reads; operations that
             # change blocks wait for it (see the invariants)
-            self._data_reads += 1
-            if self._data_reads == 1:
-                self._reads_done = trio.Event()
+            self._data_read_started()
         try:
             return await self._read_planned(*plan)
         finally:
-            self._data_reads -= 1
-            if not self._data_reads:
-                self._reads_done.set()
+            self._data_read_ended()
 
     async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
         """:meth:`read` into a buffer the device may lend (Volume.read_lease; the
@@ -963,18 +971,14 @@ class FfsVolumeBase:
             if isinstance(plan, bytes):
                 return ReadLease.of(plan)
             # read outside the lock, beside other reads, as in read()
-            self._data_reads += 1
-            if self._data_reads == 1:
-                self._reads_done = trio.Event()
+            self._data_read_started()
         try:
             return await read_planned(
                 self.io, *plan, max_span_blocks=self.io.max_transfer_blocks,
                 in_flight=min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight),
             )  # fmt: skip
         finally:
-            self._data_reads -= 1
-            if not self._data_reads:
-                self._reads_done.set()
+            self._data_read_ended()
 
     async def readlink(self, object_id: int) -> str:
         async with self._locked():
