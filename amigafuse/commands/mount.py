@@ -243,7 +243,8 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                 fuse_options.add("ro")
             volumes = []  # serve() closes them from here on
             return await serve(ops, plan.mountpoint, fuse_options,
-                               read_ahead_kb=opts.read_ahead_kb, commit_s=opts.commit_s,
+                               read_ahead_kb=opts.read_ahead_kb, max_background=opts.max_background,
+                               commit_s=opts.commit_s,
                                on_ready=ready)
     finally:
         with trio.CancelScope(shield=True):

@@ -24,7 +24,7 @@ TRANSPORTS = ("auto", "legacy", "modern")
 KNOWN_HELP = (
     "ro, rw, uid=N, gid=N, umask=OCTAL, allow_other, allow_root, default_permissions, "
     "partition=NAME, backend=qemu|file, transport=auto|legacy|modern, fsname=NAME, "
-    "auto_unmount, noauto_unmount, read_ahead_kb=N, commit=SECONDS"
+    "auto_unmount, noauto_unmount, read_ahead_kb=N, max_background=N, commit=SECONDS"
 )
 
 
@@ -45,6 +45,9 @@ class MountOptions:
     # 4 MiB: the kernel keeps four 1 MiB reads in flight on a sequential read, so the
     # device works on the next ones while we answer one (docs/performance.md)
     read_ahead_kb: int = 4096
+    # FUSE requests the kernel keeps queued in the background (readahead among them);
+    # the kernel's 12 (congestion at 9) stalls a 4 MiB readahead (docs/performance.md)
+    max_background: int = 64
     # Seconds between write-backs of changes (0: only on fsync/umount), like ext4's commit=.
     commit_s: int = 5
     passthrough: list[str] = field(default_factory=list)
@@ -128,6 +131,10 @@ def parse_options(texts: list[str], base: MountOptions | None = None) -> MountOp
                 opts.auto_unmount = False
             elif key == "read_ahead_kb" and eq:
                 opts.read_ahead_kb = _int(key, value)
+            elif key == "max_background" and eq:
+                opts.max_background = _int(key, value)
+                if not 1 <= opts.max_background <= 65535:
+                    raise UsageError(f"option max_background={value}: use 1 to 65535")
             elif key == "commit" and eq:
                 opts.commit_s = _int(key, value)
             elif key in PASSED and not eq:

@@ -96,6 +96,56 @@ def set_read_ahead(mountpoint: str, kib: int) -> bool:
     return True
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def fuse_connection_dir(mountpoint: str, *, mount_fusectl: bool = True) -> Path | None:
+    """The fusectl directory of the FUSE connection behind ``mountpoint``
+    (``/sys/fs/fuse/connections/N``, N the mount's device number), or None.
+
+    fusectl is mounted there by systemd on most machines; when it is not (containers),
+    root may mount it, as systemd would (``mount_fusectl``)."""
+    dev = mount_device_number(mountpoint)
+    if dev is None:
+        return None
+    try:
+        major, minor = (int(x) for x in dev.split(":"))
+    except ValueError:
+        return None
+    path = FUSECTL / str((major << 20) | minor)
+    if path.is_dir():
+        return path
+    if mount_fusectl and os.getuid() == 0 and FUSECTL.is_dir() and not any(FUSECTL.iterdir()):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                           capture_output=True, timeout=10, check=False)
+            log.info("mounted fusectl on %s (to raise the mount's max_background)", FUSECTL)
+        if path.is_dir():
+            return path
+    return None
+
+
+def set_max_background(mountpoint: str, requests: int) -> bool:
+    """Let the kernel queue up to ``requests`` background FUSE requests (readahead among
+    them) for this mount, congestion at three quarters of that.  The kernel's default,
+    12 with congestion at 9, stops a sequential read's readahead while 9 reads wait, so
+    the device idles while we answer (docs/performance.md).  Needs root (fusectl's files
+    are root's); returns False, with a log line, when it cannot."""
+    conn = fuse_connection_dir(mountpoint)
+    if conn is None:
+        log.info("no fusectl directory for %s (is fusectl mounted on %s?); "
+                 "large reads will be slower", mountpoint, FUSECTL)
+        return False
+    try:
+        (conn / "max_background").write_text(f"{requests}\n")
+        (conn / "congestion_threshold").write_text(f"{max(1, requests * 3 // 4)}\n")
+    except OSError as exc:
+        log.info("could not raise %s/max_background to %d (%s); large reads will be slower",
+                 conn, requests, exc.strerror)
+        return False
+    return True
+
+
 def unmount(mountpoint: str, *, lazy: bool = False) -> tuple[bool, str]:
     """Unmount a FUSE mount (fusermount3, else umount).  Returns (done, message)."""
     tool = shutil.which("fusermount3")
@@ -191,6 +241,7 @@ async def serve(
     fuse_options: set[str],
     *,
     read_ahead_kb: int = 4096,
+    max_background: int = 64,
     commit_s: int = 5,
     on_ready: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -230,6 +281,7 @@ async def serve(
                 with contextlib.suppress(OSError):
                     await trio.to_thread.run_sync(os.stat, mountpoint)
                 await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+                await trio.to_thread.run_sync(set_max_background, mountpoint, max_background)
                 if on_ready is not None:
                     on_ready()
                 task_status.started()

@@ -114,3 +114,25 @@ def test_the_mount_raises_the_kernel_readahead(cli_mount, tmp_path: Path) -> Non
 
     assert readahead_kb(cli_mount(image, options="backend=file,ro")) == 4096
     assert readahead_kb(cli_mount(image, options="backend=file,ro,read_ahead_kb=512")) == 512
+
+
+def test_the_mount_raises_the_kernels_background_request_limit(cli_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The kernel queues at most max_background FUSE readahead requests (12, congestion at
+    9, by default), which stalls a 4 MiB readahead; the mount raises it through fusectl
+    (default 64, congestion 48; -o max_background=N), mounting fusectl when it is not."""
+    from amigafuse.fuse.session import fuse_connection_dir
+
+    image = tmp_path / "disk.hdf"
+    src = tmp_path / "src"
+    src.mkdir()
+    make_ffs_disk(image, {"a.bin": b"a" * 1000}, src)
+
+    def limits(mnt: Path) -> tuple[int, int]:
+        conn = fuse_connection_dir(str(mnt), mount_fusectl=False)
+        assert conn is not None, "the mount left no fusectl directory to read"
+        return (int((conn / "max_background").read_text()),
+                int((conn / "congestion_threshold").read_text()))
+
+    assert limits(cli_mount(image, options="backend=file,ro")) == (64, 48)
+    assert limits(cli_mount(image, options="backend=file,ro,max_background=20")) == (20, 15)
+    assert (cli_mount(image, options="backend=file,ro") / "DH0" / "a.bin").read_bytes() == b"a" * 1000
