@@ -27,12 +27,19 @@ dropped, the same writeback cache and xattr answers as amigafuse), so the kernel
 it the same requests.  Its time and CPU are what pyfuse3, trio and the kernel cost
 before any filesystem work: no pyfuse3 filesystem can copy these files faster.
 ``cp_small_in_per_file`` puts amigafuse's server CPU per file beside that floor's.
+``pyfuse3_null_read_floor`` is the same for the large read: ``cat`` of a file of the
+same size from a fresh null pyfuse3 mount (its reads answered from one buffer of
+zeros, no device, no copy on the server's side) with amigafuse's readahead and
+background-request limit: the fastest any pyfuse3 filesystem reads through this
+kernel on this machine.  ``cat_big_vs_null_read_floor`` is amigafuse's share of it.
 
 Each mount workload also reports ``server_cpu_seconds``: the CPU time the mount process
 used during it (from /proc; QEMU's own time not included), a steadier measure than wall
 time on a busy machine.
 
-Ratios printed: ``cat_big`` through the stack / raw image read (target >= 0.25) and
+Ratios printed: ``cat_big`` through the stack / raw image read (target >= 0.25; the
+null floor's own ratio, ``pyfuse3_null_read_floor.cat_big_vs_raw_image_read``, is the
+ceiling) and
 amigafuse / amitools for each workload.  A workload that fails (say the engine mounts
 read-only) is reported with its error, never silently dropped.
 """
@@ -238,10 +245,12 @@ def count_requests(empty_image: Path, src: Path, work: Path) -> dict[str, Any]:
             "by_operation": {k: round(v / files, 2) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}}
 
 
-def serve_null(mountpoint: str, counts_path: str) -> int:
+def serve_null(mountpoint: str, counts_path: str, big_bytes: int = 0) -> int:
     """A null pyfuse3 filesystem at ``mountpoint`` until unmounted; writes its request
     counts to ``counts_path`` (JSON) at the end.  Answers what ``cp -a`` asks as amigafuse
-    does (writeback cache on, security.* and ACL xattrs ENOTSUP), does nothing else."""
+    does (writeback cache on, security.* and ACL xattrs ENOTSUP), does nothing else.
+    With ``big_bytes``, its root holds ``big.bin`` of that size, read as zeros from one
+    buffer (no copy on our side: the floor of a large read)."""
     import errno
     import stat as stat_mod
 
@@ -249,6 +258,7 @@ def serve_null(mountpoint: str, counts_path: str) -> int:
     import trio
 
     counts: dict[str, int] = {}
+    zeros = memoryview(bytes(1 << 20))  # a read is at most max_pages (256) pages
 
     def seen(op: str) -> None:
         counts[op] = counts.get(op, 0) + 1
@@ -262,6 +272,8 @@ def serve_null(mountpoint: str, counts_path: str) -> int:
             self.names: dict[tuple[int, bytes], int] = {}
             self.next_inode = pyfuse3.ROOT_INODE + 1
             self._new(pyfuse3.ROOT_INODE, stat_mod.S_IFDIR | 0o755)
+            if big_bytes:
+                self._add(pyfuse3.ROOT_INODE, b"big.bin", stat_mod.S_IFREG | 0o644).st_size = big_bytes
 
         def _new(self, inode: int, mode: int) -> pyfuse3.EntryAttributes:
             a = pyfuse3.EntryAttributes()
@@ -314,6 +326,11 @@ def serve_null(mountpoint: str, counts_path: str) -> int:
         async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
             seen("open")
             return pyfuse3.FileInfo(fh=inode)
+
+        async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
+            seen("read")
+            n = max(0, min(size, self.attrs[fh].st_size - off, len(zeros)))
+            return zeros[:n]
 
         async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
             seen("write")
@@ -369,6 +386,55 @@ def serve_null(mountpoint: str, counts_path: str) -> int:
     return 0
 
 
+def null_read_floor(big_bytes: int, raw_bytes_per_s: float, work: Path, runs: int) -> dict[str, Any]:
+    """``cat`` of a ``big_bytes`` file from a fresh null pyfuse3 mount, with the readahead
+    and background-request limit amigafuse's mounts get: the most any pyfuse3 filesystem
+    reads through this kernel here (no device, no copy on the server's side)."""
+    from amigafuse.fuse.options import parse_options
+    from amigafuse.fuse.session import set_max_background, set_read_ahead
+
+    opts = parse_options([EXTRA_OPTIONS.lstrip(",")] if EXTRA_OPTIONS else [])
+    mnt = work / "mnt_null"
+    mnt.mkdir(exist_ok=True)
+    times = []
+    for run in range(runs):
+        counts_path = work / f"null_read_counts{run}.json"
+        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-null", str(mnt), str(counts_path),
+                                 "--null-big-bytes", str(big_bytes)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_null_mounted(proc, mnt)
+            set_read_ahead(str(mnt), opts.read_ahead_kb)
+            set_max_background(str(mnt), opts.max_background)
+            times.append(timed(lambda: must(["cat", str(mnt / "big.bin")], stdout=subprocess.DEVNULL)))
+        finally:
+            stop_null(proc, mnt)
+    return {"cat_big_seconds": round(median(times), 4), "runs": [round(t, 4) for t in times],
+            "MB_per_s": round(big_bytes / median(times) / 1e6, 1),
+            "cat_big_vs_raw_image_read": round(big_bytes / median(times) / raw_bytes_per_s, 3),
+            "read_ahead_kb": opts.read_ahead_kb, "max_background": opts.max_background}
+
+
+def wait_null_mounted(proc: subprocess.Popen[str], mnt: Path) -> None:
+    assert proc.stdout is not None
+    if "READY" not in proc.stdout.readline():
+        raise RuntimeError(f"the null filesystem did not start: {proc.stderr.read()[-400:]}")  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while not is_mounted(mnt):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the null filesystem did not mount")
+        time.sleep(0.02)
+
+
+def stop_null(proc: subprocess.Popen[str], mnt: Path) -> None:
+    sh(["fusermount3", "-u", str(mnt)])
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def null_floor(tree: Path, work: Path, runs: int) -> dict[str, Any]:
     """``cp -a`` of ``tree`` (then the same syncs) into the null pyfuse3 filesystem."""
     mnt = work / "mnt_null"
@@ -381,14 +447,7 @@ def null_floor(tree: Path, work: Path, runs: int) -> dict[str, Any]:
         proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--serve-null", str(mnt), str(counts_path)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert proc.stdout is not None
-            if "READY" not in proc.stdout.readline():
-                raise RuntimeError(f"the null filesystem did not start: {proc.stderr.read()[-400:]}")  # type: ignore[union-attr]
-            deadline = time.monotonic() + 30
-            while not is_mounted(mnt):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the null filesystem did not mount")
-                time.sleep(0.02)
+            wait_null_mounted(proc, mnt)
 
             def cpu(pid: int = proc.pid) -> float:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -403,12 +462,7 @@ def null_floor(tree: Path, work: Path, runs: int) -> dict[str, Any]:
             times.append(timed(copy))
             cpus.append(cpu() - cpu0)
         finally:
-            sh(["fusermount3", "-u", str(mnt)])
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_null(proc, mnt)
         counts = json.loads(counts_path.read_text()) if counts_path.exists() else {}
     requests = sum(v for k, v in counts.items() if k != "forget")
     return {"seconds": round(median(times), 4), "runs": [round(t, 4) for t in times],
@@ -503,9 +557,11 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep work files here (default: a temporary directory)")
     ap.add_argument("--serve-null", nargs=2, metavar=("MOUNTPOINT", "COUNTS_JSON"),
                     help="internal: serve the null pyfuse3 filesystem (the floor) there")
+    ap.add_argument("--null-big-bytes", type=int, default=0, help="internal: with --serve-null, a big.bin of this size")
     args = ap.parse_args()
     if args.serve_null:
-        return serve_null(*args.serve_null)
+        mountpoint, counts_path = args.serve_null
+        return serve_null(mountpoint, counts_path, big_bytes=args.null_big_bytes)
     global EXTRA_OPTIONS
     EXTRA_OPTIONS = "," + args.mount_options if args.mount_options else ""
 
@@ -587,6 +643,11 @@ def main() -> int:
             result["pyfuse3_null_floor"] = {"error": str(exc)[:400]}
         floor = result["pyfuse3_null_floor"]
         files = args.small_files
+        try:
+            result["pyfuse3_null_read_floor"] = null_read_floor(
+                big.stat().st_size, full.stat().st_size / median(raw), work, args.runs)
+        except Exception as exc:  # reported, not fatal
+            result["pyfuse3_null_read_floor"] = {"error": str(exc)[:400]}
 
         for backend in args.backends.split(","):
             res = bench_mount(backend, full, write_target, big, tree, work, args.runs)
@@ -607,6 +668,9 @@ def main() -> int:
             if cat:
                 ratios["cat_big_vs_raw_image_read"] = round(
                     (big.stat().st_size / cat) / (full.stat().st_size / median(raw)), 3)
+                null_cat = result["pyfuse3_null_read_floor"].get("cat_big_seconds")
+                if null_cat:
+                    ratios["cat_big_vs_null_read_floor"] = round(null_cat / cat, 3)
             for k in ("cat_big", "ls_lR", "cp_big_in", "cp_small_in"):
                 s = res.get(k, {}).get("seconds")
                 if s:
