@@ -365,8 +365,16 @@ class FfsVolumeBase:
             raise NotFound(f"object {self._id_for(block)} no longer exists")
         if not (self.reserved <= block < self.block_count):
             raise NotFound(f"object {block} does not exist")
-        if self.bitmap_ok and self.bitmap.is_free(block):
-            raise NotFound(f"object {self._id_for(block)} no longer exists")
+        # Ids come from this session's lookups and listings, and objects deleted in it
+        # are in _gone: a header the tree names but the bitmap calls free is damage (a
+        # bitmap with a valid checksum that lies).  Read-only, its file is still read
+        # (getting data off a damaged disk is what ro is for); read-write, a write could
+        # hand that block to another object, so the object is refused.
+        if not self.read_only and self.bitmap_ok and self.bitmap.is_free(block):
+            raise CorruptError(
+                f"header block {block} is in the directory tree but marked free in the "
+                "bitmap; run 'amigafuse check' (mount with -o check to have this found "
+                "at mount time)", block=block, field="bitmap")
 
     async def _chain(self, dir_block: int, slot_head: int) -> list[tuple[int, EntryBlock]]:
         out = []
