@@ -15,14 +15,17 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from amigafuse.amiga.dostype import common_name, dostype_to_str
 from amigafuse.errors import AmigaFuseError, UsageError
-from amigafuse.fs import engine_for
+from amigafuse.fs import Engine, engine_for
 from amigafuse.fuse.options import KNOWN_HELP, MountOptions, parse_options
+
+if TYPE_CHECKING:
+    from amigafuse.rdb.mounter import Announcement
 
 MAX_UNITS = 8
 
@@ -212,6 +215,10 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                     image, key = _lock_key(unit, ann.partition.first_lba)
                     locks.acquire(image, key, exclusive=not read_only, mountpoint=plan.mountpoint,
                                   shown=name)
+                    check_notes: list[str] = []
+                    if opts.check and not read_only:
+                        check_notes = await _check_before_rw(engine, ann, what)
+                        read_only = bool(check_notes)
                     window = ann.open_device(read_only=read_only)
                     try:
                         volume = await engine.open_volume(window, ann.geometry, read_only)
@@ -220,7 +227,7 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                             raise
                         _say(f"{what}: cannot be mounted: {exc.message}")
                         continue
-                    notes = list(volume.info.notes)
+                    notes = check_notes + list(volume.info.notes)
                     effective_ro = read_only or volume.info.read_only
                     if effective_ro and not opts.read_only:
                         why = "; ".join(notes) or (
@@ -252,6 +259,23 @@ async def _mount_and_serve(plan: Plan, ready: Callable[[], None] | None) -> list
                 with contextlib.suppress(Exception):
                     await mv.volume.close()
         locks.release()
+
+
+async def _check_before_rw(engine: Engine, ann: Announcement, what: str) -> list[str]:
+    """``-o check``: the engine's whole-filesystem check, read-only, before a read-write
+    mount.  Returns the notes that make the partition mount read-only (empty when the
+    check found no errors; warnings alone do not)."""
+    _say(f"{what}: checking the whole filesystem before mounting it read-write (-o check)")
+    try:
+        report = await engine.check_volume(ann.open_device(read_only=True), ann.geometry, False)
+    except AmigaFuseError as exc:
+        return [f"-o check could not walk the filesystem ({exc.message}); "
+                f"run 'amigafuse check --partition {ann.dos_name}' for details"]
+    if not report.errors:
+        return []
+    more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+    return [f"-o check found {len(report.errors)} error(s): {report.errors[0]}{more}; "
+            f"see 'amigafuse check --partition {ann.dos_name}', which can --repair what is safe"]
 
 
 def _say(message: str) -> None:

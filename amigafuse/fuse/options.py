@@ -24,7 +24,7 @@ TRANSPORTS = ("auto", "legacy", "modern")
 KNOWN_HELP = (
     "ro, rw, uid=N, gid=N, umask=OCTAL, allow_other, allow_root, default_permissions, "
     "partition=NAME, backend=qemu|file, transport=auto|legacy|modern, fsname=NAME, "
-    "auto_unmount, noauto_unmount, read_ahead_kb=N, max_background=N, commit=SECONDS"
+    "auto_unmount, noauto_unmount, read_ahead_kb=N, max_background=N, commit=SECONDS, check, nocheck"
 )
 
 
@@ -50,6 +50,9 @@ class MountOptions:
     max_background: int = 64
     # Seconds between write-backs of changes (0: only on fsync/umount), like ext4's commit=.
     commit_s: int = 5
+    # Walk the whole filesystem (as ``amigafuse check``) before mounting a partition
+    # read-write; errors make it mount read-only.
+    check: bool = False
     passthrough: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
@@ -135,6 +138,10 @@ def parse_options(texts: list[str], base: MountOptions | None = None) -> MountOp
                 opts.max_background = _int(key, value)
                 if not 1 <= opts.max_background <= 65535:
                     raise UsageError(f"option max_background={value}: use 1 to 65535")
+            elif key == "check" and not eq:
+                opts.check = True
+            elif key == "nocheck" and not eq:
+                opts.check = False
             elif key == "commit" and eq:
                 opts.commit_s = _int(key, value)
             elif key in PASSED and not eq:

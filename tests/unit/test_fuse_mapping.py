@@ -164,10 +164,14 @@ def test_options_parse_and_ignore() -> None:
     assert parse_options(["rw,ro"]).read_only and "ro" in parse_options(["ro"]).fuse_options("x")
     assert (parse_options([]).max_background, parse_options(["max_background=200"]).max_background) == (64, 200)
     assert not any(x.startswith("max_background") for x in parse_options(["max_background=9"]).fuse_options("x"))
+    assert (parse_options([]).check, parse_options(["check"]).check, parse_options(["check,nocheck"]).check) == (
+        False, True, False)
+    assert "check" not in parse_options(["check"]).fuse_options("x")
 
 
 @pytest.mark.parametrize("bad", ["bogus", "uid=abc", "backend=tape", "transport=x", "umask=9", "partition=",
-                                 "max_background=0", "max_background=70000", "max_background=x"])
+                                 "max_background=0", "max_background=70000", "max_background=x",
+                                 "check=1"])
 def test_bad_options_are_usage_errors(bad: str) -> None:
     with pytest.raises(UsageError):
         parse_options([bad])
