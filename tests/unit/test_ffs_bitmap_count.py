@@ -57,3 +57,31 @@ def test_free_count_after_load_counts_only_covered_blocks() -> None:
     assert bm.free_count() == 9
     bm.mark_range(RESERVED, 10, False)
     assert bm.free_count() == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(count=st.integers(1, 2500), seed=st.lists(st.tuples(st.integers(0, 2500), st.integers(1, 200)), max_size=12),
+       blocks=st.lists(st.integers(0, 2500), max_size=300), goal=st.integers(0, 2600), want=st.integers(0, 2600))
+def test_mark_blocks_and_find_free_match_a_block_at_a_time_model(
+    count: int, seed: list[tuple[int, int]], blocks: list[int], goal: int, want: int
+) -> None:
+    """mark_blocks takes runs, not blocks, and find_free takes whole free bytes with
+    range(): both must give what one block at a time gives (any order, repeats)."""
+    fast, slow = Bitmap(RESERVED, count, 512), Bitmap(RESERVED, count, 512)
+    fast.set_all(True)
+    slow.set_all(True)
+    for start, n in seed:  # some used runs
+        s = start % count
+        fast.mark_range(RESERVED + s, min(n, count - s), False)
+        slow.mark_range(RESERVED + s, min(n, count - s), False)
+    chosen = [RESERVED + b % count for b in blocks]
+    fast.mark_blocks(chosen, True)
+    for b in chosen:
+        slow.mark(b, True)
+    assert fast.copy_bits() == slow.copy_bits() and fast.free_count() == slow.free_count()
+    assert fast.dirty_pages >= slow.dirty_pages
+    # find_free: the free blocks from goal's byte on, wrapping, at most ``want``
+    k0 = min(max(goal - RESERVED, 0), count - 1)
+    order = [*range((k0 >> 3) * 8, count), *range(0, (k0 >> 3) * 8)]
+    model = [RESERVED + k for k in order if slow.is_free(RESERVED + k)][:want]
+    assert fast.find_free(goal, want) == model

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from array import array
 
+from amigafuse.fs.ffs.layout import runs
+
 _NONZERO = re.compile(rb"[^\x00]")
 _FULL = re.compile(rb"\xff+")
 
@@ -113,16 +115,11 @@ class Bitmap:
         self.dirty_pages.add(k // self.bits_per_block)
 
     def mark_blocks(self, blocks: list[int], free: bool) -> None:
-        """Mark many blocks; runs of consecutive blocks are set a byte at a time."""
-        i = 0
-        n = len(blocks)
-        while i < n:
-            start = blocks[i]
-            j = i + 1
-            while j < n and blocks[j] == blocks[j - 1] + 1:
-                j += 1
-            self.mark_range(start, j - i, free)
-            i = j
+        """Mark many blocks; runs of consecutive blocks are set a byte at a time (the
+        runs found with :func:`~amigafuse.fs.ffs.layout.runs`: a few Python steps per
+        run, not per block)."""
+        for start, count in runs(blocks, limit=1 << 62):
+            self.mark_range(start, count, free)
 
     def mark_range(self, start: int, count: int, free: bool) -> None:
         if count <= 0:
@@ -175,9 +172,10 @@ class Bitmap:
                     if run is not None:
                         need = count - len(out)
                         nb = min(run.end() - i, -(-need // 8))
-                        for kk in range(i * 8, (i + nb) * 8):
-                            if kk < self.count and len(out) < count:
-                                out.append(kk + self.reserved)
+                        # the run's bits, at most ``need`` of them, none past the last
+                        # block (a whole byte may reach beyond it)
+                        k_end = min((i + nb) * 8, self.count, i * 8 + need)
+                        out.extend(range(i * 8 + self.reserved, k_end + self.reserved))
                         pos = i + nb
                         continue
                 byte = self._bits[i]
