@@ -343,9 +343,21 @@ class SfsReader:
 
     async def read_data(self, obj: SfsObject, offset: int, length: int) -> bytes:
         """File bytes; contiguous runs are read with one device request each."""
+        runs, skip, nbytes = await self.data_runs(obj, offset, length)
+        parts = []
+        for disk, n in runs:
+            parts.append(await self.read_file_blocks(disk, n))
+        raw = b"".join(parts)
+        return raw[skip : skip + nbytes]
+
+    async def data_runs(self, obj: SfsObject, offset: int, length: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Where a read's bytes are: (runs of (disk block, count) in file order, merged
+        when contiguous; bytes to skip at the start of the first run; bytes wanted).
+        Walks the file's extents (metadata reads: call it holding the volume lock).
+        Raises CorruptError when the extents are shorter than the file."""
         size = obj.size
         if offset >= size or length <= 0:
-            return b""
+            return [], 0, 0
         end = min(size, offset + length)
         bs = self.block_size
         first_fb = offset // bs
@@ -372,12 +384,7 @@ class SfsReader:
             fb += count
             if fb > last_fb:
                 break
-        parts = []
-        for disk, n in runs:
-            parts.append(await self.read_file_blocks(disk, n))
-        raw = b"".join(parts)
-        skip = offset - first_fb * bs
-        return raw[skip : skip + (end - offset)]
+        return runs, offset - first_fb * bs, end - offset
 
     async def read_file_blocks(self, disk: int, count: int) -> bytes:
         """Data blocks as the device holds them, with ``overlay_data`` (a journal

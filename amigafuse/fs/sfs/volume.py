@@ -18,7 +18,10 @@ object.
 
 Locking: ``self._lock`` serialises every mutation and every read that walks metadata,
 because a mutation changes several blocks between awaits (pending overlay, caches).
-Reads of file data that was located under the lock may finish outside it.
+File data located under the lock is read outside it (``read_lease``), counted in
+``_data_reads``; every other holder of the lock waits, holding it, until no such read
+is at the device, so no block such a read is reading is changed or reused under it.
+Blocks with changes not yet on the disk are read holding the lock instead.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import trio
 
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
-from amigafuse.blockdev.base import BlockDevice
+from amigafuse.blockdev.base import BlockDevice, ReadLease
 from amigafuse.blockdev.window import FsBlockIO
 from amigafuse.errors import (
     AmigaFuseError,
@@ -116,24 +119,44 @@ async def load_freemap(reader: SfsReader, notes: list[str]) -> FreeMap | None:
     return freemap
 
 
+def _touches(runs: list[tuple[int, int]], blocks: dict[int, bytes]) -> bool:
+    """Whether any block of ``runs`` (disk block, count) is a key of ``blocks``."""
+    if not blocks:
+        return False
+    if len(blocks) < sum(n for _, n in runs):
+        return any(disk <= b < disk + n for b in blocks for disk, n in runs)
+    return any(b in blocks for disk, n in runs for b in range(disk, disk + n))
+
+
 class _FastLock:
     """``async with`` for the volume lock, taken without a trip through the scheduler
     when it is free (most operations are shorter than a reschedule); waits otherwise.
-    Cancellation while waiting changes nothing."""
+    Then, unless ``beside_reads`` (a data read: it only adds readers), waits holding it
+    until no file-data read is at the device outside the lock (``_data_reads``), so
+    nothing changes or reuses blocks such a read is reading.  Cancellation while
+    waiting releases the lock and changes nothing."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_beside_reads", "_vol")
 
-    def __init__(self, lock: trio.Lock) -> None:
-        self._lock = lock
+    def __init__(self, vol: SfsVolume, *, beside_reads: bool) -> None:
+        self._vol = vol
+        self._beside_reads = beside_reads
 
     async def __aenter__(self) -> None:
+        vol = self._vol
         try:
-            self._lock.acquire_nowait()
+            vol._lock.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await vol._lock.acquire()
+        try:
+            while vol._data_reads and not self._beside_reads:
+                await vol._reads_done.wait()
+        except BaseException:
+            vol._lock.release()
+            raise
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        self._vol._lock.release()
 
 
 class SfsVolume(Volume):
@@ -155,7 +178,11 @@ class SfsVolume(Volume):
         self.show_recycled = show_recycled
         self._notes = list(notes)
         self._lock = trio.Lock()
-        self._locked = _FastLock(self._lock)
+        self._locked = _FastLock(self, beside_reads=False)
+        self._locked_beside_reads = _FastLock(self, beside_reads=True)
+        self._data_reads = 0  # file-data reads at the device outside the lock
+        self._reads_done = trio.Event()
+        self._reads_done.set()
         self._near_full = False  # the last operation left little room for records
         self._closed = False
         self._label = ""
@@ -361,6 +388,48 @@ class SfsVolume(Volume):
             if obj.is_softlink:
                 raise InvalidArgument(f"object {object_id} is a soft link")
             return await self.r.read_data(obj, offset, length)
+
+    async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
+        """:meth:`read` in a buffer the device may lend (Volume.read_lease; the caller
+        releases it).  The file's extents are walked holding the lock; the data is read
+        outside it (operations that change blocks wait for such reads, see _FastLock),
+        one device request per contiguous run, and a read that is one run comes back in
+        the device's own buffer.  Blocks with changes not yet written back (a writable
+        volume's pending data, a read-only volume's journal overlay) are read holding
+        the lock, through the copying path.  Raises as :meth:`read`."""
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        async with self._locked_beside_reads:
+            obj = (await self.r.locate(self._node(object_id))).obj
+            if obj.is_dir:
+                raise IsADirectory(f"object {object_id} is a directory")
+            if obj.is_softlink:
+                raise InvalidArgument(f"object {object_id} is a soft link")
+            runs, skip, nbytes = await self.r.data_runs(obj, offset, length)
+            if not runs:
+                return ReadLease.of(b"")
+            w = self.w
+            if _touches(runs, self.r.overlay_data) or (w is not None and _touches(runs, w.pending_data)):
+                return ReadLease.of(await self.r.read_data(obj, offset, length))
+            self._data_reads += 1
+            if self._data_reads == 1:
+                self._reads_done = trio.Event()
+        try:
+            if len(runs) == 1:
+                lease = await self.io.read_lease(*runs[0])
+                return lease.narrowed(skip, skip + nbytes)
+            bs = self.r.block_size
+            out = bytearray(sum(n for _, n in runs) * bs)
+            pos = 0
+            for disk, n in runs:
+                with await self.io.read_lease(disk, n) as part:
+                    out[pos : pos + n * bs] = part.view
+                pos += n * bs
+            return ReadLease.of(memoryview(out)[skip : skip + nbytes])
+        finally:
+            self._data_reads -= 1
+            if not self._data_reads:
+                self._reads_done.set()
 
     async def readlink(self, object_id: int) -> str:
         async with self._locked:
