@@ -90,7 +90,7 @@ async def test_leased_reads_equal_copied_reads_on_fragmented_files(dostype: int,
 
 
 async def test_pending_changes_are_read_not_the_old_blocks() -> None:
-    dev, geo, vol = await volume()
+    dev, _geo, vol = await volume()
     f = (await vol.create(vol.root_id, "f")).object_id
     await vol.write(f, 0, content("old", 40_000))
     await vol.sync()
@@ -143,7 +143,7 @@ async def test_a_change_waits_for_a_read_at_the_device_and_the_read_gets_the_old
 
 
 async def test_a_cancelled_read_gives_its_lease_back_and_lets_changes_run() -> None:
-    dev, geo, vol = await volume()
+    dev, _geo, vol = await volume()
     f = (await vol.create(vol.root_id, "f")).object_id
     await vol.write(f, 0, content("c", 50_000))
     await vol.sync()
