@@ -67,7 +67,7 @@ async def lease_bytes(vol: SfsVolume, oid: int, off: int, n: int) -> bytes:
 @pytest.mark.parametrize(("dostype", "bs"), [(SFS0, 512), (SFS2, 1024)])
 async def test_leased_reads_equal_copied_reads_on_fragmented_files(dostype: int, bs: int) -> None:
     dev, geo, vol = await volume(dostype, bs)
-    files = {}
+    files: dict[int, bytes] = {}
     # interleaved appends make the files fragmented (many extents each)
     ids = [(await vol.create(vol.root_id, f"f{i}")).object_id for i in range(3)]
     for step in range(12):
