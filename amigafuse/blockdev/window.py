@@ -142,6 +142,12 @@ class FsBlockIO:
         returns: never bytes that bypass its override."""
         if type(self).read is not FsBlockIO.read:
             return ReadLease.of(await self.read(block, count))
+        return await self._device_read_lease(block, count)
+
+    async def _device_read_lease(self, block: int, count: int) -> ReadLease:
+        """The device's lease of filesystem blocks ``block``... as they are on the
+        device, whatever a subclass's :meth:`read` overlays (for subclasses that lend
+        and overlay themselves).  Raises OutOfRange, DeviceError."""
         self._check(block, count)
         if count == 0:
             return ReadLease.of(b"")

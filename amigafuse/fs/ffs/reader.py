@@ -121,3 +121,12 @@ async def read_planned(
     if failure:
         raise failure[0]
     return ReadLease(memoryview(out)[skip : skip + nbytes])
+
+
+def lease_bytes(lease: ReadLease) -> bytes:
+    """A copy of ``lease.view`` as ``bytes`` (the caller still releases the lease), or
+    the very ``bytes`` object it views when that is all of it and nothing was lent."""
+    view = lease.view
+    if not lease.lent and isinstance(view.obj, bytes) and len(view.obj) == view.nbytes:
+        return view.obj
+    return bytes(view)

@@ -81,7 +81,7 @@ from amigafuse.fs.ffs.layout import (
     upper_name,
     verify_checksum,
 )
-from amigafuse.fs.ffs.reader import read_planned
+from amigafuse.fs.ffs.reader import lease_bytes, read_planned
 
 log = logging.getLogger(__name__)
 
@@ -853,39 +853,21 @@ class FfsVolumeBase:
         return buf[skip : skip + (end - offset)]
 
     async def _read_planned(self, ranges: list[tuple[int, int]], skip: int, nbytes: int) -> bytes:
-        """The bytes a :meth:`_plan_read` plan names: one device request per range,
-        up to DATA_READS_IN_FLIGHT of them at the device at once (a file FFS wrote is cut
-        every 72 blocks by its extension blocks: 29 ranges per MiB).  Raises the first
-        DeviceError; the other requests are then cancelled."""
-        if len(ranges) == 1:
-            buf = await self.io.read(*ranges[0])
-        else:
-            parts: list[bytes] = [b""] * len(ranges)
-            pending = iter(enumerate(ranges))
-            failure: list[DeviceError] = []
+        """The bytes a :meth:`_plan_read` plan names (:meth:`_read_planned_lease`,
+        copied).  Raises the first DeviceError."""
+        with await self._read_planned_lease(ranges, skip, nbytes) as lease:
+            return lease_bytes(lease)
 
-            async def worker(cancel_scope: trio.CancelScope) -> None:
-                for i, (start, count) in pending:
-                    try:
-                        parts[i] = await self.io.read(start, count)
-                    except DeviceError as exc:
-                        failure.append(exc)
-                        cancel_scope.cancel()
-                        return
-
-            tasks = min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight, len(ranges))
-            if tasks == 1:  # a device that does not suspend: no tasks needed
-                await worker(trio.CancelScope())
-            else:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(tasks):
-                        nursery.start_soon(worker, nursery.cancel_scope)
-            if failure:
-                raise failure[0]
-            buf = b"".join(parts)
-        if skip == 0 and len(buf) == nbytes:
-            return buf
-        return buf[skip : skip + nbytes]
+    async def _read_planned_lease(self, ranges: list[tuple[int, int]], skip: int, nbytes: int) -> ReadLease:
+        """The bytes a :meth:`_plan_read` plan names as a lease the caller releases
+        (:func:`.reader.read_planned`: nearby ranges in one request, up to
+        DATA_READS_IN_FLIGHT requests at the device at once, the device's buffer lent
+        when the data is one range).  Raises the first DeviceError; the other requests
+        are then cancelled."""
+        return await read_planned(
+            self.io, ranges, skip, nbytes, max_span_blocks=self.io.max_transfer_blocks,
+            in_flight=min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight),
+        )  # fmt: skip
 
     # ================================================================== public reads
     @property
@@ -949,21 +931,9 @@ class FfsVolumeBase:
             self._reads_done.set()
 
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise InvalidArgument("negative offset or length")
-        async with self._locked(beside_reads=True):
-            self._maybe_evict()
-            block, e = await self._file(object_id)
-            plan = await self._plan_read(block, e, offset, length)
-            if isinstance(plan, bytes):
-                return plan
-            # the data is read outside the lock, beside other reads; operations that
-            # change blocks wait for it (see the invariants)
-            self._data_read_started()
-        try:
-            return await self._read_planned(*plan)
-        finally:
-            self._data_read_ended()
+        """Volume.read: :meth:`read_lease`, copied."""
+        with await self.read_lease(object_id, offset, length) as lease:
+            return lease_bytes(lease)
 
     async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
         """:meth:`read` into a buffer the device may lend (Volume.read_lease; the
@@ -978,13 +948,11 @@ class FfsVolumeBase:
             plan = await self._plan_read(block, e, offset, length)
             if isinstance(plan, bytes):
                 return ReadLease.of(plan)
-            # read outside the lock, beside other reads, as in read()
+            # the data is read outside the lock, beside other reads; operations that
+            # change blocks wait for it (see the invariants)
             self._data_read_started()
         try:
-            return await read_planned(
-                self.io, *plan, max_span_blocks=self.io.max_transfer_blocks,
-                in_flight=min(DATA_READS_IN_FLIGHT, self.io.requests_in_flight),
-            )  # fmt: skip
+            return await self._read_planned_lease(*plan)
         finally:
             self._data_read_ended()
 
