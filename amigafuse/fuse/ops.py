@@ -784,11 +784,18 @@ class AmigaOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ xattrs
     async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:
+        if name not in _XATTRS:
+            # Answered first, before any inode lookup, engine call or log line: the
+            # kernel asks security.capability before the first write of every new file
+            # (cp -a: once per file), ls -l asks security.selinux and
+            # system.posix_acl_access until told the namespace is unsupported (it then
+            # stops for this mount).  ENOTSUP, not ENOATTR: the kernel caches neither
+            # for a FUSE inode, so both cost one request, and ENOTSUP stops ls asking.
+            # Never ENOSYS: the kernel would refuse every getxattr, user.amiga.* too,
+            # for the rest of the mount.
+            _refused("getxattr", inode, name)
+            raise FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.ENOTSUP)
         with _translate("getxattr", inode, name):
-            if name not in _XATTRS:
-                # security.selinux, system.posix_acl_*: ls -l asks both for every file,
-                # unless told the namespace is unsupported (it then stops for this mount).
-                raise FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.ENOTSUP)
             slot, object_id = self._resolve(inode)
             if slot == TOP_SLOT:
                 raise FUSEError(pyfuse3.ENOATTR)
@@ -826,12 +833,15 @@ class AmigaOperations(pyfuse3.Operations):
             return names
 
     async def setxattr(self, inode: Any, name: Any, value: Any, ctx: Any) -> None:
+        if name not in _XATTRS:
+            # system.posix_acl_access (cp -a, once per file), security.*: not supported,
+            # answered first (no inode lookup, no engine work, no lock).  cp then falls
+            # back to a chmod, a setattr the adapter defers (see "Deferred metadata").
+            # Not ENOSYS: the kernel would then refuse user.amiga.* too, for the rest
+            # of the mount.
+            _refused("setxattr", inode, name, value)
+            raise FUSEError(errno.ENOTSUP)
         with _translate("setxattr", inode, name, value):
-            if name not in _XATTRS:
-                # system.posix_acl_access (cp -a, once per file), security.*: not
-                # supported, answered before any engine work.  Not ENOSYS: the kernel
-                # would then refuse user.amiga.* too, for the rest of the mount.
-                raise FUSEError(errno.ENOTSUP)
             slot, object_id = self._resolve(inode)
             volume = self._writable(slot)
             mv = self.volumes[slot]
@@ -949,6 +959,13 @@ _SETATTR_FIELDS = ("size", "mode", "uid", "gid", "atime", "mtime", "ctime")
 def _fields_named(fields: Any) -> tuple[str, ...]:
     """The names of the attributes a setattr changes (for the -d log)."""
     return tuple(f for f in _SETATTR_FIELDS if getattr(fields, "update_" + f, False))
+
+
+def _refused(op: str, *args: object) -> None:
+    """The -d log line of a request answered before :class:`_translate` (the request
+    counts of tests and benchmarks read it)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s%r", op, args)
 
 
 def _latin1(text: str) -> None:

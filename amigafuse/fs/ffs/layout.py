@@ -439,13 +439,24 @@ class EntryBlock:
         cls, block_size: int, lnfs: bool, *, header_key: int, sec_type: int, parent: int,
         name: bytes, date: DateStamp, protect: int = 0,
     ) -> EntryBlock:  # fmt: skip
-        blank = cls(
-            block_size, lnfs, T_HEADER, header_key, 0, 0, 0, 0, (0,) * table_size(block_size),
-            0, 0, 0, protect, 0, bytes(112 if lnfs else 92), 0, bytes(8) if lnfs else b"",
-            date.days, date.minutes, date.ticks, b"" if lnfs else bytes(32), 0, 0, 0,
-            bytes(20), 0, parent, 0, sec_type,
+        """A new header named ``name`` (no comment).  Built as :meth:`unpack` builds
+        (``__dict__`` filled at once, no frozen ``__init__``: every create makes one);
+        the fields are those the dataclass constructor would set (tested)."""
+        if lnfs:
+            comment_area = (bytes([len(name)]) + name + b"\0").ljust(LNFS_NAME_COMMENT_BYTES, b"\0")
+            name_area, lnfs_reserved = b"", bytes(8)
+        else:
+            comment_area, name_area, lnfs_reserved = bytes(92), make_bcpl(name, 32), b""
+        obj = object.__new__(cls)
+        obj.__dict__.update(
+            block_size=block_size, lnfs=lnfs, type=T_HEADER, header_key=header_key, high_seq=0,
+            data_size=0, first_data=0, chksum=0, table=(0,) * table_size(block_size), unused1=0,
+            uid=0, gid=0, protect=protect, byte_size=0, comment_area=comment_area, comment_block=0,
+            lnfs_reserved=lnfs_reserved, days=date.days, mins=date.minutes, ticks=date.ticks,
+            name_area=name_area, unused2=0, real_entry=0, next_link=0, unused3=bytes(20),
+            hash_chain=0, parent=parent, extension=0, sec_type=sec_type,
         )  # fmt: skip
-        return blank.with_name_comment(name, b"")
+        return obj
 
 
 def lnfs_comment_fits(name: bytes, comment: bytes) -> bool:

@@ -89,6 +89,7 @@ ENTRY_TYPES = (ST_USERDIR, ST_FILE, ST_SOFTLINK, ST_LINKFILE, ST_LINKDIR)
 META_CACHE_LIMIT = 1 << 16  # decoded blocks kept; clean ones are dropped beyond this
 BLOCKLIST_CACHE_LIMIT = 4096
 INDEX_LIMIT = 1 << 18  # directory-index names kept
+INDEX_CHECK_EVERY = 64  # _maybe_evict calls between two counts of them
 EXT_PREFETCH_BYTES = 1024 * 1024  # extension blocks read ahead in one request (at most)
 EXT_OBJECT_PREFETCH_BYTES = 128 * 1024  # the same where each becomes a FileExtBlock
 HEADER_GAP_BYTES = 32 * 1024  # header reads of a directory listing: gaps bridged
@@ -162,6 +163,7 @@ class FfsVolumeBase:
         self._extents: dict[int, list[tuple[int, int, int]]] = {}
         # per directory whose every entry we have seen: upper-case name -> header block
         self._index: dict[int, dict[bytes, int]] = {}
+        self._evict_calls = 0
         self._id2b: dict[int, int] = {}
         self._b2id: dict[int, int] = {}
         self._next_fresh_id = 1 << 40
@@ -204,7 +206,10 @@ class FfsVolumeBase:
         if len(self._blists) > BLOCKLIST_CACHE_LIMIT or len(self._extents) > BLOCKLIST_CACHE_LIMIT:
             self._blists.clear()
             self._extents.clear()
-        if sum(len(i) for i in self._index.values()) > INDEX_LIMIT:
+        # the names of every indexed directory are counted every INDEX_CHECK_EVERY calls
+        # (a sum over all directories on every operation cost more than most operations)
+        self._evict_calls += 1
+        if self._evict_calls % INDEX_CHECK_EVERY == 0 and sum(map(len, self._index.values())) > INDEX_LIMIT:
             self._index.clear()
 
     async def _read_checked(self, block: int, owner: int | None, field: str) -> bytes:

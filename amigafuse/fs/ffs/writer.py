@@ -807,7 +807,9 @@ class FfsVolume(FfsVolumeBase, Volume):
             grown.extend(new_data)
             self._set_tables(block, grown, [*exts, *new_exts], changed_from=old_count)
         e = self._ce(block)
-        self._set(block, evolve(e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE).with_date(t))
+        self._set(block, evolve(
+            e, byte_size=new_size, protect=e.protect & ~FIBF_ARCHIVE, days=t.days, mins=t.minutes, ticks=t.ticks,
+        ))  # fmt: skip
         self._dc_refresh(block)
         self._touch()
 
