@@ -142,3 +142,18 @@ async def test_a_write_sets_size_archive_bit_and_date_together(dostype: int) -> 
     e = vol._meta[block]
     assert isinstance(e, EntryBlock) and e.byte_size == 700 and e.date == st.date
     await vol.close()
+
+
+@pytest.mark.parametrize("dostype", [0x444F5301, 0x444F5305, 0x444F5307])
+async def test_setattr_changes_every_field_asked_in_one_step(dostype: int) -> None:
+    vol = await _fresh_volume(dostype)
+    f = await vol.create(vol.root_id, "file", protection=0x0F)
+    date = DateStamp(9000, 700, 1234)
+    st = await vol.setattr(f.object_id, SetAttrs(protection=0x1_0000_00F0, date=date, uid=0x1_2345, gid=7))
+    assert (st.protection, st.date, st.uid, st.gid) == (0xF0, date, 0x2345, 7)
+    only_date = DateStamp(9001, 1, 2)
+    st = await vol.setattr(f.object_id, SetAttrs(date=only_date))
+    assert (st.protection, st.date, st.uid, st.gid) == (0xF0, only_date, 0x2345, 7)
+    st = await vol.setattr(f.object_id, SetAttrs())  # nothing asked: nothing changes
+    assert (st.protection, st.date, st.uid, st.gid) == (0xF0, only_date, 0x2345, 7)
+    await vol.close()

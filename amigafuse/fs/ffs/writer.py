@@ -798,9 +798,11 @@ class FfsVolume(FfsVolumeBase, Volume):
                 await self._data_write(start, view[pos * bs : (pos + count) * bs])
                 pos += count
         # ---- metadata, no awaits below
-        self.bitmap.mark_blocks(new_data, False)
-        self.bitmap.mark_blocks(new_exts, False)
-        self._fresh.update(new_exts)
+        if new_data:
+            self.bitmap.mark_blocks(new_data, False)
+        if new_exts:
+            self.bitmap.mark_blocks(new_exts, False)
+            self._fresh.update(new_exts)
         t = now()
         if add or add_ext:
             grown = dlist if len(self._blists.get(block, ((), ()))[0]) == old_count else list(dlist)
@@ -1202,14 +1204,17 @@ class FfsVolume(FfsVolumeBase, Volume):
             if new_comment is not None:
                 self._set_name_comment(block, e.name, new_comment)
             e = self._ce(block)
+            changes: dict[str, int] = {}  # one evolve for all of them (every release makes one)
             if attrs.protection is not None:
-                e = evolve(e, protect=attrs.protection & 0xFFFFFFFF)
+                changes["protect"] = attrs.protection & 0xFFFFFFFF
             if attrs.date is not None:
-                e = e.with_date(attrs.date)
+                changes.update(days=attrs.date.days, mins=attrs.date.minutes, ticks=attrs.date.ticks)
             if attrs.uid is not None:
-                e = evolve(e, uid=attrs.uid & 0xFFFF)
+                changes["uid"] = attrs.uid & 0xFFFF
             if attrs.gid is not None:
-                e = evolve(e, gid=attrs.gid & 0xFFFF)
+                changes["gid"] = attrs.gid & 0xFFFF
+            if changes:
+                e = evolve(e, **changes)
             self._set(block, e)
             self._dc_refresh(block)
             self._touch()
