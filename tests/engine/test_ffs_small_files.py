@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from amigafuse.amiga.dates import DateStamp
 from amigafuse.amiga.geometry import VolumeGeometry
 from amigafuse.blockdev.memory import MemoryBlockDevice
-from amigafuse.fs.api import FIBF_ARCHIVE, SetAttrs
+from amigafuse.fs.api import FIBF_ARCHIVE, Kind, SetAttrs, Stat
 from amigafuse.fs.ffs import ENGINE, open_volume
 from amigafuse.fs.ffs import volume as ffs_volume
 from amigafuse.fs.ffs.layout import (
@@ -156,4 +156,26 @@ async def test_setattr_changes_every_field_asked_in_one_step(dostype: int) -> No
     assert (st.protection, st.date, st.uid, st.gid) == (0xF0, only_date, 0x2345, 7)
     st = await vol.setattr(f.object_id, SetAttrs())  # nothing asked: nothing changes
     assert (st.protection, st.date, st.uid, st.gid) == (0xF0, only_date, 0x2345, 7)
+    await vol.close()
+
+
+@pytest.mark.parametrize("dostype", [0x444F5301, 0x444F5305, 0x444F5307])
+async def test_stats_are_what_the_constructor_builds(dostype: int) -> None:
+    # _stat_real fills Stat without its __init__: every field, equal to a constructed one
+    vol = await _fresh_volume(dostype)
+    root = vol.root_id
+    d = await vol.mkdir(root, "Dir")
+    f = await vol.create(d.object_id, "File", protection=0x8F0)
+    await vol.write(f.object_id, 0, b"y" * 1500)
+    await vol.setattr(f.object_id, SetAttrs(comment="a comment"))
+    await vol.symlink(root, "Soft", "Dir/File")
+    await vol.link(f.object_id, root, "Hard")
+    stats = [await vol.getattr(f.object_id), *await vol.readdir(root), await vol.lookup(d.object_id, "file")]
+    assert {s.name for s in stats} >= {"File", "Dir", "Soft", "Hard"}
+    for s in stats:
+        built = Stat(**{k: getattr(s, k) for k in Stat.__dataclass_fields__})
+        assert s == built and s.__dict__ == built.__dict__ and hash(s) == hash(built)
+    file_stat = await vol.getattr(f.object_id)
+    assert (file_stat.size, file_stat.comment, file_stat.nlink, file_stat.kind) == (1500, "a comment", 2, Kind.FILE)
+    assert file_stat.disk_blocks == 1 + -(-1500 // vol.payload)
     await vol.close()

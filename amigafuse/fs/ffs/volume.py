@@ -614,11 +614,15 @@ class FfsVolumeBase:
             kind, size, disk_blocks = Kind.SOFTLINK, 0, 1
             target = e.softlink_target.decode("latin-1")
             size = len(e.softlink_target)
-        return Stat(
+        # every field of Stat, filled without its frozen __init__ (one Stat per create,
+        # getattr, setattr and listed entry; equality with the constructor's is tested)
+        st = object.__new__(Stat)
+        st.__dict__.update(
             object_id=self._id_for(block), name=name.decode("latin-1"), kind=kind, size=size,
             protection=e.protect, date=e.date, comment=comment.decode("latin-1"), nlink=nlink,
             uid=e.uid, gid=e.gid, link_target=target, disk_blocks=disk_blocks,
         )  # fmt: skip
+        return st
 
     def _root_stat(self) -> Stat:
         r = self.root
