@@ -82,6 +82,7 @@ from amigafuse.fs.ffs.layout import (
     verify_checksum,
 )
 from amigafuse.fs.ffs.reader import lease_bytes, read_planned
+from amigafuse.fs.locking import VolumeLock
 
 log = logging.getLogger(__name__)
 
@@ -103,33 +104,6 @@ _LONG = struct.Struct(">L")
 def root_block_for(reserved: int, block_count: int) -> int:
     """The root block rule: (Reserved + blocks - 1) / 2."""
     return (reserved + block_count - 1) // 2
-
-
-class _Locked:
-    """``FfsVolumeBase._locked``: holds no state of its own use, so one instance serves
-    every task."""
-
-    __slots__ = ("_beside_reads", "_vol")
-
-    def __init__(self, vol: FfsVolumeBase, *, beside_reads: bool) -> None:
-        self._vol = vol
-        self._beside_reads = beside_reads
-
-    async def __aenter__(self) -> None:
-        vol = self._vol
-        try:
-            vol._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await vol._lock.acquire()
-        try:
-            while vol._data_reads and not self._beside_reads:
-                await vol._reads_done.wait()
-        except BaseException:
-            vol._lock.release()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._vol._lock.release()
 
 
 class FfsVolumeBase:
@@ -174,8 +148,8 @@ class FfsVolumeBase:
         self._data_reads = 0  # reads at the device outside the lock (see the invariants)
         self._reads_done = trio.Event()
         self._reads_done.set()
-        self._lock_alone = _Locked(self, beside_reads=False)
-        self._lock_beside_reads = _Locked(self, beside_reads=True)
+        self._lock_alone = VolumeLock(self, beside_reads=False)
+        self._lock_beside_reads = VolumeLock(self, beside_reads=True)
         self._closed = False
 
     # ================================================================== basics
@@ -305,7 +279,7 @@ class FfsVolumeBase:
         self._remember(block, c)
         return c
 
-    def _locked(self, *, beside_reads: bool = False) -> _Locked:
+    def _locked(self, *, beside_reads: bool = False) -> VolumeLock:
         """The volume lock, as ``async with self._locked():``.  Taken without a trip
         through the scheduler when it is free (reads from the page cache are shorter
         than a reschedule); waits otherwise.  Then waits, holding it, until no data read

@@ -55,6 +55,7 @@ from amigafuse.errors import (
     ReadOnlyFilesystem,
 )
 from amigafuse.fs.api import FIBF_ARCHIVE, Kind, SetAttrs, Stat, StatFs, Volume, VolumeInfo
+from amigafuse.fs.locking import VolumeLock
 from amigafuse.fs.sfs import codec
 from amigafuse.fs.sfs.alloc import FreeMap
 from amigafuse.fs.sfs.codec import SfsObject
@@ -128,37 +129,6 @@ def _touches(runs: list[tuple[int, int]], blocks: dict[int, bytes]) -> bool:
     return any(b in blocks for disk, n in runs for b in range(disk, disk + n))
 
 
-class _FastLock:
-    """``async with`` for the volume lock, taken without a trip through the scheduler
-    when it is free (most operations are shorter than a reschedule); waits otherwise.
-    Then, unless ``beside_reads`` (a data read: it only adds readers), waits holding it
-    until no file-data read is at the device outside the lock (``_data_reads``), so
-    nothing changes or reuses blocks such a read is reading.  Cancellation while
-    waiting releases the lock and changes nothing."""
-
-    __slots__ = ("_beside_reads", "_vol")
-
-    def __init__(self, vol: SfsVolume, *, beside_reads: bool) -> None:
-        self._vol = vol
-        self._beside_reads = beside_reads
-
-    async def __aenter__(self) -> None:
-        vol = self._vol
-        try:
-            vol._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await vol._lock.acquire()
-        try:
-            while vol._data_reads and not self._beside_reads:
-                await vol._reads_done.wait()
-        except BaseException:
-            vol._lock.release()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._vol._lock.release()
-
-
 class SfsVolume(Volume):
     """An open SFS\\0 or SFS\\2 volume (see the module docstring)."""
 
@@ -178,8 +148,8 @@ class SfsVolume(Volume):
         self.show_recycled = show_recycled
         self._notes = list(notes)
         self._lock = trio.Lock()
-        self._locked = _FastLock(self, beside_reads=False)
-        self._locked_beside_reads = _FastLock(self, beside_reads=True)
+        self._locked = VolumeLock(self, beside_reads=False)
+        self._locked_beside_reads = VolumeLock(self, beside_reads=True)
         self._data_reads = 0  # file-data reads at the device outside the lock
         self._reads_done = trio.Event()
         self._reads_done.set()
@@ -392,7 +362,7 @@ class SfsVolume(Volume):
     async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
         """:meth:`read` in a buffer the device may lend (Volume.read_lease; the caller
         releases it).  The file's extents are walked holding the lock; the data is read
-        outside it (operations that change blocks wait for such reads, see _FastLock),
+        outside it (operations that change blocks wait for such reads, see amigafuse.fs.locking),
         one device request per contiguous run, and a read that is one run comes back in
         the device's own buffer.  Blocks with changes not yet written back (a writable
         volume's pending data, a read-only volume's journal overlay) are read holding
