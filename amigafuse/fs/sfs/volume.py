@@ -348,15 +348,21 @@ class SfsVolume(Volume):
                 out.append(await self._stat_of(loc.obj))
             return out
 
+    async def _file_object(self, object_id: int) -> SfsObject:
+        """The file ``object_id`` names, for a read (call holding the lock).
+        IsADirectory, InvalidArgument (a soft link), NotFound."""
+        obj = (await self.r.locate(self._node(object_id))).obj
+        if obj.is_dir:
+            raise IsADirectory(f"object {object_id} is a directory")
+        if obj.is_softlink:
+            raise InvalidArgument(f"object {object_id} is a soft link")
+        return obj
+
     async def read(self, object_id: int, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
         async with self._locked:
-            obj = (await self.r.locate(self._node(object_id))).obj
-            if obj.is_dir:
-                raise IsADirectory(f"object {object_id} is a directory")
-            if obj.is_softlink:
-                raise InvalidArgument(f"object {object_id} is a soft link")
+            obj = await self._file_object(object_id)
             return await self.r.read_data(obj, offset, length)
 
     async def read_lease(self, object_id: int, offset: int, length: int) -> ReadLease:
@@ -370,11 +376,7 @@ class SfsVolume(Volume):
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
         async with self._locked_beside_reads:
-            obj = (await self.r.locate(self._node(object_id))).obj
-            if obj.is_dir:
-                raise IsADirectory(f"object {object_id} is a directory")
-            if obj.is_softlink:
-                raise InvalidArgument(f"object {object_id} is a soft link")
+            obj = await self._file_object(object_id)
             runs, skip, nbytes = await self.r.data_runs(obj, offset, length)
             if not runs:
                 return ReadLease.of(b"")
